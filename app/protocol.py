@@ -1,0 +1,77 @@
+"""Protocol tables shared by the API (validation) and the worker (compute). No torch.
+
+Loss functions: the `loss_fn_inputs` each one needs and the `loss_fn_config` keys it
+accepts, with their defaults. Every per-token input is a 1-D array as long as the datum's
+model input; losses are sums over tokens and datums (no normalisation), as in Tinker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    inputs: tuple[str, ...]
+    config: dict[str, float] = field(default_factory=dict)  # accepted keys -> default
+
+
+LOSSES: dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(("target_tokens", "weights")),
+    "importance_sampling": LossSpec(RL_INPUTS),
+    "ppo": LossSpec(RL_INPUTS, dict(CLIP_DEFAULTS)),
+    "cispo": LossSpec(RL_INPUTS, dict(CLIP_DEFAULTS)),
+    # Tinker does not publish dro's default beta; 0.05 is ours (stated in the README).
+    "dro": LossSpec(RL_INPUTS, {"beta": 0.05}),
+}
+
+# Inputs that may ride along with any loss and are ignored when the loss does not use them
+# (the cookbook sends `mask` with RL data).
+OPTIONAL_INPUTS = frozenset({"mask"})
+INTEGER_INPUTS = frozenset({"target_tokens"})
+
+
+class ProtocolError(ValueError):
+    """Input that breaks a protocol rule; the message names the value and the limit."""
+
+
+def resolve_loss_config(loss_fn: str, config: dict[str, float | str]) -> dict[str, float]:
+    """The loss's full config (defaults filled in); unknown names raise ProtocolError."""
+    spec = LOSSES.get(loss_fn)
+    if spec is None:
+        raise ProtocolError(f"unknown loss_fn {loss_fn!r}; supported: {sorted(LOSSES)}")
+    unknown = sorted(set(config) - set(spec.config))
+    if unknown:
+        allowed = sorted(spec.config) or "none"
+        raise ProtocolError(
+            f"loss_fn_config keys {unknown} are not accepted by {loss_fn!r} (accepted: {allowed})"
+        )
+    resolved = dict(spec.config)
+    for key, value in config.items():
+        if isinstance(value, str):
+            raise ProtocolError(f"loss_fn_config[{key!r}]={value!r} must be a number")
+        resolved[key] = float(value)
+    return resolved
+
+
+def check_loss_inputs(loss_fn: str, index: int, n_tokens: int, inputs: dict) -> None:
+    """Every required input present, 1-D, as long as the datum; nothing unknown."""
+    spec = LOSSES[loss_fn]
+    missing = [k for k in spec.inputs if k not in inputs]
+    if missing:
+        raise ProtocolError(f"data[{index}] lacks loss_fn_inputs {missing} needed by {loss_fn!r}")
+    unknown = sorted(set(inputs) - set(spec.inputs) - OPTIONAL_INPUTS)
+    if unknown:
+        raise ProtocolError(
+            f"data[{index}] has loss_fn_inputs {unknown} that {loss_fn!r} does not take "
+            f"(it takes {list(spec.inputs)})"
+        )
+    for name, arr in inputs.items():
+        if arr.ndim != 1 or arr.shape[0] != n_tokens:
+            raise ProtocolError(
+                f"data[{index}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; it must be "
+                f"[{n_tokens}], the length of the model input"
+            )

@@ -1,0 +1,170 @@
+"""Protobuf codecs for the three binary messages of the Tinker wire protocol.
+
+The message types are the `tinker` SDK's own (`tinker.proto.tinker_public_pb2`), never a
+copy. NumPy only (no torch): the API decodes to validate, the worker decodes to compute and
+encodes the results.
+
+  decode_forward_backward(body)          -> FwdBwdRequest
+  encode_forward_backward_output(...)    -> bytes (ForwardBackwardOutput)
+  encode_sample_response(...)            -> bytes (SampleResponse)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+_DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+
+
+class WireError(ValueError):
+    """A body that does not decode, or decodes to something malformed."""
+
+
+@dataclass
+class WireDatum:
+    tokens: np.ndarray  # int64 [N], the model input (text chunks concatenated)
+    inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, 1-D arrays
+
+
+@dataclass
+class FwdBwdRequest:
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
+    forward_only: bool = False
+    data: list[WireDatum] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.data)
+
+
+def _tensor(msg: pb.Tensor, name: str) -> np.ndarray:
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise WireError(f"loss_fn_inputs[{name!r}] has unsupported dtype {msg.dtype}")
+    shape = list(msg.shape)
+    if msg.HasField("sparse_csr"):
+        csr = msg.sparse_csr
+        values = np.frombuffer(csr.values, dtype=dtype)
+        crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+        col = np.frombuffer(csr.col_indices, dtype="<i8")
+        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
+            raise WireError(f"loss_fn_inputs[{name!r}] is a malformed sparse CSR tensor")
+        dense = np.zeros(shape, dtype=dtype)
+        for r in range(shape[0]):
+            lo, hi = int(crow[r]), int(crow[r + 1])
+            dense[r, col[lo:hi]] = values[lo:hi]
+        return dense
+    if len(msg.dense) % dtype.itemsize:
+        raise WireError(f"loss_fn_inputs[{name!r}] byte length is not a multiple of its dtype")
+    arr = np.frombuffer(msg.dense, dtype=dtype)
+    if shape:
+        if int(np.prod(shape)) != arr.size:
+            raise WireError(f"loss_fn_inputs[{name!r}] has {arr.size} values for shape {shape}")
+        arr = arr.reshape(shape)
+    return arr
+
+
+def _tokens(datum: pb.Datum, index: int) -> np.ndarray:
+    parts = []
+    for chunk in datum.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise WireError(f"data[{index}] has a {kind!r} chunk; this server takes text only")
+        parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def decode_forward_backward(body: bytes) -> FwdBwdRequest:
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as e:
+        raise WireError(f"body is not a ForwardBackwardRequest protobuf: {e}") from e
+    config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for k, v in msg.loss_fn_config_v2.items():  # v2 carries strings too; it wins when set
+        config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
+    data = [
+        WireDatum(
+            tokens=_tokens(d, i),
+            inputs={name: _tensor(t, name) for name, t in d.loss_fn_inputs.items()},
+        )
+        for i, d in enumerate(msg.data)
+    ]
+    return FwdBwdRequest(
+        model_id=msg.model_id,
+        seq_id=msg.seq_id,
+        loss_fn=msg.loss_fn,
+        loss_fn_config=config,
+        forward_only=msg.forward_only,
+        data=data,
+    )
+
+
+def _batched(arrays: list[np.ndarray], dtype: pb.DType.ValueType) -> pb.BatchedTensor:
+    np_dtype = _DTYPES[dtype]
+    blobs = [np.ascontiguousarray(a, dtype=np_dtype).tobytes() for a in arrays]
+    offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+    return pb.BatchedTensor(data=b"".join(blobs), offsets=offsets.astype("<i8").tobytes(),
+                            dtype=dtype)
+
+
+def encode_forward_backward_output(
+    outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]
+) -> bytes:
+    """One ArrayRecord with every datum's float32 fields (e.g. logprobs, elementwise_loss)."""
+    record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(outputs))
+    for name in outputs[0] if outputs else ():
+        record.fields[name].CopyFrom(_batched([o[name] for o in outputs], pb.DTYPE_FLOAT32))
+    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics=metrics)
+    msg.loss_fn_outputs.append(record)
+    return msg.SerializeToString()
+
+
+@dataclass
+class WireSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
+    n, k = ids.shape
+    return pb.TopkLogprobs(
+        token_ids=np.ascontiguousarray(ids, dtype="<i4").tobytes(),
+        logprobs=np.ascontiguousarray(logprobs, dtype="<f4").tobytes(),
+        k=k,
+        length=n,
+    )
+
+
+def encode_sample_response(
+    sequences: list[WireSequence],
+    prompt_logprobs: list[float] | None = None,
+    topk_prompt: tuple[np.ndarray, np.ndarray] | None = None,
+) -> bytes:
+    """`topk_prompt` = (token_ids [n, k], logprobs [n, k]) for each prompt position."""
+    msg = pb.SampleResponse()
+    for s in sequences:
+        msg.sequences.append(
+            pb.SampledSequence(
+                stop_reason=pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
+                tokens=np.asarray(s.tokens, dtype="<i4").tobytes(),
+                logprobs=np.asarray(s.logprobs, dtype="<f4").tobytes(),
+            )
+        )
+    if prompt_logprobs is not None:
+        msg.prompt_logprobs = np.asarray(prompt_logprobs, dtype="<f4").tobytes()
+    if topk_prompt is not None:
+        msg.topk_prompt_logprobs.CopyFrom(_topk(*topk_prompt))
+    return msg.SerializeToString()

@@ -1,0 +1,192 @@
+"""The settings dataclass, its loader and its cross-field checks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TINKERQ_"
+DEFAULT_BASE_MODEL = "tinkerq/tiny-qwen3"
+# Environment names kept for convention; every other field is TINKERQ_<FIELD>.
+_ENV_ALIASES = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the value and the limit."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- storage and broker -------------------------------------------------------------
+    data_dir: str = _opt(
+        "var", "Folder for the SQLite file, checkpoints, the embedded Redis and the default model."
+    )
+    database_url: str = _opt(
+        "", "SQLAlchemy URL of the durable store; empty = SQLite file <data_dir>/tinkerq.db."
+    )
+    redis_url: str = _opt(
+        "", "Redis URL (broker and result doorbell); empty = the embedded Redis on embedded_redis_port."
+    )
+    embedded_redis_port: int = _opt(
+        6390, "TCP port of the embedded Redis started when no redis_url is set."
+    )
+    # --- API ----------------------------------------------------------------------------
+    port: int = _opt(8000, "HTTP port of the API.")
+    long_poll_seconds: float = _opt(
+        25.0, "How long retrieve_future holds a request before answering try_again (< 45 s)."
+    )
+    # --- models -------------------------------------------------------------------------
+    base_model: str = _opt(
+        DEFAULT_BASE_MODEL,
+        "Base model served by the worker: a local folder with config.json + safetensors, a "
+        "Hugging Face id found in the local cache, or the built-in tinkerq/tiny-qwen3.",
+    )
+    model_aliases: str = _opt(
+        "", "Extra names accepted for the base model, comma separated (e.g. Qwen/Qwen3-4B)."
+    )
+    queue: str = _opt("gpu-0", "Celery queue of this GPU worker; new models are assigned to it.")
+    dtype: str = _opt("auto", "Base weight dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32.")
+    device: str = _opt("auto", "Torch device of the engine: auto, cpu, cuda, cuda:N.")
+    # --- engine -------------------------------------------------------------------------
+    max_lora_adapters: int = _opt(32, "Training adapters resident at once (one per model).")
+    max_lora_rank: int = _opt(64, "Largest LoRA rank a model may ask for.")
+    lora_alpha: float = _opt(32.0, "LoRA alpha; an adapter's scale is lora_alpha / rank.")
+    max_sampler_adapters: int = _opt(
+        8, "Saved sampler adapters cached for sampling (least recently used is dropped)."
+    )
+    max_tokens_per_tick: int = _opt(
+        65536, "Token budget of one forward/backward pass across all models in a tick."
+    )
+    max_sample_tokens: int = _opt(4096, "Upper limit on a sample request's max_tokens.")
+    max_seq_len: int = _opt(8192, "Longest datum or prompt + completion, in tokens.")
+    seq_gap_timeout_s: float = _opt(
+        300.0, "How long a model's request waits for a missing earlier seq_id before failing."
+    )
+    tick_gather_ms: float = _opt(
+        5.0, "How long the engine waits after the first queued call to gather a tick's batch."
+    )
+    worker_concurrency: int = _opt(
+        256, "Celery threads in the GPU worker: calls that can wait on the engine at once."
+    )
+    tensor_parallel_size: int = _opt(1, "GPUs the worker spreads the model over (1 = no TP).")
+
+    # --- derived --------------------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'tinkerq.db'}"
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.data_path / "checkpoints"
+
+    def served_model_names(self) -> list[str]:
+        """Names a client may pass as base_model for this worker's model."""
+        names = [self.base_model] + [a.strip() for a in self.model_aliases.split(",")]
+        return [n for n in dict.fromkeys(names) if n]
+
+    def validate(self) -> Settings:
+        for name in ("max_lora_adapters", "max_lora_rank", "max_sampler_adapters",
+                     "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
+                     "worker_concurrency", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise SettingsError(f"{name}={value} must be at least 1")
+        if not 0 < self.long_poll_seconds < 45:
+            raise SettingsError(
+                f"long_poll_seconds={self.long_poll_seconds} must be in (0, 45): the SDK gives "
+                "up on a poll after 45 s"
+            )
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise SettingsError(f"dtype={self.dtype!r} must be one of auto, bf16, fp32")
+        if self.max_sample_tokens >= self.max_seq_len:
+            raise SettingsError(
+                f"max_sample_tokens={self.max_sample_tokens} must be below "
+                f"max_seq_len={self.max_seq_len}"
+            )
+        return self
+
+
+def _coerce(kind: type, name: str, raw: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from e
+
+
+def _env_name(name: str) -> str:
+    return _ENV_ALIASES.get(name, ENV_PREFIX + name.upper())
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "str": str}[str(f.type)]
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add one `--flag` per setting to `parser` (defaults are None so env can fill in)."""
+    parser = parser or argparse.ArgumentParser(description="tinkerq settings")
+    for f in fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_kind(f),
+            default=None,
+            help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})",
+        )
+    return parser
+
+
+def load_settings(
+    argv: list[str] | None = None, env: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Settings from overrides > argv > env > defaults, validated."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = env.get(_env_name(f.name))
+        if raw is not None and raw != "":
+            values[f.name] = _coerce(_kind(f), f.name, raw)
+    if argv is not None:
+        args, _ = build_parser().parse_known_args(argv)
+        values.update({k: v for k, v in vars(args).items() if v is not None})
+    values.update(overrides)
+    return Settings(**values).validate()
+
+
+def model_dir(settings: Settings) -> Path:
+    """The local folder of the served base model (config.json, safetensors, tokenizer).
+
+    The built-in default lives under data_dir and is written by the worker on first start;
+    a Hugging Face id is looked up in the local cache only (never downloaded).
+    """
+    name = settings.base_model
+    if name == DEFAULT_BASE_MODEL:
+        return settings.data_path / "models" / "tiny-qwen3"
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any failure means "not in the local cache"
+        raise SettingsError(
+            f"base_model={name!r} is neither a folder nor a Hugging Face id in the local cache"
+        ) from e

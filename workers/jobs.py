@@ -1,0 +1,98 @@
+"""What crosses between a Celery task and the engine: `Job` in, `Outcome` out.
+
+Plain Python (no torch), so the scheduler and the tests can use it anywhere. The API writes
+each request's `payload` already validated and resolved (paths to folders, LoRA configs);
+the engine trusts it. Payloads per kind, all JSON except forward_backward:
+
+    create_model      {"model_id", "base_model", "lora": {"rank", "seed"|None, "train_attn",
+                       "train_mlp", "train_unembed"}}
+                      -> {"model_id", "type": "create_model"}
+    load_weights      {"model_id", "create": bool, "checkpoint_dir", "optimizer": bool,
+                       "tinker_path", "base_model", "lora": {...as above, from the checkpoint}}
+                      -> {"path", "model_id", "type": "load_weights"}
+    forward_backward  the raw protobuf `tinker_public.ForwardBackwardRequest` body
+    (also "forward":  forward_only=true in the same message)
+                      -> protobuf ForwardBackwardOutput
+    optim_step        {"adam_params": {"learning_rate", "beta1", "beta2", "eps",
+                       "weight_decay", "grad_clip_norm"}}
+                      -> {"metrics": {...}, "type": "optim_step"}
+    save_weights      {"checkpoint_dir", "tinker_path"}
+                      -> {"path", "type": "save_weights"}
+    save_weights_for_sampler
+                      {"checkpoint_dir", "tinker_path"|None, "sampling_session_id"|None}
+                      -> {"path", "sampling_session_id", "type": "save_weights_for_sampler"}
+    sample            {"prompt": [int], "num_samples", "max_tokens", "temperature", "top_k",
+                       "top_p", "seed"|None, "stop_strings": [str], "stop_token_ids": [int],
+                       "stop_at_eos": bool, "prompt_logprobs": bool,
+                       "topk_prompt_logprobs": int, "adapter_dir": str|None (None = base)}
+                      -> protobuf SampleResponse
+    skip              {} : a seq_id the API already answered (rejected input, or a retried
+                      task whose row is finished); it only advances the model's order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# Kinds that change or checkpoint a model's state: a batch of forward/backward calls of a
+# model never runs past one of these.
+BARRIER_KINDS = frozenset(
+    {"create_model", "load_weights", "optim_step", "save_weights", "save_weights_for_sampler"}
+)
+TRAIN_KINDS = frozenset({"forward", "forward_backward"})
+SAMPLE_KINDS = frozenset({"sample"})
+ALL_KINDS = BARRIER_KINDS | TRAIN_KINDS | SAMPLE_KINDS | {"skip"}
+
+
+@dataclass
+class Job:
+    """One request handed to the engine."""
+
+    request_id: str
+    kind: str
+    payload: bytes
+    model_id: str | None = None  # training calls: the model whose seq_id order applies
+    seq_id: int | None = None  # None for create/load-by-creation and for samples
+    sampler_id: str | None = None
+    enqueued_at: float = 0.0  # time.monotonic() when the engine received it
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALL_KINDS:
+            raise ValueError(f"unknown job kind {self.kind!r}; known: {sorted(ALL_KINDS)}")
+
+
+Category = Literal["user", "server", "unknown"]
+
+
+@dataclass
+class Outcome:
+    """The answer to one job: a JSON object, protobuf bytes, or an error.
+
+    `checkpoint` (optional) describes a checkpoint the job wrote, for the task to record:
+    {"model_id", "kind": "training"|"sampler", "name", "tinker_path", "local_dir",
+     "size_bytes"}.
+    """
+
+    json: dict[str, Any] | None = None
+    proto: bytes | None = None
+    error: str | None = None
+    category: Category = "server"
+    compute_seconds: float = 0.0
+    checkpoint: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def fail(cls, message: str, category: Category = "user") -> Outcome:
+        return cls(error=message, category=category)
+
+    def replace(self, **changes: Any) -> Outcome:
+        return dataclasses.replace(self, **changes)
+
+
+class UserError(ValueError):
+    """Bad input discovered inside the engine: becomes an Outcome with category `user`."""

@@ -1,0 +1,173 @@
+"""The served base model with its LoRA adapter slots.
+
+One `LoraModel` per worker: the frozen base weights (bf16 on CUDA, fp32 on CPU), every
+projection wrapped in a `MultiLoraLinear`, and a table of adapters by slot. Training
+adapters and cached sampler adapters share the slots; the engine decides who lives where.
+
+Entry points used by the rest of the worker:
+  - `LoraModel.load(path, ...)` / `LoraModel.from_config(config, ...)` (tests)
+  - `add_adapter(slot, spec, generator)`, `drop_adapter(slot)`, `adapter_weights(slot)`
+  - `target_logprobs(tokens, targets, slots)`: per-row log p(target_t | tokens_≤t), [N_i]
+  - `forward_logits(input_ids, attention_mask, position_ids, slots, past_key_values)`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
+from workers.lora import wrap_model as _wrap
+
+SUPPORTED_ARCHS = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter is: its rank, alpha and the projection groups it trains."""
+
+    rank: int
+    alpha: float
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return target_names(self.train_attn, self.train_mlp, self.train_unembed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+class LoraModel:
+    def __init__(self, hf_model: nn.Module, device: torch.device):
+        self.hf = hf_model.eval().requires_grad_(False)
+        self.device = device
+        self.config: PretrainedConfig = hf_model.config
+        self.router: LoraRouter
+        self.layers: dict[str, MultiLoraLinear]
+        self.router, self.layers = _wrap(self.hf)
+        self.adapters: dict[int, AdapterSpec] = {}
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device, dtype: torch.dtype) -> LoraModel:
+        config = AutoConfig.from_pretrained(path)
+        arch = (config.architectures or ["?"])[0]
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"architecture {arch!r} of {path} is not one of {SUPPORTED_ARCHS}")
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return cls(hf.to(device), device)
+
+    @classmethod
+    def from_config(
+        cls, config: PretrainedConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
+    ) -> LoraModel:
+        """Random base weights from a config (tests and benchmarks)."""
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        return cls(hf.to(device), device)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    # --- adapters -------------------------------------------------------------------------
+    def add_adapter(self, slot: int, spec: AdapterSpec, generator: torch.Generator) -> None:
+        """Fresh adapter in `slot`: A random (from `generator`), B zero."""
+        self.drop_adapter(slot)
+        for name, layer in self.layers.items():
+            if name.rsplit(".", 1)[-1] in spec.targets:
+                layer.adapters[slot] = init_lora_weights(
+                    layer, spec.rank, spec.scale, generator, self.device
+                )
+        self.adapters[slot] = spec
+
+    def set_adapter_weights(
+        self, slot: int, spec: AdapterSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Install given (A, B) per layer name into `slot` (checkpoint loading)."""
+        self.drop_adapter(slot)
+        for name, (A, B) in weights.items():
+            if name not in self.layers:
+                raise ValueError(f"checkpoint names layer {name!r}, which the model lacks")
+            self.layers[name].adapters[slot] = LoraWeights(
+                A=A.to(self.device, torch.float32).requires_grad_(True),
+                B=B.to(self.device, torch.float32).requires_grad_(True),
+                scale=spec.scale,
+            )
+        self.adapters[slot] = spec
+
+    def drop_adapter(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.adapters.pop(slot, None)
+        self.adapters.pop(slot, None)
+
+    def adapter_weights(self, slot: int) -> dict[str, LoraWeights]:
+        """The adapter's weights by layer name, in a stable order."""
+        return {n: layer.adapters[slot] for n, layer in self.layers.items() if slot in layer.adapters}
+
+    def adapter_parameters(self, slot: int) -> list[torch.Tensor]:
+        return [t for w in self.adapter_weights(slot).values() for t in (w.A, w.B)]
+
+    # --- compute --------------------------------------------------------------------------
+    def forward_logits(
+        self,
+        input_ids: torch.Tensor,  # [B, S]
+        attention_mask: torch.Tensor,  # [B, S_total] (1 = real token)
+        slots: list[int],  # [B] adapter slot per row (BASE_SLOT for none)
+        position_ids: torch.Tensor | None = None,  # [B, S]
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, object | None]:
+        """Raw logits [B, S, V] (model dtype) and the updated KV cache."""
+        with self.router.route(slots, self.device):
+            out = self.hf(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        return out.logits, out.past_key_values if use_cache else None
+
+    def target_logprobs(
+        self, tokens: list[list[int]], targets: list[list[int]], slots: list[int]
+    ) -> list[torch.Tensor]:
+        """log p(targets[i][t] | tokens[i][:t+1]) per row, as fp32 tensors [N_i].
+
+        Rows are right-padded into one batch. Differentiable with respect to the adapters
+        when called with grad enabled.
+        """
+        lengths = [len(t) for t in tokens]
+        width = max(lengths)
+        ids = torch.zeros(len(tokens), width, dtype=torch.long)
+        tgt = torch.zeros(len(tokens), width, dtype=torch.long)
+        mask = torch.zeros(len(tokens), width, dtype=torch.long)
+        for i, (t, y) in enumerate(zip(tokens, targets, strict=True)):
+            ids[i, : len(t)] = torch.tensor(t)
+            tgt[i, : len(y)] = torch.tensor(y)
+            mask[i, : len(t)] = 1
+        ids, tgt, mask = ids.to(self.device), tgt.to(self.device), mask.to(self.device)
+        logits, _ = self.forward_logits(ids, mask, slots)  # [B, S, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [B, S]
+        return [picked[i, :n] for i, n in enumerate(lengths)]
