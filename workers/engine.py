@@ -1,0 +1,120 @@
+"""The engine: one thread that owns the model and runs the tick loop.
+
+Celery's worker threads call `submit(job)` and block on the returned future; the engine
+thread gathers whatever has been submitted, then runs one tick:
+
+    plan = scheduler.schedule(now)       # pure Python: order, barriers, batching, fairness
+    outcomes = executor.run(plan)        # torch: one batched pass per kind of work
+    scheduler.complete(plan, outcomes)   # advance each model's seq_id order
+
+A failure inside a tick becomes per-request error outcomes; the loop never dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from config import Settings
+from workers.executor import Executor
+from workers.jobs import Job, Outcome
+from workers.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+CREATION_KINDS = ("create_model", "load_weights")
+
+
+class Engine:
+    def __init__(self, settings: Settings, executor: Executor):
+        self.settings = settings
+        self.executor = executor
+        self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick)
+        self._inbox: queue.Queue[tuple[Job, Future[Outcome]]] = queue.Queue()
+        self._futures: dict[str, list[Future[Outcome]]] = {}
+        self._thread = threading.Thread(target=self._loop, name="tinkerq-engine", daemon=True)
+        self.ticks = 0
+
+    @classmethod
+    def start(cls, settings: Settings) -> Engine:
+        engine = cls(settings, Executor.from_settings(settings))
+        engine._thread.start()
+        return engine
+
+    def submit(self, job: Job) -> Future[Outcome]:
+        future: Future[Outcome] = Future()
+        self._inbox.put((job, future))
+        return future
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine tick failed")
+
+    def _tick(self) -> None:
+        wait = 1.0 if self.scheduler.pending else None  # wake up to expire stuck gaps
+        if not self._take(timeout=wait) and not self.scheduler.pending:
+            return
+        time.sleep(self.settings.tick_gather_ms / 1000)  # let concurrent calls join the tick
+        self._take(timeout=0)
+        plan = self.scheduler.schedule(time.monotonic())
+        if plan.empty():
+            return
+        outcomes = self.executor.run(plan)
+        for job, message in plan.expired:
+            outcomes[job.request_id] = Outcome.fail(message)
+        for job in plan.skips:
+            outcomes[job.request_id] = Outcome(json={})
+        self.scheduler.complete(plan, outcomes)
+        self.ticks += 1
+        self._resolve(outcomes)
+
+    def _take(self, timeout: float | None) -> bool:
+        """Move submitted jobs into the scheduler; False if none came within `timeout`."""
+        try:
+            self._admit(*self._inbox.get(timeout=timeout))
+        except queue.Empty:
+            return False
+        while True:
+            try:
+                self._admit(*self._inbox.get_nowait())
+            except queue.Empty:
+                return True
+
+    def _admit(self, job: Job, future: Future[Outcome]) -> None:
+        job.enqueued_at = time.monotonic()
+        if self._orphaned(job):
+            # A call of a model this process never created: its state died with an earlier
+            # worker process. Nothing to order or run; say so rather than wait forever.
+            future.set_result(Outcome(json={}) if job.kind == "skip" else _orphan(job))
+            return
+        self._futures.setdefault(job.request_id, []).append(future)
+        if len(self._futures[job.request_id]) == 1:
+            self.scheduler.add(job, self.executor.job_tokens(job))
+
+    def _orphaned(self, job: Job) -> bool:
+        return (
+            job.model_id is not None
+            and job.kind not in CREATION_KINDS
+            and not self.scheduler.knows(job.model_id)
+        )
+
+    def _resolve(self, outcomes: dict[str, Outcome]) -> None:
+        for request_id, outcome in outcomes.items():
+            for future in self._futures.pop(request_id, []):
+                future.set_result(outcome)
+
+
+
+def _orphan(job: Job) -> Outcome:
+    return Outcome.fail(
+        f"model {job.model_id} has no state in this worker: the worker restarted after the "
+        "model was created and its unsaved adapter state was lost; create a training client "
+        "from your last saved state (create_training_client_from_state_with_optimizer)",
+        "server",
+    )

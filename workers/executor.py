@@ -1,0 +1,393 @@
+"""The executor: runs one tick's plan on the model and answers every job in it.
+
+It owns the torch side of the worker: the `LoraModel`, which slot each training run's
+adapter lives in, each run's AdamW state, and a small cache of saved sampler adapters.
+Order of work in a tick: the barriers (each alone), then every forward/forward_backward of
+every model in one batched pass, then every sample request in one batched call.
+
+Failures stay with their request: bad input becomes a `user` error for that job alone,
+and if a batched pass fails as a whole, its jobs are retried one by one so that only the
+culprit fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.protocol import ProtocolError, check_loss_inputs, resolve_loss_config
+from app.wire import (
+    FwdBwdRequest,
+    WireError,
+    WireSequence,
+    decode_forward_backward,
+    encode_forward_backward_output,
+    encode_sample_response,
+)
+from config import Settings, model_dir
+from workers import checkpoints, sampler
+from workers.jobs import Job, Outcome, UserError
+from workers.lora import BASE_SLOT
+from workers.losses import token_losses
+from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
+from workers.optimizer import AdamState, adamw_step
+from workers.scheduler import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A training run resident in this worker."""
+
+    slot: int
+    spec: AdapterSpec
+    base_model: str
+    adam: AdamState | None = None
+
+
+@dataclass
+class _Prepared:
+    """A decoded, validated forward/forward_backward job ready for the batch."""
+
+    job: Job
+    request: FwdBwdRequest
+    config: dict[str, float]
+    slot: int
+
+
+class Executor:
+    def __init__(
+        self,
+        model: LoraModel,
+        settings: Settings,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: list[int],
+    ):
+        self.model = model
+        self.settings = settings
+        self.decode = decode
+        self.eos_token_ids = eos_token_ids
+        self.runs: dict[str, Run] = {}
+        self.free_slots = list(range(settings.max_lora_adapters))
+        first_sampler_slot = settings.max_lora_adapters
+        self.sampler_slots = list(
+            range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
+        )
+        self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Executor:
+        from workers.default_model import ensure_default_model
+
+        folder = model_dir(settings)
+        if settings.base_model == "tinkerq/tiny-qwen3":
+            ensure_default_model(folder)
+        device = pick_device(settings.device)
+        model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device))
+        decode, eos = load_tokenizer(folder, model)
+        log.info("loaded %s from %s on %s", settings.base_model, folder, device)
+        return cls(model, settings, decode, eos)
+
+    # --- the plan -----------------------------------------------------------------------------
+    def run(self, plan: Plan) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        for job in plan.barriers:
+            outcomes[job.request_id] = self._timed(self._barrier, job)
+        if plan.train:
+            outcomes.update(self._train(plan.train))
+        if plan.samples:
+            outcomes.update(self._sample(plan.samples))
+        return outcomes
+
+    def job_tokens(self, job: Job) -> int:
+        """Token count of a job, for the scheduler's per-tick budget (0 if unknown)."""
+        if job.kind in ("forward", "forward_backward"):
+            try:
+                return decode_forward_backward(job.payload).num_tokens
+            except WireError:
+                return 0
+        if job.kind == "sample":
+            body = json.loads(job.payload)
+            return len(body["prompt"]) + body["num_samples"] * body["max_tokens"]
+        return 0
+
+    def _timed(self, fn: Callable[[Job], Outcome], job: Job) -> Outcome:
+        start = time.perf_counter()
+        outcome, failure = _attempt(fn, job)
+        return (outcome or failure).replace(compute_seconds=time.perf_counter() - start)
+
+    # --- barriers -----------------------------------------------------------------------------
+    def _barrier(self, job: Job) -> Outcome:
+        body = json.loads(job.payload)
+        handler = getattr(self, f"_{job.kind}")
+        return handler(job, body)
+
+    def _run(self, model_id: str) -> Run:
+        run = self.runs.get(model_id)
+        if run is None:
+            raise UserError(f"model {model_id} is not resident in this worker")
+        return run
+
+    def _take_slot(self) -> int:
+        if not self.free_slots:
+            raise UserError(
+                f"max_lora_adapters={self.settings.max_lora_adapters} training adapters are "
+                "already resident in this worker; no room for another model"
+            )
+        return self.free_slots.pop(0)
+
+    def _spec(self, lora: dict[str, Any]) -> AdapterSpec:
+        return AdapterSpec(
+            rank=int(lora["rank"]),
+            alpha=self.settings.lora_alpha,
+            train_attn=bool(lora.get("train_attn", True)),
+            train_mlp=bool(lora.get("train_mlp", True)),
+            train_unembed=bool(lora.get("train_unembed", True)),
+        )
+
+    def _create_model(self, job: Job, body: dict[str, Any]) -> Outcome:
+        model_id = body["model_id"]
+        if model_id not in self.runs:  # a redelivered create is answered, not repeated
+            seed = body["lora"].get("seed")
+            seed = random.randrange(2**31) if seed is None else int(seed)
+            slot = self._take_slot()
+            spec = self._spec(body["lora"])
+            self.model.add_adapter(slot, spec, torch.Generator().manual_seed(seed))
+            self.runs[model_id] = Run(slot, spec, body["base_model"])
+        return Outcome(json={"model_id": model_id, "type": "create_model"})
+
+    def _load_weights(self, job: Job, body: dict[str, Any]) -> Outcome:
+        model_id = body["model_id"]
+        spec, weights, adam = checkpoints.load_training_state(Path(body["checkpoint_dir"]))
+        spec = AdapterSpec(spec.rank, self.settings.lora_alpha, spec.train_attn,
+                           spec.train_mlp, spec.train_unembed)
+        run = self.runs.get(model_id)
+        if run is None:
+            run = Run(self._take_slot(), spec, body["base_model"])
+            self.runs[model_id] = run
+        run.spec = spec
+        self.model.set_adapter_weights(run.slot, spec, weights)
+        run.adam = adam if body.get("optimizer") else None
+        return Outcome(
+            json={"path": body["tinker_path"], "model_id": model_id, "type": "load_weights"}
+        )
+
+    def _optim_step(self, job: Job, body: dict[str, Any]) -> Outcome:
+        run = self._run(job.model_id)
+        params = self.model.adapter_parameters(run.slot)
+        run.adam, metrics = adamw_step(params, run.adam, **body["adam_params"])
+        return Outcome(json={"metrics": metrics, "type": "optim_step"})
+
+    def _save_weights(self, job: Job, body: dict[str, Any]) -> Outcome:
+        run = self._run(job.model_id)
+        folder = Path(body["checkpoint_dir"])
+        size = checkpoints.save_training_state(self.model, run.slot, run.adam, folder,
+                                               run.base_model)
+        return Outcome(
+            json={"path": body["tinker_path"], "type": "save_weights"},
+            checkpoint=_checkpoint(job.model_id, "training", body, size),
+        )
+
+    def _save_weights_for_sampler(self, job: Job, body: dict[str, Any]) -> Outcome:
+        run = self._run(job.model_id)
+        folder = Path(body["checkpoint_dir"])
+        size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model)
+        self._evict_sampler(str(folder))  # an overwritten folder must be reloaded
+        answer = {"path": body.get("tinker_path"), "type": "save_weights_for_sampler"}
+        if body.get("sampling_session_id"):
+            answer["sampling_session_id"] = body["sampling_session_id"]
+        ckpt = _checkpoint(job.model_id, "sampler", body, size) if body.get("tinker_path") else None
+        return Outcome(json=answer, checkpoint=ckpt)
+
+    # --- forward / backward -------------------------------------------------------------------
+    def _prepare(self, job: Job) -> _Prepared:
+        request = decode_forward_backward(job.payload)
+        config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
+        vocab = self.model.vocab_size
+        for i, datum in enumerate(request.data):
+            check_loss_inputs(request.loss_fn, i, len(datum.tokens), datum.inputs)
+            for name in ("tokens", "target_tokens"):
+                arr = datum.tokens if name == "tokens" else datum.inputs["target_tokens"]
+                if len(arr) and (arr.min() < 0 or arr.max() >= vocab):
+                    raise UserError(f"data[{i}].{name} has ids outside [0, {vocab})")
+        if not request.data:
+            raise UserError("forward_backward needs at least one datum")
+        return _Prepared(job, request, config, self._run(job.model_id).slot)
+
+    def _train(self, jobs: list[Job]) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        prepared: list[_Prepared] = []
+        for job in jobs:
+            ready, failure = _attempt(self._prepare, job)
+            if failure:
+                outcomes[job.request_id] = failure
+            else:
+                prepared.append(ready)
+        if not prepared:
+            return outcomes
+        try:
+            outcomes.update(self._train_batch(prepared))
+        except Exception:  # noqa: BLE001 - retry alone so that only the culprit fails
+            log.exception("batched forward/backward failed; retrying its jobs one by one")
+            for p in prepared:
+                outcomes[p.job.request_id] = self._timed(
+                    lambda _j, p=p: self._train_batch([p])[p.job.request_id], p.job
+                )
+        return outcomes
+
+    def _train_batch(self, batch: list[_Prepared]) -> dict[str, Outcome]:
+        start = time.perf_counter()
+        tokens, targets, slots = [], [], []
+        for p in batch:
+            for d in p.request.data:
+                tokens.append(d.tokens.tolist())
+                targets.append(d.inputs["target_tokens"].tolist())
+                slots.append(p.slot)
+        needs_grad = any(not p.request.forward_only for p in batch)
+        with torch.set_grad_enabled(needs_grad):
+            logprobs = self.model.target_logprobs(tokens, targets, slots)
+            total: torch.Tensor | None = None
+            per_job: list[tuple[list[dict], dict[str, float]]] = []
+            row = 0
+            for p in batch:
+                outputs, loss_sum = [], torch.zeros((), device=self.model.device)
+                for d in p.request.data:
+                    lp = logprobs[row]
+                    row += 1
+                    inputs = {k: torch.tensor(v, device=lp.device) for k, v in d.inputs.items()}
+                    losses = token_losses(p.request.loss_fn, lp, inputs, p.config)
+                    loss_sum = loss_sum + losses.sum()
+                    outputs.append({
+                        "logprobs": lp.detach().float().cpu().numpy(),
+                        "elementwise_loss": losses.detach().float().cpu().numpy(),
+                    })
+                if not p.request.forward_only:
+                    total = loss_sum if total is None else total + loss_sum
+                per_job.append((outputs, {"loss:sum": float(loss_sum.detach())}))
+            if total is not None and total.requires_grad:
+                total.backward()  # adapters accumulate grads until their optim_step
+        seconds = (time.perf_counter() - start) / len(batch)
+        return {
+            p.job.request_id: Outcome(
+                proto=encode_forward_backward_output(outputs, metrics), compute_seconds=seconds
+            )
+            for p, (outputs, metrics) in zip(batch, per_job, strict=True)
+        }
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _sampler_slot(self, folder: str | None) -> int:
+        if folder is None:
+            return BASE_SLOT
+        if folder in self.sampler_cache:
+            self.sampler_cache.move_to_end(folder)
+            return self.sampler_cache[folder]
+        if len(self.sampler_cache) >= len(self.sampler_slots):
+            _, slot = self.sampler_cache.popitem(last=False)
+        else:
+            slot = self.sampler_slots[len(self.sampler_cache)]
+        spec, weights = checkpoints.load_sampler_weights(Path(folder))
+        spec = AdapterSpec(spec.rank, spec.alpha, spec.train_attn, spec.train_mlp,
+                           spec.train_unembed)
+        self.model.set_adapter_weights(slot, spec, weights)
+        self.sampler_cache[folder] = slot
+        return slot
+
+    def _evict_sampler(self, folder: str) -> None:
+        slot = self.sampler_cache.pop(folder, None)
+        if slot is not None:
+            self.model.drop_adapter(slot)
+            free = set(self.sampler_slots) - set(self.sampler_cache.values())
+            self.sampler_slots = sorted(free) + sorted(self.sampler_cache.values())
+
+    def _sample_spec(self, job: Job) -> sampler.SampleSpec:
+        body = json.loads(job.payload)
+        return sampler.SampleSpec(
+            prompt=body["prompt"],
+            num_samples=body["num_samples"],
+            max_tokens=body["max_tokens"],
+            slot=self._sampler_slot(body.get("adapter_dir")),
+            temperature=body["temperature"],
+            top_k=body["top_k"],
+            top_p=body["top_p"],
+            seed=body.get("seed"),
+            stop_strings=body["stop_strings"],
+            stop_token_ids=body["stop_token_ids"],
+            stop_at_eos=body["stop_at_eos"],
+            prompt_logprobs=body["prompt_logprobs"],
+            topk_prompt_logprobs=body["topk_prompt_logprobs"],
+        )
+
+    def _sample(self, jobs: list[Job]) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        ready: list[tuple[Job, sampler.SampleSpec]] = []
+        for job in jobs:
+            spec, failure = _attempt(self._sample_spec, job)
+            if failure:
+                outcomes[job.request_id] = failure
+            else:
+                ready.append((job, spec))
+        if not ready:
+            return outcomes
+        start = time.perf_counter()
+        results = sampler.sample(self.model, [s for _, s in ready], self.decode,
+                                 self.eos_token_ids)
+        seconds = (time.perf_counter() - start) / len(ready)
+        for (job, _), result in zip(ready, results, strict=True):
+            outcomes[job.request_id] = _sample_outcome(result, seconds)
+        return outcomes
+
+
+def _attempt(fn: Callable[[Job], Any], job: Job) -> tuple[Any, Outcome | None]:
+    """Call fn(job); a raised error becomes that job's failure (`user` for bad input)."""
+    try:
+        return fn(job), None
+    except (UserError, ProtocolError, WireError) as e:
+        return None, Outcome.fail(str(e), "user")
+    except Exception as e:  # noqa: BLE001 - one job's crash must not take the tick down
+        log.exception("job %s (%s) failed", job.request_id, job.kind)
+        return None, Outcome.fail(f"{type(e).__name__}: {e}", "server")
+
+
+def _sample_outcome(result: Any, seconds: float) -> Outcome:
+    if isinstance(result, UserError):
+        return Outcome.fail(str(result), "user")
+    if isinstance(result, Exception):
+        return Outcome.fail(f"{type(result).__name__}: {result}", "server")
+    sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences]
+    proto = encode_sample_response(sequences, result.prompt_logprobs, result.topk_prompt)
+    return Outcome(proto=proto, compute_seconds=seconds)
+
+
+def _checkpoint(model_id: str, kind: str, body: dict[str, Any], size: int) -> dict[str, Any]:
+    folder = Path(body["checkpoint_dir"])
+    return {
+        "model_id": model_id,
+        "kind": kind,
+        "name": folder.name,
+        "tinker_path": body["tinker_path"],
+        "local_dir": str(folder),
+        "size_bytes": size,
+    }
+
+
+def load_tokenizer(folder: Path, model: LoraModel) -> tuple[Callable[[list[int]], str], list[int]]:
+    """The detokenizer used for stop strings, and the EOS ids of the model."""
+    eos = model.config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return (lambda ids: ""), eos_ids
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return (lambda ids: tok.decode(ids, skip_special_tokens=False)), eos_ids

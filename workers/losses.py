@@ -1,0 +1,79 @@
+"""Tinker's loss functions as per-token losses over one datum.
+
+Notation (all [N], one entry per target token of the datum):
+  lp  learner log-probability of the target token (differentiable)
+  q   sampler log-probability (`loss_fn_inputs["logprobs"]`)
+  A   advantages;  r = exp(lp - q), the importance ratio
+
+Each loss is `-objective`, per token. The datum's loss is `token_losses(...).sum()` and the
+batch loss is the sum over datums: Tinker does no normalisation, so neither do we. The
+per-token values are also what forward_backward reports as the elementwise loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from workers.jobs import UserError
+
+Inputs = dict[str, torch.Tensor]
+Config = dict[str, float]
+
+
+def _cross_entropy(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    # Weights may be any real number (negative ones push a token down).
+    return -(lp * x["weights"])
+
+
+def _importance_sampling(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    return -(_ratio(lp, x) * x["advantages"])
+
+
+def _ppo(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    r, adv = _ratio(lp, x), x["advantages"]
+    clipped = r.clamp(*_clip_range(cfg))
+    return -torch.minimum(r * adv, clipped * adv)
+
+
+def _cispo(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    # The clipped ratio is a constant weight: the gradient flows through lp alone.
+    weight = _ratio(lp, x).clamp(*_clip_range(cfg)).detach()
+    return -(weight * lp * x["advantages"])
+
+
+def _dro(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    penalty = 0.5 * cfg["beta"] * (lp - x["logprobs"]) ** 2
+    return -(lp * x["advantages"] - penalty)
+
+
+LOSS_FNS: dict[str, Callable[[torch.Tensor, Inputs, Config], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "importance_sampling": _importance_sampling,
+    "ppo": _ppo,
+    "cispo": _cispo,
+    "dro": _dro,
+}
+
+
+def token_losses(loss_fn: str, lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """Per-token loss [N] of one datum; `config` is already resolved with its defaults."""
+    fn = LOSS_FNS.get(loss_fn)
+    if fn is None:
+        raise UserError(f"unknown loss_fn {loss_fn!r}; supported: {sorted(LOSS_FNS)}")
+    # Inputs arrive as CPU tensors from the wire; compute where lp lives, in its dtype.
+    # Token ids are not loss terms, so they stay behind.
+    x = {k: v.to(lp) for k, v in inputs.items() if k != "target_tokens"}
+    return fn(lp, x, config)
+
+
+def _ratio(lp: torch.Tensor, x: Inputs) -> torch.Tensor:
+    return torch.exp(lp - x["logprobs"])  # [N]
+
+
+def _clip_range(cfg: Config) -> tuple[float, float]:
+    lo, hi = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+    if not lo <= hi:
+        raise UserError(f"clip_low_threshold={lo} must not exceed clip_high_threshold={hi}")
+    return lo, hi

@@ -1,0 +1,161 @@
+"""AdamW for one adapter's parameters, with the state held outside any torch.optim object.
+
+Each adapter keeps its own `AdamState` (step count and moments), so adapters can be moved
+between slots, checkpointed and restored without a torch optimizer per adapter. The update
+is torch.optim.AdamW's single-tensor formula, and clipping is
+torch.nn.utils.clip_grad_norm_'s, so results match `clip_grad_norm_` + `AdamW` to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from workers.jobs import UserError
+
+
+@dataclass
+class AdamState:
+    """AdamW moments, one pair per parameter, in the order of the parameter list."""
+
+    step: int
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+
+    @classmethod
+    def zeros(cls, params: list[torch.Tensor]) -> AdamState:
+        return cls(
+            step=0,
+            exp_avg=[torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+            exp_avg_sq=[torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """A flat dict for safetensors: "step" [1], "exp_avg.{i}", "exp_avg_sq.{i}"."""
+        out = {"step": torch.tensor([self.step], dtype=torch.int64)}
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            out[f"exp_avg.{i}"] = m.detach().cpu().contiguous()
+            out[f"exp_avg_sq.{i}"] = v.detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> AdamState:
+        """Inverse of `to_tensors`; raises UserError when the dict is not one of ours."""
+        n = sum(1 for k in tensors if k.startswith("exp_avg."))
+        expected = {"step"} | {f"exp_avg.{i}" for i in range(n)}
+        expected |= {f"exp_avg_sq.{i}" for i in range(n)}
+        if set(tensors) != expected:
+            odd = sorted(set(tensors) ^ expected)[:5]
+            raise UserError(f"optimizer state has missing or unexpected entries {odd}")
+        return cls(
+            step=int(tensors["step"].reshape(-1)[0]),
+            exp_avg=[tensors[f"exp_avg.{i}"].to(device, torch.float32) for i in range(n)],
+            exp_avg_sq=[tensors[f"exp_avg_sq.{i}"].to(device, torch.float32) for i in range(n)],
+        )
+
+
+def adamw_step(
+    params: list[torch.Tensor],
+    state: AdamState | None,
+    *,
+    learning_rate: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip_norm: float,
+) -> tuple[AdamState, dict[str, float]]:
+    """One AdamW step on `params` from their `.grad`, in place; the grads are then cleared.
+
+    A parameter without a grad counts as a zero grad (it still decays and its moments still
+    move), unlike torch.optim, which skips it: an adapter's step is one step for all of it.
+    Returns the new state and metrics named "name:reduction".
+    """
+    _check_hyperparameters(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)
+    state = AdamState.zeros(params) if state is None else state
+    _match_params(state, params)
+    with torch.no_grad():
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        grad_norm = _clip_(grads, grad_clip_norm)
+        state.step += 1
+        for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq, strict=True):
+            _adamw_update(p, g, m, v, state.step, learning_rate, beta1, beta2, eps, weight_decay)
+    for p in params:
+        p.grad = None
+    return state, {"grad_norm:mean": grad_norm, "learning_rate:mean": float(learning_rate)}
+
+
+def _match_params(state: AdamState, params: list[torch.Tensor]) -> None:
+    """Check the state fits `params`; a state restored from disk is moved to their device."""
+    if len(state.exp_avg) != len(params):
+        raise UserError(
+            f"optimizer state holds {len(state.exp_avg)} tensors; the adapter has {len(params)}"
+        )
+    for i, p in enumerate(params):
+        if state.exp_avg[i].shape != p.shape:
+            raise UserError(
+                f"optimizer state tensor {i} has shape {list(state.exp_avg[i].shape)}; "
+                f"the adapter's has {list(p.shape)}"
+            )
+        if state.exp_avg[i].device != p.device:
+            state.exp_avg[i] = state.exp_avg[i].to(p.device)
+            state.exp_avg_sq[i] = state.exp_avg_sq[i].to(p.device)
+
+
+def _adamw_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.AdamW's single-tensor update (decoupled decay, bias-corrected moments)."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of `grads` before clipping; scales them in place if it exceeds max_norm.
+
+    clip_grad_norm_'s rule: coef = max_norm / (norm + 1e-6), applied only when < 1.
+    max_norm == 0 turns clipping off.
+    """
+    if not grads:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads])  # [P]
+    total = torch.linalg.vector_norm(norms, 2.0)
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+    return float(total)
+
+
+def _check_hyperparameters(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, clip: float
+) -> None:
+    # Written as `not (ok)` so that NaN fails too.
+    checks = [
+        ("learning_rate", lr, lr >= 0, ">= 0"),
+        ("beta1", beta1, 0 <= beta1 < 1, "in [0, 1)"),
+        ("beta2", beta2, 0 <= beta2 < 1, "in [0, 1)"),
+        ("eps", eps, eps > 0, "> 0"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ("grad_clip_norm", clip, clip >= 0, ">= 0 (0 turns clipping off)"),
+    ]
+    for name, value, ok, rule in checks:
+        if not ok or not math.isfinite(value):
+            raise UserError(f"adam_params.{name}={value} must be {rule}")
