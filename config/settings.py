@@ -33,7 +33,9 @@ class Settings:
         "", "SQLAlchemy URL of the durable store; empty = SQLite file <data_dir>/tinkerq.db."
     )
     redis_url: str = _opt(
-        "", "Redis URL (broker and result doorbell); empty = the embedded Redis on embedded_redis_port."
+        "",
+        "Redis URL (broker and result doorbell); empty = the embedded Redis on "
+        "embedded_redis_port.",
     )
     embedded_redis_port: int = _opt(
         6390, "TCP port of the embedded Redis started when no redis_url is set."

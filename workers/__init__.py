@@ -1,1 +1,1 @@
-"""The GPU worker: engine tick loop, scheduler, model + multi-LoRA, sampler, optimizer, checkpoints."""
+"""The GPU worker: tick loop, scheduler, multi-LoRA model, sampler, optimizer, checkpoints."""

@@ -83,10 +83,8 @@ class MultiLoraLinear(nn.Module):
                 continue
             xs = x if rows is None else x.index_select(0, rows)
             delta = (xs.to(w.A.dtype) @ w.A.T) @ w.B.T * w.scale  # [b, S, out]
-            if rows is None:
-                y = y + delta.to(y.dtype)
-            else:
-                y = y.index_add(0, rows, delta.to(y.dtype))
+            delta = delta.to(y.dtype)
+            y = y + delta if rows is None else y.index_add(0, rows, delta)
         return y
 
 

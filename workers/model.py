@@ -126,7 +126,11 @@ class LoraModel:
 
     def adapter_weights(self, slot: int) -> dict[str, LoraWeights]:
         """The adapter's weights by layer name, in a stable order."""
-        return {n: layer.adapters[slot] for n, layer in self.layers.items() if slot in layer.adapters}
+        return {
+            name: layer.adapters[slot]
+            for name, layer in self.layers.items()
+            if slot in layer.adapters
+        }
 
     def adapter_parameters(self, slot: int) -> list[torch.Tensor]:
         return [t for w in self.adapter_weights(slot).values() for t in (w.A, w.B)]
