@@ -1,0 +1,31 @@
+"""Send the Celery task of a stored request, from the API or a batch script.
+
+Only ids travel: the task reads its payload from the database. Called after the request's
+transaction has committed, so the worker always finds the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from app.db import RequestRow
+from config import Settings
+
+
+def task_name(kind: str) -> str:
+    """One Celery task name per Tinker verb, so Flower lists calls by what they do."""
+    return f"tinker.{kind}"
+
+
+def make_enqueuer(settings: Settings) -> Callable[[RequestRow], None]:
+    from tasks import celery_app
+
+    def enqueue(row: RequestRow) -> None:
+        celery_app.send_task(
+            task_name(row.kind),
+            args=[row.id],
+            kwargs={"summary": row.summary},
+            queue=row.queue,
+        )
+
+    return enqueue

@@ -1,0 +1,141 @@
+"""The Tinker-call tasks: thin, idempotent, carrying only a request id.
+
+Each task reads its request row, hands a `Job` to the worker's engine and waits for the
+engine's tick to answer it, stores the answer in the row (and the checkpoint row, if the
+call wrote one), rings the doorbell so a waiting `retrieve_future` returns, and only then
+returns (late ack). A row that is already finished is not computed again: a training call
+becomes a `skip` job that only advances its model's seq_id order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import signals
+
+from app.db import DONE, FAILED, CheckpointRow, RequestRow, Store, utcnow
+from app.doorbell import Doorbell
+from tasks import celery_app
+from tasks.enqueue import task_name
+from workers.jobs import ALL_KINDS, Job, Outcome
+
+log = logging.getLogger(__name__)
+CREATION_KINDS = ("create_model", "load_weights")
+
+
+class _WorkerContext:
+    """Per-process handles of the GPU worker, built on first use (never at import)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: tuple[Store, Doorbell, Any] | None = None
+
+    def get(self) -> tuple[Store, Doorbell, Any]:
+        with self._lock:
+            if self._built is None:
+                from workers.engine import Engine  # torch enters the process here
+
+                settings = celery_app.conf.tinkerq_settings
+                store = Store(settings.database)
+                store.create_schema()
+                self._built = (store, Doorbell(settings.redis), Engine.start(settings))
+            return self._built
+
+
+context = _WorkerContext()
+
+
+@signals.worker_ready.connect
+def _warm_up(sender: Any = None, **_: Any) -> None:
+    """Load the model as soon as the GPU worker is up, not on the first call."""
+    if celery_app.conf.tinkerq_settings.queue in _consumed_queues(sender):
+        context.get()
+
+
+def _consumed_queues(consumer: Any) -> set[str]:
+    try:
+        return {q.name for q in consumer.task_consumer.queues}
+    except AttributeError:
+        return set()
+
+
+def _job_for(row: RequestRow) -> Job:
+    kind = row.kind
+    if row.finished:
+        kind = "skip"
+    seq_id = None if row.kind in CREATION_KINDS and row.seq_id == 0 else row.seq_id
+    return Job(
+        request_id=row.id,
+        kind=kind,
+        payload=row.payload,
+        model_id=row.model_id,
+        seq_id=seq_id,
+        sampler_id=row.sampler_id,
+    )
+
+
+def _store(store: Store, request_id: str, outcome: Outcome) -> None:
+    import json
+
+    with store.transaction() as db:
+        row = db.get(RequestRow, request_id)
+        if row is None or row.finished:
+            return
+        row.finished_at = utcnow()
+        row.compute_seconds = outcome.compute_seconds
+        if outcome.ok:
+            row.state = DONE
+            if outcome.proto is not None:
+                row.result, row.result_type = outcome.proto, "proto"
+            else:
+                row.result, row.result_type = json.dumps(outcome.json).encode(), "json"
+            if outcome.checkpoint:
+                _record_checkpoint(db, row.tenant, outcome.checkpoint)
+        else:
+            row.state, row.error, row.error_category = FAILED, outcome.error, outcome.category
+
+
+def _record_checkpoint(db: Any, tenant: str, ckpt: dict[str, Any]) -> None:
+    """Insert or replace (overwrite) the checkpoint's row."""
+    old = (
+        db.query(CheckpointRow)
+        .filter_by(model_id=ckpt["model_id"], kind=ckpt["kind"], name=ckpt["name"])
+        .one_or_none()
+    )
+    if old is not None:
+        db.delete(old)
+        db.flush()
+    db.add(CheckpointRow(tenant=tenant, **ckpt))
+
+
+def run_request(request_id: str) -> str:
+    store, doorbell, engine = context.get()
+    with store.transaction() as db:
+        row = db.get(RequestRow, request_id)
+        if row is None:
+            log.warning("request %s is not in the database; dropped", request_id)
+            return "missing"
+        job = _job_for(row)
+    if job.kind == "skip" and job.seq_id is None:
+        doorbell.ring(request_id)  # nothing to order: just wake any poller
+        return "already answered"
+    outcome = engine.submit(job).result()
+    if job.kind != "skip":
+        _store(store, request_id, outcome)
+    doorbell.ring(request_id)
+    return "ok" if outcome.ok else f"failed ({outcome.category}): {outcome.error}"[:200]
+
+
+def _register(kind: str) -> None:
+    def task(self: Any, request_id: str, summary: str = "") -> str:
+        return run_request(request_id)
+
+    task.__name__ = kind
+    task.__doc__ = f"Run one Tinker `{kind}` call through the engine."
+    celery_app.task(name=task_name(kind), bind=True)(task)
+
+
+for _kind in sorted(ALL_KINDS - {"skip", "forward"}) + ["forward"]:
+    _register(_kind)
