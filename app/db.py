@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -154,7 +155,7 @@ class CheckpointRow(Base):
     name: Mapped[str] = mapped_column(String(256))
     tinker_path: Mapped[str] = mapped_column(String(512), unique=True)
     local_dir: Mapped[str] = mapped_column(String(1024))
-    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -167,8 +168,18 @@ class CheckpointRow(Base):
 # --- engine and sessions ------------------------------------------------------------------
 
 
+def normalise_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean the psycopg2 driver that tinkerq installs
+    (SQLAlchemy 2.1 would otherwise pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url.removeprefix(prefix)
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine; SQLite gets WAL + a busy timeout so web and worker share it."""
+    url = normalise_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})

@@ -156,9 +156,10 @@ def encode_sample_response(
     """`topk_prompt` = (token_ids [n, k], logprobs [n, k]) for each prompt position."""
     msg = pb.SampleResponse()
     for s in sequences:
+        stop = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         msg.sequences.append(
             pb.SampledSequence(
-                stop_reason=pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
+                stop_reason=stop,
                 tokens=np.asarray(s.tokens, dtype="<i4").tobytes(),
                 logprobs=np.asarray(s.logprobs, dtype="<f4").tobytes(),
             )

@@ -1,0 +1,29 @@
+"""API-key check: every /api/v1 call carries `X-API-Key: tml-...` (healthz excepted).
+
+The key is never stored; `g.tenant` is its hash (app.db.tenant_of) and every lookup of a
+client-named row filters on it, so another tenant's id answers 404 like a missing one.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, g, request
+
+from app.db import tenant_of
+from app.errors import ApiError
+
+OPEN_PATHS = frozenset({"/api/v1/healthz"})
+
+
+def _check_key() -> None:
+    if not request.path.startswith("/api/v1/") or request.path in OPEN_PATHS:
+        return
+    key = request.headers.get("X-API-Key", "")
+    if not key:
+        raise ApiError(401, "missing X-API-Key header")
+    if not key.startswith("tml-"):
+        raise ApiError(401, "invalid API key: it must start with 'tml-'")
+    g.tenant = tenant_of(key)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_check_key)

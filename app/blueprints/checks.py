@@ -1,0 +1,227 @@
+"""Input checks done before anything is enqueued. Each raises ApiError(400) whose message
+names the bad value and the limit; the worker trusts what passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.blueprints.common import field
+from app.errors import ApiError
+from app.protocol import INTEGER_INPUTS, ProtocolError, check_loss_inputs, resolve_loss_config
+from app.wire import FwdBwdRequest
+from config.settings import Settings
+
+SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
+MAX_NUM_SAMPLES = 128
+MAX_NAME_LEN = 128
+
+
+def bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def check_seq_id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise bad(f"seq_id={value!r} must be an integer >= 1 (0 is the model's creation)")
+    return value
+
+
+def check_base_model(name: str, settings: Settings) -> str:
+    served = settings.served_model_names()
+    if name not in served:
+        raise bad(f"base_model {name!r} is not served here; served models: {served}")
+    return name
+
+
+def check_lora(cfg: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    where = "lora_config."
+    rank = field(cfg, "rank", int, 32, where)
+    if not 1 <= rank <= settings.max_lora_rank:
+        raise bad(f"lora_config.rank={rank} must be in [1, {settings.max_lora_rank}]")
+    lora = {"rank": rank, "seed": field(cfg, "seed", int, None, where)}
+    for name in ("train_attn", "train_mlp", "train_unembed"):
+        lora[name] = field(cfg, name, bool, True, where)
+    if not (lora["train_attn"] or lora["train_mlp"] or lora["train_unembed"]):
+        raise bad("lora_config must train at least one of train_attn, train_mlp, train_unembed")
+    return lora
+
+
+def check_optimizer_config(cfg: Any) -> None:
+    kind = cfg.get("type", "adamw") if isinstance(cfg, dict) else cfg
+    if kind not in (None, "adamw"):
+        raise bad(f"optimizer_config type {kind!r} is not supported (supported: 'adamw')")
+
+
+def check_adam(params: dict[str, Any]) -> dict[str, float]:
+    where = "adam_params."
+    p = {
+        "learning_rate": field(params, "learning_rate", float, 1e-4, where),
+        "beta1": field(params, "beta1", float, 0.9, where),
+        "beta2": field(params, "beta2", float, 0.95, where),
+        "eps": field(params, "eps", float, 1e-12, where),
+        "weight_decay": field(params, "weight_decay", float, 0.0, where),
+        "grad_clip_norm": field(params, "grad_clip_norm", float, 0.0, where),
+    }
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm"):
+        if not p[name] >= 0:
+            raise bad(f"adam_params.{name}={p[name]} must be >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= p[name] < 1:
+            raise bad(f"adam_params.{name}={p[name]} must be in [0, 1)")
+    if not p["eps"] > 0:
+        raise bad(f"adam_params.eps={p['eps']} must be > 0")
+    return p
+
+
+def check_checkpoint_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise bad(f"checkpoint name (path) {name!r} must be a non-empty string")
+    if len(name) > MAX_NAME_LEN:
+        raise bad(f"checkpoint name {name[:40]!r}... has {len(name)} chars; limit {MAX_NAME_LEN}")
+    if "/" in name or "\\" in name or ".." in name:
+        raise bad(f"checkpoint name {name!r} must not contain '/', '\\\\' or '..'")
+    return name
+
+
+def parse_tinker_path(path: Any) -> tuple[str, str, str]:
+    """tinker://<run>/<weights|sampler_weights>/<name> -> (run, checkpoint kind, name)."""
+    parts = path.removeprefix("tinker://").split("/") if isinstance(path, str) else []
+    if not (isinstance(path, str) and path.startswith("tinker://")) or len(parts) != 3:
+        raise bad(f"path {path!r} is not a tinker://<run>/<weights|sampler_weights>/<name> path")
+    if parts[1] not in SEGMENTS:
+        raise bad(f"path {path!r}: segment {parts[1]!r} must be one of {sorted(SEGMENTS)}")
+    return parts[0], SEGMENTS[parts[1]], parts[2]
+
+
+def check_tokens(tokens: np.ndarray, vocab: int, where: str) -> None:
+    outside = np.flatnonzero((tokens < 0) | (tokens >= vocab))
+    if outside.size:
+        i = int(outside[0])
+        raise bad(
+            f"{where} token {int(tokens[i])} at position {i} is outside the vocabulary [0, {vocab})"
+        )
+
+
+def check_forward_backward(req: FwdBwdRequest, settings: Settings, vocab: int) -> None:
+    if not req.data:
+        raise bad("data is empty: forward_backward needs at least one datum")
+    try:
+        resolve_loss_config(req.loss_fn, req.loss_fn_config)
+        for i, datum in enumerate(req.data):
+            n = len(datum.tokens)
+            if n == 0:
+                raise bad(f"data[{i}] has an empty model_input")
+            if n > settings.max_seq_len:
+                raise bad(f"data[{i}] has {n} tokens; limit max_seq_len={settings.max_seq_len}")
+            check_tokens(datum.tokens, vocab, f"data[{i}].model_input")
+            check_loss_inputs(req.loss_fn, i, n, datum.inputs)
+            for name in INTEGER_INPUTS & datum.inputs.keys():
+                arr = datum.inputs[name]
+                if arr.dtype.kind not in "iu":
+                    raise bad(
+                        f"data[{i}].loss_fn_inputs[{name!r}] has dtype {arr.dtype}; "
+                        "it must be int64"
+                    )
+                check_tokens(arr, vocab, f"data[{i}].loss_fn_inputs[{name!r}]")
+    except ProtocolError as e:
+        raise bad(str(e)) from e
+
+
+def check_prompt(prompt: Any, vocab: int) -> list[int]:
+    chunks = prompt.get("chunks") if isinstance(prompt, dict) else None
+    if not isinstance(chunks, list):
+        raise bad("prompt must be a ModelInput object {'chunks': [...]}")
+    tokens: list[int] = []
+    for i, chunk in enumerate(chunks):
+        kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
+        if kind != "encoded_text":
+            raise bad(f"prompt.chunks[{i}] has type {kind!r}; this server takes encoded_text only")
+        ids = chunk.get("tokens")
+        if not isinstance(ids, list) or any(type(t) is not int for t in ids):
+            raise bad(f"prompt.chunks[{i}].tokens must be a list of integers")
+        tokens += ids
+    if not tokens:
+        raise bad("prompt is empty: it needs at least one token")
+    for pos, t in enumerate(tokens):
+        if not 0 <= t < vocab:
+            raise bad(f"prompt token {t} at position {pos} is outside the vocabulary [0, {vocab})")
+    return tokens
+
+
+def check_stop(stop: Any, vocab: int) -> dict[str, Any]:
+    """None = stop at EOS only; [] = no stop at all (not even EOS); str | [str] | [int]."""
+    if stop is None:
+        return {"stop_strings": [], "stop_token_ids": [], "stop_at_eos": True}
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list):
+        raise bad(f"sampling_params.stop={stop!r} must be a string, a list of strings or ints")
+    if all(isinstance(s, str) and s for s in stop):
+        return {"stop_strings": stop, "stop_token_ids": [], "stop_at_eos": bool(stop)}
+    if all(type(s) is int for s in stop):
+        for s in stop:
+            if not 0 <= s < vocab:
+                raise bad(f"sampling_params.stop token {s} is outside the vocabulary [0, {vocab})")
+        return {"stop_strings": [], "stop_token_ids": stop, "stop_at_eos": True}
+    raise bad(f"sampling_params.stop={stop!r} must be non-empty strings or token ids, not mixed")
+
+
+_UNSUPPORTED_SAMPLE = (
+    "topk_sample_logprobs",
+    "prompt_alt_tokens_k",
+    "prompt_logprobs_last_n",
+    "target_prompt_logprobs",
+    "record_stability_info",
+)
+
+
+def check_sample(body: dict[str, Any], settings: Settings, vocab: int) -> dict[str, Any]:
+    """The engine's sample payload (all but adapter_dir) from an asample body."""
+    for name in _UNSUPPORTED_SAMPLE:
+        if body.get(name):
+            raise bad(f"{name}={body[name]!r} is not supported by this server")
+    n = field(body, "num_samples", int, 1)
+    if not 1 <= n <= MAX_NUM_SAMPLES:
+        raise bad(f"num_samples={n} must be in [1, {MAX_NUM_SAMPLES}]")
+    prompt = check_prompt(body.get("prompt"), vocab)
+    params = field(body, "sampling_params", dict, {})
+    where = "sampling_params."
+    room = settings.max_seq_len - len(prompt)
+    if room < 1:
+        raise bad(
+            f"prompt has {len(prompt)} tokens; it leaves no room to sample within "
+            f"max_seq_len={settings.max_seq_len}"
+        )
+    max_tokens = field(params, "max_tokens", int, min(settings.max_sample_tokens, room), where)
+    if not 1 <= max_tokens <= settings.max_sample_tokens:
+        raise bad(f"max_tokens={max_tokens} must be in [1, {settings.max_sample_tokens}]")
+    if max_tokens > room:
+        raise bad(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"max_seq_len={settings.max_seq_len}"
+        )
+    temperature = field(params, "temperature", float, 1.0, where)
+    top_p = field(params, "top_p", float, 1.0, where)
+    top_k = field(params, "top_k", int, -1, where)
+    if not temperature >= 0:
+        raise bad(f"temperature={temperature} must be >= 0")
+    if not 0 < top_p <= 1:
+        raise bad(f"top_p={top_p} must be in (0, 1]")
+    if top_k != -1 and top_k < 1:
+        raise bad(f"top_k={top_k} must be -1 (off) or >= 1")
+    topk_prompt = field(body, "topk_prompt_logprobs", int, 0)
+    if not 0 <= topk_prompt <= vocab:
+        raise bad(f"topk_prompt_logprobs={topk_prompt} must be in [0, {vocab}]")
+    return {
+        "prompt": prompt,
+        "num_samples": n,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": field(params, "seed", int, None, where),
+        **check_stop(params.get("stop"), vocab),
+        "prompt_logprobs": field(body, "prompt_logprobs", bool, False),
+        "topk_prompt_logprobs": topk_prompt,
+    }

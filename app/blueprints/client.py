@@ -1,0 +1,47 @@
+"""Client bootstrap and service endpoints: client/config, dynamic_config, telemetry,
+healthz, get_server_capabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+
+from app.blueprints.common import services
+
+bp = Blueprint("client", __name__)
+
+
+@bp.post("/client/config")
+def client_config() -> dict[str, Any]:
+    return {}  # every SDK default suits this server (no JWT, plain proto bodies)
+
+
+@bp.post("/client/dynamic_config")
+def dynamic_config() -> dict[str, Any]:
+    return {}
+
+
+@bp.post("/telemetry")
+def telemetry() -> dict[str, Any]:
+    return {"status": "accepted"}  # accepted and dropped
+
+
+@bp.get("/healthz")
+def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@bp.get("/get_server_capabilities")
+def server_capabilities() -> dict[str, Any]:
+    settings = services().settings
+    models = [
+        {
+            "model_name": name,
+            "max_context_length": settings.max_seq_len,
+            "trainable": True,
+            "sampleable": True,
+        }
+        for name in settings.served_model_names()
+    ]
+    return {"supported_models": models}

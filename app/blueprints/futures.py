@@ -1,0 +1,72 @@
+"""retrieve_future: the long-poll every future goes through (protocol note §4.2).
+
+Answers at once when the request is finished; otherwise waits on the doorbell (not a
+database loop) up to `long_poll_seconds`, then answers `try_again` (the SDK re-polls at
+once). No database connection is held while waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import select
+
+from app.blueprints.common import field, json_body, services, tenant
+from app.db import DONE, FAILED, RequestRow
+from app.errors import ApiError
+
+bp = Blueprint("futures", __name__)
+_COLUMNS = (
+    RequestRow.tenant,
+    RequestRow.state,
+    RequestRow.result,
+    RequestRow.result_type,
+    RequestRow.error,
+    RequestRow.error_category,
+)
+
+
+def fetch(request_id: str) -> Any:
+    """The request's state and result (not its payload), or 404."""
+    with services().store.transaction() as s:
+        row = s.execute(select(*_COLUMNS).where(RequestRow.id == request_id)).first()
+    if row is None or row.tenant != tenant():
+        raise ApiError(404, f"future {request_id!r} not found")
+    return row
+
+
+def finished(row: Any) -> bool:
+    return row.state in (DONE, FAILED)
+
+
+def wait_for(request_id: str) -> Any:
+    deadline = time.monotonic() + services().settings.long_poll_seconds
+    with services().doorbell.listen(request_id) as rang:
+        row = fetch(request_id)  # re-check after registering: a ring cannot slip past
+        while not finished(row) and (left := deadline - time.monotonic()) > 0:
+            rang.wait(left)
+            rang.clear()
+            row = fetch(request_id)
+    return row
+
+
+def answer(request_id: str, row: Any) -> Response:
+    if row.state == FAILED:
+        return jsonify(
+            {"error": row.error or "request failed", "category": row.error_category or "unknown"}
+        )
+    if row.state == DONE:
+        mimetype = "application/x-protobuf" if row.result_type == "proto" else "application/json"
+        return Response(row.result or b"{}", mimetype=mimetype)
+    return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+
+
+@bp.post("/retrieve_future")
+def retrieve_future() -> Response:
+    request_id = field(json_body(), "request_id", str)
+    row = fetch(request_id)
+    if not finished(row):
+        row = wait_for(request_id)
+    return answer(request_id, row)

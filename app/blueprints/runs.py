@@ -1,0 +1,149 @@
+"""REST views of training runs and checkpoints (protocol note §5.4): training_runs,
+checkpoints per run and per user, checkpoint deletion, weights_info."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint
+from sqlalchemy import select
+
+from app.blueprints.checks import parse_tinker_path
+from app.blueprints.common import (
+    checkpoint_by_path,
+    count,
+    json_body,
+    owned,
+    page_args,
+    services,
+    str_values,
+    tenant,
+)
+from app.db import CheckpointRow, ModelRow
+
+bp = Blueprint("runs", __name__)
+
+
+def iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat() + "Z"  # stored naive UTC
+
+
+def checkpoint_json(c: CheckpointRow) -> dict[str, Any]:
+    return {
+        "checkpoint_id": f"{c.segment}/{c.name}",
+        "checkpoint_type": c.kind,
+        "time": iso(c.created_at),
+        "tinker_path": c.tinker_path,
+        "size_bytes": c.size_bytes,
+        "public": False,
+        "user_metadata": str_values(c.user_metadata),
+        "expires_at": iso(c.expires_at),
+    }
+
+
+def latest(s: Any, model_id: str, kind: str) -> dict[str, Any] | None:
+    row = s.scalars(
+        select(CheckpointRow)
+        .where(CheckpointRow.model_id == model_id, CheckpointRow.kind == kind)
+        .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
+    ).first()
+    return checkpoint_json(row) if row else None
+
+
+def run_json(s: Any, m: ModelRow) -> dict[str, Any]:
+    return {
+        "training_run_id": m.id,
+        "base_model": m.base_model,
+        "model_owner": m.tenant,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": m.lora_rank,
+        "last_request_time": iso(m.last_request_time),
+        "last_checkpoint": latest(s, m.id, "training"),
+        "last_sampler_checkpoint": latest(s, m.id, "sampler"),
+        "user_metadata": str_values(m.user_metadata),
+    }
+
+
+def cursor(offset: int, limit: int, total: int) -> dict[str, int]:
+    return {"offset": offset, "limit": limit, "total_count": total}
+
+
+@bp.get("/training_runs")
+def list_runs() -> dict[str, Any]:
+    limit, offset = page_args()
+    query = select(ModelRow).where(ModelRow.tenant == tenant())
+    with services().store.transaction() as s:
+        total = count(s, query)
+        rows = s.scalars(
+            query.order_by(ModelRow.created_at, ModelRow.id).limit(limit).offset(offset)
+        )
+        runs = [run_json(s, m) for m in rows]
+    return {"training_runs": runs, "cursor": cursor(offset, limit, total)}
+
+
+@bp.get("/training_runs/<run_id>")
+def get_run(run_id: str) -> dict[str, Any]:
+    with services().store.transaction() as s:
+        return run_json(s, owned(s, ModelRow, run_id, "training run"))
+
+
+def list_checkpoints(where: Any, limit: int, offset: int) -> dict[str, Any]:
+    query = select(CheckpointRow).where(CheckpointRow.tenant == tenant(), where)
+    with services().store.transaction() as s:
+        total = count(s, query)
+        rows = s.scalars(
+            query.order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        return {
+            "checkpoints": [checkpoint_json(c) for c in rows],
+            "cursor": cursor(offset, limit, total),
+        }
+
+
+@bp.get("/training_runs/<run_id>/checkpoints")
+def run_checkpoints(run_id: str) -> dict[str, Any]:
+    with services().store.transaction() as s:
+        owned(s, ModelRow, run_id, "training run")
+    return list_checkpoints(CheckpointRow.model_id == run_id, 1000, 0)
+
+
+@bp.get("/checkpoints")
+def user_checkpoints() -> dict[str, Any]:
+    limit, offset = page_args()
+    return list_checkpoints(True, limit, offset)
+
+
+@bp.delete("/training_runs/<run_id>/checkpoints/<path:checkpoint_id>")
+def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict[str, Any]:
+    path = f"tinker://{run_id}/{checkpoint_id}"
+    parse_tinker_path(path)
+    with services().store.transaction() as s:
+        ckpt = checkpoint_by_path(s, path)
+        s.delete(ckpt)
+    folder = Path(ckpt.local_dir).resolve()
+    if folder.is_relative_to(services().settings.checkpoint_root):  # never outside our root
+        shutil.rmtree(folder, ignore_errors=True)
+    return {}
+
+
+@bp.post("/weights_info")
+def weights_info() -> dict[str, Any]:
+    path = json_body().get("tinker_path")
+    parse_tinker_path(path)
+    with services().store.transaction() as s:
+        ckpt = checkpoint_by_path(s, path)
+        m = owned(s, ModelRow, ckpt.model_id, "training run")
+    return {
+        "base_model": m.base_model,
+        "is_lora": True,
+        "lora_rank": m.lora_rank,
+        "train_unembed": m.train_unembed,
+        "train_mlp": m.train_mlp,
+        "train_attn": m.train_attn,
+    }

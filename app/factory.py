@@ -1,0 +1,57 @@
+"""The application factory. Run: `gunicorn -k gevent 'app.factory:create_app()'`.
+
+`create_app()` builds one `Services` bundle per app (settings, store, doorbell, enqueue,
+model info), stores it in `app.extensions["tinkerq"]`, migrates the schema and registers
+one blueprint per Tinker resource under /api/v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Flask
+
+from app import auth, errors
+from app.db import RequestRow, Store
+from app.doorbell import Doorbell
+from app.model_info import ModelInfo
+from config.settings import Settings, load_settings
+
+Enqueue = Callable[[RequestRow], None]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    doorbell: Doorbell
+    enqueue: Enqueue
+    model: ModelInfo
+
+
+def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> Flask:
+    from app.blueprints import client, futures, models, runs, sampling, sessions, training
+
+    settings = settings or load_settings()
+    if enqueue is None:
+        from tasks.enqueue import make_enqueuer  # lazy: Celery is not needed to import app
+
+        enqueue = make_enqueuer(settings)
+    store = Store(settings.database)
+    store.create_schema()
+
+    app = Flask("tinkerq", static_folder=None)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["tinkerq"] = Services(
+        settings=settings,
+        store=store,
+        doorbell=Doorbell(settings.redis),
+        enqueue=enqueue,
+        model=ModelInfo(settings),
+    )
+    errors.init_app(app)
+    auth.init_app(app)
+    for module in (client, sessions, models, training, sampling, futures, runs):
+        app.register_blueprint(module.bp, url_prefix="/api/v1")
+    return app

@@ -1,0 +1,16 @@
+"""gunicorn settings for the API: one gevent worker holds thousands of long-polls.
+
+Each in-flight `retrieve_future` is one HTTP/1.1 connection parked on the Redis doorbell
+(a greenlet, no thread, no database connection), so one process with a large
+worker_connections serves them all. Port from TINKERQ_PORT (default 8000).
+"""
+
+import os
+
+bind = f"0.0.0.0:{os.environ.get('TINKERQ_PORT', '8000')}"
+worker_class = "gevent"
+workers = int(os.environ.get("TINKERQ_WEB_WORKERS", "1"))
+worker_connections = 10000
+timeout = 120  # above the 25 s long-poll window; gevent workers heartbeat independently
+keepalive = 75  # the SDK keeps connections alive between polls
+accesslog = os.environ.get("TINKERQ_ACCESS_LOG")  # e.g. "-" for stdout

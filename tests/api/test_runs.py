@@ -1,0 +1,72 @@
+"""training_runs, checkpoints (per run and per user), checkpoint deletion, weights_info."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinker import types
+
+from tests.api.conftest import ALIAS
+
+
+def test_training_runs(api, other, model_id, add_checkpoint):
+    add_checkpoint(model_id, "training", "w1")
+    add_checkpoint(model_id, "sampler", "s1")
+    run = types.TrainingRun.model_validate(
+        api.get(f"training_runs/{model_id}?access_scope=owned").get_json()
+    )
+    assert run.training_run_id == model_id and run.base_model == ALIAS and run.lora_rank == 8
+    assert run.user_metadata == {"renderer_name": "qwen3"}
+    assert run.last_checkpoint.checkpoint_id == "weights/w1"
+    assert run.last_sampler_checkpoint.tinker_path == f"tinker://{model_id}/sampler_weights/s1"
+    listed = types.TrainingRunsResponse.model_validate(
+        api.get("training_runs?limit=20&offset=0&access_scope=owned").get_json()
+    )
+    assert [r.training_run_id for r in listed.training_runs] == [model_id]
+    assert listed.cursor.total_count == 1 and listed.cursor.limit == 20
+    assert other.get(f"training_runs/{model_id}").status_code == 404
+    assert other.get("training_runs").get_json()["training_runs"] == []
+
+
+def test_checkpoint_lists(api, other, model_id, add_checkpoint):
+    add_checkpoint(model_id, "training", "w1")
+    add_checkpoint(model_id, "sampler", "s1")
+    per_run = types.CheckpointsListResponse.model_validate(
+        api.get(f"training_runs/{model_id}/checkpoints").get_json()
+    )
+    assert sorted(c.checkpoint_id for c in per_run.checkpoints) == [
+        "sampler_weights/s1",
+        "weights/w1",
+    ]
+    kinds = {c.checkpoint_type for c in per_run.checkpoints}
+    assert kinds == {"training", "sampler"}
+    mine = types.CheckpointsListResponse.model_validate(
+        api.get("checkpoints?limit=1&offset=0").get_json()
+    )
+    assert len(mine.checkpoints) == 1 and mine.cursor.total_count == 2
+    assert other.get(f"training_runs/{model_id}/checkpoints").status_code == 404
+    assert other.get("checkpoints").get_json()["checkpoints"] == []
+
+
+def test_delete_checkpoint(api, other, model_id, add_checkpoint):
+    ckpt = add_checkpoint(model_id, "training", "w1")
+    path = f"training_runs/{model_id}/checkpoints/weights/w1"
+    assert other.delete(path).status_code == 404
+    assert Path(ckpt.local_dir).is_dir()
+    resp = api.delete(path)
+    assert resp.status_code == 200 and resp.get_json() == {}
+    assert not Path(ckpt.local_dir).exists()
+    assert api.delete(path).status_code == 404
+    assert api.get(f"training_runs/{model_id}/checkpoints").get_json()["checkpoints"] == []
+
+
+def test_weights_info(api, other, model_id, add_checkpoint):
+    ckpt = add_checkpoint(model_id, "training", "w1")
+    answer = types.WeightsInfoResponse.model_validate(
+        api.ok("weights_info", {"tinker_path": ckpt.tinker_path})
+    )
+    assert answer.base_model == ALIAS and answer.lora_rank == 8 and answer.is_lora
+    assert answer.train_attn and answer.train_mlp and answer.train_unembed
+    assert other.post("weights_info", {"tinker_path": ckpt.tinker_path}).status_code == 404
+    resp = api.post("weights_info", {"tinker_path": "tinker://x/bad"})
+    assert resp.status_code == 400 and "tinker://x/bad" in resp.get_json()["detail"]

@@ -1,0 +1,174 @@
+"""A live tinkerq stack for end-to-end tests: real processes, real Redis, real database.
+
+`Stack.start(tmp, backend)` runs what the Procfile runs (Redis when embedded, gunicorn
+with gevent, the Celery GPU worker) with their own data folder and ports, waits until the
+API answers, and `stop()` ends them all. Logs go to files in the data folder and are
+printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+API_KEY = "tml-e2e-tenant"
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+SYSTEM_REDIS = "redis://127.0.0.1:6379"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _create_postgres_db() -> str:
+    import sqlalchemy as sa
+
+    name = f"tinkerq_e2e_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return name
+
+
+def _drop_postgres_db(name: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    backend: str  # "sqlite" (SQLite + embedded Redis) or "postgres" (Postgres + Redis server)
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    pg_db: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['TINKERQ_PORT']}"
+
+    @classmethod
+    def start(cls, data_dir: Path, backend: str, **settings: str) -> Stack:
+        stack = cls(data_dir, backend)
+        stack._configure(settings)
+        try:
+            stack._launch()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    def _configure(self, settings: dict[str, str]) -> None:
+        queue = f"e2e-{uuid.uuid4().hex[:6]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKERQ_", "TINKER_"))}
+        env.pop("DATABASE_URL", None)
+        env.pop("REDIS_URL", None)
+        env.update(
+            TINKERQ_DATA_DIR=str(self.data_dir),
+            TINKERQ_PORT=str(free_port()),
+            TINKERQ_QUEUE=queue,
+            TINKERQ_WORKER_CONCURRENCY="64",
+            PYTHONUNBUFFERED="1",
+            TINKER_TELEMETRY="0",
+        )
+        if self.backend == "postgres":
+            self.pg_db = _create_postgres_db()
+            env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{self.pg_db}"
+            env["REDIS_URL"] = f"{SYSTEM_REDIS}/{1 + int(uuid.uuid4().int % 14)}"
+        else:
+            env["TINKERQ_EMBEDDED_REDIS_PORT"] = str(free_port())
+        env.update({f"TINKERQ_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env = env
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        self.commands[name] = args
+        log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(
+            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _launch(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend == "sqlite":
+            self._spawn("redis", [str(BIN / "python"), "-m", "tasks.embedded_redis"])
+        self._spawn("web", [str(BIN / "gunicorn"), "--config", "app/gunicorn_conf.py",
+                            "app.factory:create_app()"])
+        self._spawn("worker", [
+            str(BIN / "celery"), "-A", "tasks", "worker", "-Q", self.env["TINKERQ_QUEUE"],
+            "-P", "threads", "-c", "64", "-E", "-n", f"{self.env['TINKERQ_QUEUE']}@%h",
+            "--without-mingle", "--without-gossip", "-l", "INFO",
+        ])
+        self._wait_until_ready()
+
+    def _wait_until_ready(
+        self, timeout: float = 120.0, log_offset: dict[str, int] | None = None
+    ) -> None:
+        offset = (log_offset or {}).get("worker", 0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited early:\n{self.logs()}")
+            worker_log = (self.data_dir / "worker.log").read_bytes()[offset:]
+            if self._api_answers() and b" ready." in worker_log:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"stack not ready after {timeout} s:\n{self.logs()}")
+
+    def _api_answers(self) -> bool:
+        try:
+            return httpx.get(self.url + "/api/v1/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def logs(self, tail: int = 4000) -> str:
+        parts = []
+        for name in self.procs:
+            path = self.data_dir / f"{name}.log"
+            text = path.read_bytes()[-tail:].decode(errors="replace") if path.exists() else ""
+            parts.append(f"----- {name} -----\n{text}")
+        return "\n".join(parts)
+
+    def restart(self, name: str) -> None:
+        """Start a process that `kill` stopped, with the same command, and wait until ready."""
+        marker = (self.data_dir / f"{name}.log").stat().st_size
+        self._spawn(name, self.commands[name])
+        self._wait_until_ready(log_offset={name: marker})
+
+    def kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 30.0) -> None:
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.kill(name)
+        if self.pg_db:
+            _drop_postgres_db(self.pg_db)
+            self.pg_db = None

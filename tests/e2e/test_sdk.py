@@ -1,0 +1,157 @@
+"""The official tinker SDK 0.38.0 against a live tinkerq: train, save, resume, sample.
+
+Runs twice: on SQLite + the embedded Redis (what `honcho start` uses), and on PostgreSQL +
+the Redis server. The model is the built-in tiny random-weight Qwen3 with the real Qwen
+tokenizer, written by the worker on its first start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from tests.e2e.stack import API_KEY, Stack
+
+pytestmark = pytest.mark.e2e
+BASE = "tinkerq/tiny-qwen3"
+# A small fixed SL dataset: prompt -> completion pairs over real Qwen token ids.
+PAIRS = [([9707, 11, 1879], [1096, 374, 264, 1273, 13]),
+         ([3838, 374, 220], [17, 10, 17, 28, 19]),
+         ([785, 6941, 5562], [4855, 24201, 279, 16202, 13])]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request, tmp_path_factory):
+    s = Stack.start(tmp_path_factory.mktemp(f"stack-{request.param}"), request.param)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def service(stack):
+    client = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
+    yield client
+
+
+def datum(prompt: list[int], completion: list[int]) -> types.Datum:
+    tokens = prompt + completion
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
+                        "weights": np.array(weights, dtype=np.float32)},
+    )
+
+
+DATA = [datum(p, c) for p, c in PAIRS]
+ADAM = types.AdamParams(learning_rate=5e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+def train_steps(tc, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        fb = tc.forward_backward(DATA, "cross_entropy")
+        tc.optim_step(ADAM).result()
+        losses.append(fb.result().metrics["loss:sum"])
+    return losses
+
+
+def forward_logprobs(tc, data=DATA) -> list[np.ndarray]:
+    out = tc.forward(data, "cross_entropy").result()
+    return [np.asarray(o["logprobs"].tolist(), dtype=np.float64) for o in out.loss_fn_outputs]
+
+
+def test_supervised_training_halves_the_loss(service, stack):
+    tc = service.create_lora_training_client(BASE, rank=16, seed=1).result()
+    info = tc.get_info()
+    assert info.model_data.model_name == BASE
+    assert info.model_id.endswith(":train:0") or ":train:" in info.model_id
+    losses = train_steps(tc, 30)
+    assert losses[0] > 0 and all(math.isfinite(x) for x in losses)
+    assert min(losses[-3:]) <= 0.5 * losses[0], (losses, stack.logs())
+
+    # Sampling after training reproduces the trained completion (greedy).
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt, completion = PAIRS[0]
+    res = sampler.sample(types.ModelInput.from_ints(prompt), 1,
+                         types.SamplingParams(max_tokens=len(completion), temperature=0.0,
+                                              stop=[])).result()
+    seq = res.sequences[0]
+    assert seq.tokens == completion
+    assert seq.logprobs is not None and len(seq.logprobs) == len(completion)
+    assert seq.stop_reason == "length"
+
+
+def test_resume_with_optimizer_matches_an_uninterrupted_run(service):
+    tc = service.create_lora_training_client(BASE, rank=8, seed=2).result()
+    train_steps(tc, 3)
+    path = tc.save_state("resume-point").result().path
+    assert path.startswith("tinker://") and "/weights/resume-point" in path
+
+    resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    np.testing.assert_array_equal(
+        np.concatenate(forward_logprobs(tc)), np.concatenate(forward_logprobs(resumed))
+    )
+    # The next optim_step is the same on both: Adam moments and step count came back.
+    train_steps(tc, 1)
+    train_steps(resumed, 1)
+    np.testing.assert_allclose(
+        np.concatenate(forward_logprobs(tc)), np.concatenate(forward_logprobs(resumed)),
+        rtol=0, atol=1e-6,
+    )
+
+
+def test_sampler_from_path_matches_training_forward(service, stack):
+    tc = service.create_lora_training_client(BASE, rank=8, seed=3).result()
+    train_steps(tc, 2)
+    saved = tc.save_weights_for_sampler("eval-point").result()
+    assert "/sampler_weights/eval-point" in saved.path
+    sampler = service.create_sampling_client(model_path=saved.path).result()
+    prompt, completion = PAIRS[1]
+    full = prompt + completion
+    server = sampler.compute_logprobs(types.ModelInput.from_ints(full)).result()
+    assert server[0] is None
+    train_lp = forward_logprobs(tc, [datum(prompt, completion)])[0]  # log p(full[1:])
+    np.testing.assert_allclose(np.array(server[1:], dtype=np.float64), train_lp, atol=2e-5)
+
+    # The saved folder is a plain peft adapter that reproduces the server's numbers.
+    peft_lp = _peft_logprobs(stack, saved.path, full)
+    np.testing.assert_allclose(peft_lp, train_lp, atol=2e-4)
+
+
+def _peft_logprobs(stack: Stack, tinker_path: str, tokens: list[int]) -> np.ndarray:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, _, name = tinker_path.removeprefix("tinker://").split("/")
+    folders = list(Path(stack.data_dir, "checkpoints").glob(f"*/{run}/sampler_weights/{name}"))
+    assert len(folders) == 1, folders
+    assert json.loads((folders[0] / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    base = AutoModelForCausalLM.from_pretrained(stack.data_dir / "models" / "tiny-qwen3")
+    model = PeftModel.from_pretrained(base, folders[0]).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(tokens[1:])[:, None])
+    return logp[:, 0].numpy()
+
+
+def test_rest_and_close(service, stack):
+    tc = service.create_lora_training_client(
+        BASE, rank=4, user_metadata={"renderer_name": "x"}
+    ).result()
+    tc.save_state("listed").result()
+    rest = service.create_rest_client()
+    run = rest.get_training_run(tc.model_id).result()
+    assert run.base_model == BASE and run.user_metadata == {"renderer_name": "x"}
+    names = [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    assert "weights/listed" in names
+    caps = rest.get_server_capabilities().result()
+    assert BASE in [m.model_name for m in caps.supported_models]
+    service.close("success").result()
