@@ -27,6 +27,7 @@ import sqlalchemy as sa
 import tinker
 from tinker import types
 
+from app.db import normalise_url
 from tests.e2e.stack import API_KEY, Stack
 
 BASE = "tinkerq/tiny-qwen3"
@@ -48,8 +49,8 @@ def measure_overhead(service: tinker.ServiceClient, stack: Stack, calls: int) ->
         start = time.perf_counter()
         tc.forward([datum], "cross_entropy").result()
         latencies.append(time.perf_counter() - start)
-    engine = sa.create_engine(stack.env.get("DATABASE_URL")
-                              or f"sqlite:///{stack.data_dir / 'tinkerq.db'}")
+    engine = sa.create_engine(normalise_url(stack.env.get("DATABASE_URL")
+                                            or f"sqlite:///{stack.data_dir / 'tinkerq.db'}"))
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text("SELECT compute_seconds FROM requests WHERE model_id = :m AND seq_id > 1 "

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from app.db import normalise_url
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 API_KEY = "tml-e2e-tenant"
@@ -38,7 +40,7 @@ def _create_postgres_db() -> str:
     import sqlalchemy as sa
 
     name = f"tinkerq_e2e_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(normalise_url(POSTGRES_ADMIN), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
@@ -48,7 +50,7 @@ def _create_postgres_db() -> str:
 def _drop_postgres_db(name: str) -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(normalise_url(POSTGRES_ADMIN), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
