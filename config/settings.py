@@ -135,7 +135,7 @@ def _coerce(kind: type, name: str, raw: str) -> Any:
         raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from e
 
 
-def _env_name(name: str) -> str:
+def env_name(name: str) -> str:
     return _ENV_ALIASES.get(name, ENV_PREFIX + name.upper())
 
 
@@ -151,7 +151,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             "--" + f.name.replace("_", "-"),
             type=_kind(f),
             default=None,
-            help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})",
+            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})",
         )
     return parser
 
@@ -163,7 +163,7 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        raw = env.get(_env_name(f.name))
+        raw = env.get(env_name(f.name))
         if raw is not None and raw != "":
             values[f.name] = _coerce(_kind(f), f.name, raw)
     if argv is not None:

@@ -116,11 +116,7 @@ class Stack:
             self._spawn("redis", [str(BIN / "python"), "-m", "tasks.embedded_redis"])
         self._spawn("web", [str(BIN / "gunicorn"), "--config", "app/gunicorn_conf.py",
                             "app.factory:create_app()"])
-        self._spawn("worker", [
-            str(BIN / "celery"), "-A", "tasks", "worker", "-Q", self.env["TINKERQ_QUEUE"],
-            "-P", "threads", "-c", "64", "-E", "-n", f"{self.env['TINKERQ_QUEUE']}@%h",
-            "--without-mingle", "--without-gossip", "-l", "INFO",
-        ])
+        self._spawn("worker", [str(BIN / "python"), "-m", "workers"])  # as the Procfile
         self._wait_until_ready()
 
     def _wait_until_ready(

@@ -155,3 +155,53 @@ def test_rest_and_close(service, stack):
     caps = rest.get_server_capabilities().result()
     assert BASE in [m.model_name for m in caps.supported_models]
     service.close("success").result()
+
+
+def rl_datum(prompt: list[int], completion: list[int], advantage: float) -> types.Datum:
+    tokens = prompt + completion
+    n = len(tokens) - 1
+    adv = [0.0] * (len(prompt) - 1) + [advantage] * len(completion)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
+                        "logprobs": np.full(n, -3.0, dtype=np.float32),
+                        "advantages": np.array(adv, dtype=np.float32)},
+    )
+
+
+def test_every_loss_and_a_custom_loss_through_the_sdk(service):
+    tc = service.create_lora_training_client(BASE, rank=4, seed=4).result()
+    rl = [rl_datum(p, c, a) for (p, c), a in zip(PAIRS, (1.0, -0.5, 2.0), strict=True)]
+    for loss_fn, config in [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9}),
+                            ("cispo", {"clip_high_threshold": 1.1}), ("dro", {"beta": 0.1})]:
+        out = tc.forward_backward(rl, loss_fn, config).result()
+        assert math.isfinite(out.metrics["loss:sum"]), loss_fn
+        assert [len(o["logprobs"].tolist()) for o in out.loss_fn_outputs] == [7, 7, 7]
+    # Negative and fractional weights are legal for cross_entropy (custom losses rely on it).
+    custom = tc.forward_backward_custom(
+        DATA, lambda data, logprobs: (sum(-lp.sum() for lp in logprobs), {"custom:sum": 1.0})
+    ).result()
+    assert {"loss:sum", "surrogate_loss:sum", "custom:sum"} <= set(custom.metrics)
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-3, grad_clip_norm=1.0)).result()
+    assert step.metrics["grad_norm:mean"] > 0
+
+
+def test_sampling_features(service):
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    prompt = types.ModelInput.from_ints([9707, 11, 1879])
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=123, stop=[])
+    first = sampler.sample(prompt, 3, params).result()
+    again = sampler.sample(prompt, 3, params).result()
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences]
+    assert len({tuple(s.tokens) for s in first.sequences}) > 1  # samples differ from each other
+    ids = [s.sequence_id for s in first.sequences]
+    assert len(set(ids)) == 3 and all(ids)
+
+    stop_token = first.sequences[0].tokens[2]
+    stopped = sampler.sample(prompt, 1, types.SamplingParams(
+        max_tokens=6, seed=123, stop=[stop_token])).result().sequences[0]
+    assert stopped.tokens == first.sequences[0].tokens[:3] and stopped.stop_reason == "stop"
+
+    with_prompt = sampler.sample(prompt, 1, params, include_prompt_logprobs=True).result()
+    assert with_prompt.prompt_logprobs[0] is None
+    assert all(lp < 0 for lp in with_prompt.prompt_logprobs[1:])
