@@ -6,9 +6,11 @@ Also the bad-input rule end to end: a user error fails its own future with categ
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack.start(tmp_path_factory.mktemp("stack-reliability"), "sqlite")
+    s = Stack.start(tmp_path_factory.mktemp("stack-reliability"), "sqlite",
+                    long_poll_seconds="4")
     yield s
     s.stop()
 
@@ -72,3 +75,44 @@ def test_user_error_fails_its_own_future_and_the_model_keeps_working(service):
         sampler = tc.save_weights_and_get_sampling_client().result()
         sampler.sample(types.ModelInput.from_ints([1, 2]), 1,
                        types.SamplingParams(max_tokens=0)).result()
+
+
+def test_one_web_process_holds_a_thousand_long_polls(service, stack):
+    """1000 concurrent retrieve_future calls park on the doorbell; all answer try_again at the
+    end of the window, and the API keeps answering other requests meanwhile."""
+    stack.kill("worker")  # keep the future pending
+    try:
+        headers = {"X-API-Key": API_KEY}
+        session = httpx.post(f"{stack.url}/api/v1/create_session", headers=headers, json={
+            "tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"})
+        future = httpx.post(f"{stack.url}/api/v1/create_model", headers=headers, json={
+            "session_id": session.json()["session_id"], "model_seq_id": 0, "base_model": BASE,
+            "lora_config": {"rank": 4}, "type": "create_model"}).json()["request_id"]
+        answers, health = asyncio.run(_many_polls(stack.url, headers, future, 1000))
+    finally:
+        stack.restart("worker")
+    assert [a["type"] for a in answers] == ["try_again"] * 1000
+    assert max(health) < 1.0  # seconds for a healthz answer while 1000 polls are parked
+
+
+async def _many_polls(url: str, headers: dict, request_id: str, n: int):
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
+                                 timeout=60) as client:
+        async def poll() -> dict:
+            r = await client.post("/api/v1/retrieve_future",
+                                  json={"request_id": request_id, "allow_metadata_only": False})
+            return r.json()
+
+        async def probe() -> list[float]:
+            took = []
+            for _ in range(5):
+                await asyncio.sleep(0.5)
+                start = time.perf_counter()
+                (await client.get("/api/v1/healthz")).raise_for_status()
+                took.append(time.perf_counter() - start)
+            return took
+
+        polls = [asyncio.create_task(poll()) for _ in range(n)]
+        health = await probe()
+        return await asyncio.gather(*polls), health
