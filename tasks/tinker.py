@@ -9,6 +9,7 @@ becomes a `skip` job that only advances its model's seq_id order.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -19,10 +20,9 @@ from app.db import DONE, FAILED, CheckpointRow, RequestRow, Store, utcnow
 from app.doorbell import Doorbell
 from tasks import celery_app
 from tasks.enqueue import task_name
-from workers.jobs import ALL_KINDS, Job, Outcome
+from workers.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
 
 log = logging.getLogger(__name__)
-CREATION_KINDS = ("create_model", "load_weights")
 
 
 class _WorkerContext:
@@ -77,8 +77,6 @@ def _job_for(row: RequestRow) -> Job:
 
 
 def _store(store: Store, request_id: str, outcome: Outcome) -> None:
-    import json
-
     with store.transaction() as db:
         row = db.get(RequestRow, request_id)
         if row is None or row.finished:

@@ -20,11 +20,10 @@ from concurrent.futures import Future
 
 from config import Settings
 from workers.executor import Executor
-from workers.jobs import Job, Outcome
+from workers.jobs import CREATION_KINDS, Job, Outcome
 from workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-CREATION_KINDS = ("create_model", "load_weights")
 
 
 class Engine:

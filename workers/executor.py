@@ -84,6 +84,7 @@ class Executor:
             range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
         )
         self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
+        self._decoded: dict[str, FwdBwdRequest] = {}  # decoded at admission, used at prepare
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Executor:
@@ -101,6 +102,8 @@ class Executor:
     # --- the plan -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
+        for job, _ in plan.expired:
+            self._decoded.pop(job.request_id, None)
         for job in plan.barriers:
             outcomes[job.request_id] = self._timed(self._barrier, job)
         if plan.train:
@@ -113,9 +116,10 @@ class Executor:
         """Token count of a job, for the scheduler's per-tick budget (0 if unknown)."""
         if job.kind in ("forward", "forward_backward"):
             try:
-                return decode_forward_backward(job.payload).num_tokens
+                self._decoded[job.request_id] = decode_forward_backward(job.payload)
             except WireError:
-                return 0
+                return 0  # _prepare decodes again and fails the job with the message
+            return self._decoded[job.request_id].num_tokens
         if job.kind == "sample":
             body = json.loads(job.payload)
             return len(body["prompt"]) + body["num_samples"] * body["max_tokens"]
@@ -169,8 +173,6 @@ class Executor:
     def _load_weights(self, job: Job, body: dict[str, Any]) -> Outcome:
         model_id = body["model_id"]
         spec, weights, adam = checkpoints.load_training_state(Path(body["checkpoint_dir"]))
-        spec = AdapterSpec(spec.rank, self.settings.lora_alpha, spec.train_attn,
-                           spec.train_mlp, spec.train_unembed)
         run = self.runs.get(model_id)
         if run is None:
             run = Run(self._take_slot(), spec, body["base_model"])
@@ -211,7 +213,7 @@ class Executor:
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:
-        request = decode_forward_backward(job.payload)
+        request = self._decoded.pop(job.request_id, None) or decode_forward_backward(job.payload)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         vocab = self.model.vocab_size
         for i, datum in enumerate(request.data):
@@ -296,8 +298,6 @@ class Executor:
         else:
             slot = self.sampler_slots[len(self.sampler_cache)]
         spec, weights = checkpoints.load_sampler_weights(Path(folder))
-        spec = AdapterSpec(spec.rank, spec.alpha, spec.train_attn, spec.train_mlp,
-                           spec.train_unembed)
         self.model.set_adapter_weights(slot, spec, weights)
         self.sampler_cache[folder] = slot
         return slot

@@ -41,6 +41,8 @@ from typing import Any, Literal
 BARRIER_KINDS = frozenset(
     {"create_model", "load_weights", "optim_step", "save_weights", "save_weights_for_sampler"}
 )
+# Kinds that bring a model into being (their seq_id is None: they precede seq_id 1).
+CREATION_KINDS = frozenset({"create_model", "load_weights"})
 TRAIN_KINDS = frozenset({"forward", "forward_backward"})
 SAMPLE_KINDS = frozenset({"sample"})
 ALL_KINDS = BARRIER_KINDS | TRAIN_KINDS | SAMPLE_KINDS | {"skip"}

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from workers.jobs import BARRIER_KINDS, SAMPLE_KINDS, Job, Outcome
+from workers.jobs import BARRIER_KINDS, CREATION_KINDS, SAMPLE_KINDS, Job, Outcome
 
 # Barriers that may arrive without a seq_id: they bring a model into existence.
-OPENING_KINDS = frozenset({"create_model", "load_weights"})
+OPENING_KINDS = CREATION_KINDS
 
 
 @dataclass
