@@ -204,27 +204,36 @@ def _generator(seed: int, j: int, device: torch.device) -> torch.Generator:
 
 def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     """Next token per row [B] from raw logits [B, V] (fp32), each row with its own params."""
+    greedy = logits.argmax(-1)  # [B]
+    if all(r.spec.temperature == 0 for r in rows):
+        return greedy
     device, vocab = logits.device, logits.shape[-1]
     temps = torch.tensor([r.spec.temperature or 1.0 for r in rows], device=device)
-    top_k = torch.tensor([r.spec.top_k if r.spec.top_k > 0 else vocab for r in rows], device=device)
-    top_p = torch.tensor([r.spec.top_p for r in rows], device=device)
-    probs = torch.softmax(_filter(logits / temps[:, None], top_k, top_p), dim=-1)  # [B, V]
+    scaled = logits / temps[:, None]
+    if any(0 < r.spec.top_k < vocab or r.spec.top_p < 1 for r in rows):  # sort only if needed
+        top_k = torch.tensor([r.spec.top_k if r.spec.top_k > 0 else vocab for r in rows],
+                             device=device)
+        scaled = _filter(scaled, top_k, torch.tensor([r.spec.top_p for r in rows], device=device))
+    probs = torch.softmax(scaled, dim=-1)  # [B, V]
     # Exponential race: argmax(p / E), E ~ Exp(1) from the row's own generator, is a draw
     # from p that consumes the same random numbers whatever else is in the batch.
     noise = torch.stack([_exp_noise(r, vocab, device) for r in rows])  # [B, V]
     sampled = (probs / noise).argmax(-1)
-    greedy = torch.tensor([r.spec.temperature == 0 for r in rows], device=device)
-    return torch.where(greedy, logits.argmax(-1), sampled)
+    is_greedy = torch.tensor([r.spec.temperature == 0 for r in rows], device=device)
+    return torch.where(is_greedy, greedy, sampled)
 
 
 def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-k then top-p per row: logits [B, V] with dropped tokens at -inf (>= 1 kept)."""
+    """Top-k then top-p per row: logits [B, V] with dropped tokens at -inf (>= 1 kept).
+
+    A row with top_p = 1 keeps its whole top-k set (rounding in the cumulative sum must not
+    drop its tail), so such a row comes out the same as if it had not been filtered."""
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     rank = torch.arange(scaled.shape[-1], device=scaled.device)
     keep = rank[None, :] < top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(~keep, -math.inf), dim=-1)
     before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-    keep &= before < top_p[:, None]  # smallest prefix whose mass reaches top_p
+    keep &= (before < top_p[:, None]) | (top_p[:, None] >= 1)  # smallest prefix reaching top_p
     keep_by_id = torch.zeros_like(keep).scatter(-1, order, keep)
     return scaled.masked_fill(~keep_by_id, -math.inf)
 
