@@ -9,6 +9,7 @@ becomes a `skip` job that only advances its model's seq_id order.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -96,7 +97,9 @@ def _store(store: Store, request_id: str, outcome: Outcome) -> None:
 
 
 def _record_checkpoint(db: Any, tenant: str, ckpt: dict[str, Any]) -> None:
-    """Insert or replace (overwrite) the checkpoint's row."""
+    """Insert or replace (overwrite) the checkpoint's row; a TTL becomes its expiry time."""
+    ttl = ckpt.pop("ttl_seconds", None)
+    expires_at = utcnow() + dt.timedelta(seconds=ttl) if ttl else None
     old = (
         db.query(CheckpointRow)
         .filter_by(model_id=ckpt["model_id"], kind=ckpt["kind"], name=ckpt["name"])
@@ -105,7 +108,7 @@ def _record_checkpoint(db: Any, tenant: str, ckpt: dict[str, Any]) -> None:
     if old is not None:
         db.delete(old)
         db.flush()
-    db.add(CheckpointRow(tenant=tenant, **ckpt))
+    db.add(CheckpointRow(tenant=tenant, expires_at=expires_at, **ckpt))
 
 
 def run_request(request_id: str) -> str:

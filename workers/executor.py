@@ -377,6 +377,8 @@ def _checkpoint(model_id: str, kind: str, body: dict[str, Any], size: int) -> di
         "tinker_path": body["tinker_path"],
         "local_dir": str(folder),
         "size_bytes": size,
+        "ttl_seconds": body.get("ttl_seconds"),
+        "user_metadata": body.get("user_metadata"),
     }
 
 

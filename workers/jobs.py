@@ -16,10 +16,11 @@ the engine trusts it. Payloads per kind, all JSON except forward_backward:
     optim_step        {"adam_params": {"learning_rate", "beta1", "beta2", "eps",
                        "weight_decay", "grad_clip_norm"}}
                       -> {"metrics": {...}, "type": "optim_step"}
-    save_weights      {"checkpoint_dir", "tinker_path"}
+    save_weights      {"checkpoint_dir", "tinker_path", "ttl_seconds"|None, "user_metadata"|None}
                       -> {"path", "type": "save_weights"}
     save_weights_for_sampler
-                      {"checkpoint_dir", "tinker_path"|None, "sampling_session_id"|None}
+                      {"checkpoint_dir", "tinker_path"|None, "sampling_session_id"|None,
+                       "ttl_seconds"|None, "user_metadata"|None}
                       -> {"path", "sampling_session_id", "type": "save_weights_for_sampler"}
     sample            {"prompt": [int], "num_samples", "max_tokens", "temperature", "top_k",
                        "top_p", "seed"|None, "stop_strings": [str], "stop_token_ids": [int],
@@ -74,7 +75,7 @@ class Outcome:
 
     `checkpoint` (optional) describes a checkpoint the job wrote, for the task to record:
     {"model_id", "kind": "training"|"sampler", "name", "tinker_path", "local_dir",
-     "size_bytes"}.
+     "size_bytes", "ttl_seconds", "user_metadata"}.
     """
 
     json: dict[str, Any] | None = None

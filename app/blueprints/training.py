@@ -118,7 +118,8 @@ def save_weights() -> dict[str, Any]:
         name = check_checkpoint_name(body.get("path"))
         check_new_name(model, "training", name, field(body, "overwrite", bool, False))
         path = f"tinker://{model.id}/weights/{name}"
-        data = {"checkpoint_dir": str(checkpoint_dir(model, "weights", name)), "tinker_path": path}
+        data = {"checkpoint_dir": str(checkpoint_dir(model, "weights", name)), "tinker_path": path,
+                **checkpoint_extras(body)}
         return payload(data), f"path={path}"
 
     return seq_call(model, check_seq_id(body.get("seq_id")), "save_weights", build)
@@ -140,10 +141,19 @@ def save_weights_for_sampler() -> dict[str, Any]:
             "checkpoint_dir": str(checkpoint_dir(model, "sampler_weights", name)),
             "tinker_path": path,
             "sampling_session_id": None,
+            **checkpoint_extras(body),
         }
         return payload(data), f"path={path}"
 
     return seq_call(model, check_seq_id(body.get("seq_id")), "save_weights_for_sampler", build)
+
+
+def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
+    """What a named checkpoint keeps besides its files: its lifetime and the caller's tags."""
+    ttl = field(body, "ttl_seconds", int, None)
+    if ttl is not None and ttl < 1:
+        raise ApiError(400, f"ttl_seconds={ttl} must be at least 1 (omit it: never expires)")
+    return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
 
 
 def check_kind(body: dict[str, Any]) -> None:

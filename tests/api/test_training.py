@@ -199,6 +199,8 @@ def test_save_weights(api, model_id, enqueued, settings):
     assert json.loads(row.payload) == {
         "checkpoint_dir": str(settings.checkpoint_root / tenant / model_id / "weights" / "ckpt1"),
         "tinker_path": f"tinker://{model_id}/weights/ckpt1",
+        "ttl_seconds": 3600,
+        "user_metadata": None,
     }
 
 
@@ -207,6 +209,16 @@ def test_save_weights_bad_names(api, model_id, enqueued, name):
     resp = api.post("save_weights", {"model_id": model_id, "path": name, "seq_id": 1})
     assert resp.status_code == 400 and "name" in resp.get_json()["detail"]
     assert [r.state for r in enqueued] == [FAILED]
+
+
+def test_save_weights_ttl_and_metadata(api, model_id, enqueued):
+    body = {"model_id": model_id, "path": "t", "seq_id": 1, "ttl_seconds": 0}
+    resp = api.post("save_weights", body)
+    assert resp.status_code == 400 and "ttl_seconds=0" in resp.get_json()["detail"]
+    body = {**body, "seq_id": 2, "ttl_seconds": 7200, "user_metadata": {"step": "20"}}
+    assert api.post("save_weights", body).status_code == 200
+    stored = json.loads(enqueued[-1].payload)
+    assert stored["ttl_seconds"] == 7200 and stored["user_metadata"] == {"step": "20"}
 
 
 def test_save_weights_existing_name(api, model_id, enqueued, add_checkpoint):
@@ -235,6 +247,8 @@ def test_save_weights_for_sampler_named(api, model_id, enqueued, add_checkpoint,
         "checkpoint_dir": str(folder),
         "tinker_path": f"tinker://{model_id}/sampler_weights/s1",
         "sampling_session_id": None,
+        "ttl_seconds": None,
+        "user_metadata": None,
     }
     add_checkpoint(model_id, "sampler", "taken")
     resp = api.post("save_weights_for_sampler", body | {"path": "taken", "seq_id": 9})

@@ -148,12 +148,13 @@ def test_rest_and_close(stack):
     tc = service.create_lora_training_client(
         BASE, rank=4, user_metadata={"renderer_name": "x"}
     ).result()
-    tc.save_state("listed").result()
+    tc.save_state("listed", ttl_seconds=3600, user_metadata={"step": "7"}).result()
     rest = service.create_rest_client()
     run = rest.get_training_run(tc.model_id).result()
     assert run.base_model == BASE and run.user_metadata == {"renderer_name": "x"}
-    names = [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
-    assert "weights/listed" in names
+    listed = {c.checkpoint_id: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed["weights/listed"].expires_at is not None
+    assert listed["weights/listed"].user_metadata == {"step": "7"}
     caps = rest.get_server_capabilities().result()
     assert BASE in [m.model_name for m in caps.supported_models]
     service.close("success").result()
