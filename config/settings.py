@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -157,13 +158,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def load_settings(
-    argv: list[str] | None = None, env: dict[str, str] | None = None, **overrides: Any
+    argv: list[str] | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
     """Settings from overrides > argv > env > defaults, validated."""
-    env = os.environ if env is None else env
+    source = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        raw = env.get(env_name(f.name))
+        raw = source.get(env_name(f.name))
         if raw is not None and raw != "":
             values[f.name] = _coerce(_kind(f), f.name, raw)
     if argv is not None:

@@ -9,7 +9,7 @@ GPU worker process, when its first task runs or when the worker becomes ready.
 """
 
 from config import load_settings
-from tasks.celery_app import make_celery
+from tasks.celery_factory import make_celery
 
 celery_app = make_celery(load_settings())
 app = celery_app  # the name `celery -A tasks` looks for

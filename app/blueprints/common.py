@@ -138,8 +138,9 @@ def _enqueue(row: RequestRow, rows: list[Any]) -> None:
 
 def submit(row: RequestRow, *creates: Any) -> str:
     """Insert `row` (with rows it creates) in one transaction, commit, enqueue; dedupe."""
-    seq_key = (row.model_id, row.sampler_id, row.seq_id)
-    if row.seq_id is not None and (found := existing_request(*seq_key)):
+    if row.seq_id is not None and (
+        found := existing_request(row.model_id, row.sampler_id, row.seq_id)
+    ):
         return found
     rows = [*creates, row]
     try:
@@ -148,7 +149,9 @@ def submit(row: RequestRow, *creates: Any) -> str:
             touch_model=None if any(isinstance(r, ModelRow) for r in creates) else row.model_id,
         )
     except IntegrityError as e:  # lost a race with an identical submission
-        if row.seq_id is not None and (found := existing_request(*seq_key)):
+        if row.seq_id is not None and (
+            found := existing_request(row.model_id, row.sampler_id, row.seq_id)
+        ):
             return found
         raise ApiError(400, f"request conflicts with an existing record: {e.orig}") from e
     _enqueue(row, rows)

@@ -15,6 +15,7 @@ from app.blueprints.checks import parse_tinker_path
 from app.blueprints.common import (
     checkpoint_by_path,
     count,
+    field,
     json_body,
     owned,
     page_args,
@@ -134,7 +135,7 @@ def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict[str, Any]:
 
 @bp.post("/weights_info")
 def weights_info() -> dict[str, Any]:
-    path = json_body().get("tinker_path")
+    path = field(json_body(), "tinker_path", str)
     parse_tinker_path(path)
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, path)
