@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,15 @@ class Settings:
     max_tokens_per_tick: int = _opt(
         65536, "Token budget of one forward/backward pass across all models in a tick."
     )
+    train_micro_batch_size: int = _opt(
+        0, "Tokens per packed micro-batch of a training pass; 0 = sized from free GPU memory."
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute each layer's activations in the backward pass (less memory)."
+    )
+    loss_chunk_tokens: int = _opt(
+        4096, "Tokens whose full-vocabulary logits are materialised at once on the loss side."
+    )
     max_sample_tokens: int = _opt(4096, "Upper limit on a sample request's max_tokens.")
     max_seq_len: int = _opt(8192, "Longest datum or prompt + completion, in tokens.")
     seq_gap_timeout_s: float = _opt(
@@ -110,6 +119,7 @@ class Settings:
     def validate(self) -> Settings:
         for name in ("max_lora_adapters", "max_lora_rank", "max_sampler_adapters",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
+                     "loss_chunk_tokens",
                      "worker_concurrency", "tensor_parallel_size"):
             value = getattr(self, name)
             if value < 1:
@@ -129,7 +139,7 @@ class Settings:
         return self
 
 
-def _coerce(kind: type, name: str, raw: str) -> Any:
+def _coerce(kind: Callable[[str], Any], name: str, raw: str) -> Any:
     try:
         return kind(raw)
     except ValueError as e:
@@ -140,8 +150,23 @@ def env_name(name: str) -> str:
     return _ENV_ALIASES.get(name, ENV_PREFIX + name.upper())
 
 
-def _kind(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str}[str(f.type)]
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_bool.__name__ = "bool"
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
+                                             "bool": _bool}
+
+
+def _kind(f: dataclasses.Field) -> Callable[[str], Any]:
+    return _PARSERS[str(f.type)]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

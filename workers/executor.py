@@ -37,10 +37,10 @@ from config import Settings, model_dir
 from workers import checkpoints, sampler
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
-from workers.losses import token_losses
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
 from workers.optimizer import AdamState, adamw_step
 from workers.scheduler import Plan
+from workers.trainer import Trainer, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class Executor:
         )
         self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
         self._decoded: dict[str, FwdBwdRequest] = {}  # decoded at admission, used at prepare
+        self.trainer = Trainer(model, settings.train_micro_batch_size,
+                               settings.loss_chunk_tokens, settings.gradient_checkpointing)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Executor:
@@ -237,7 +239,7 @@ class Executor:
                 prepared.append(ready)
         if not prepared:
             return outcomes
-        try:
+        try:  # gradients are committed only for jobs that ran whole, so a retry is safe
             outcomes.update(self._train_batch(prepared))
         except Exception:  # noqa: BLE001 - retry alone so that only the culprit fails
             log.exception("batched forward/backward failed; retrying its jobs one by one")
@@ -249,41 +251,14 @@ class Executor:
 
     def _train_batch(self, batch: list[_Prepared]) -> dict[str, Outcome]:
         start = time.perf_counter()
-        tokens, targets, slots = [], [], []
-        for p in batch:
-            for d in p.request.data:
-                tokens.append(d.tokens.tolist())
-                targets.append(d.inputs["target_tokens"].tolist())
-                slots.append(p.slot)
-        needs_grad = any(not p.request.forward_only for p in batch)
-        with torch.set_grad_enabled(needs_grad):
-            logprobs = self.model.target_logprobs(tokens, targets, slots)
-            total: torch.Tensor | None = None
-            per_job: list[tuple[list[dict], dict[str, float]]] = []
-            row = 0
-            for p in batch:
-                outputs, loss_sum = [], torch.zeros((), device=self.model.device)
-                for d in p.request.data:
-                    lp = logprobs[row]
-                    row += 1
-                    inputs = {k: torch.tensor(v, device=lp.device) for k, v in d.inputs.items()}
-                    losses = token_losses(p.request.loss_fn, lp, inputs, p.config)
-                    loss_sum = loss_sum + losses.sum()
-                    outputs.append({
-                        "logprobs": lp.detach().float().cpu().numpy(),
-                        "elementwise_loss": losses.detach().float().cpu().numpy(),
-                    })
-                if not p.request.forward_only:
-                    total = loss_sum if total is None else total + loss_sum
-                per_job.append((outputs, {"loss:sum": float(loss_sum.detach())}))
-            if total is not None and total.requires_grad:
-                total.backward()  # adapters accumulate grads until their optim_step
+        results = self.trainer.run([TrainJob(p.request, p.config, p.slot) for p in batch])
         seconds = (time.perf_counter() - start) / len(batch)
         return {
-            p.job.request_id: Outcome(
-                proto=encode_forward_backward_output(outputs, metrics), compute_seconds=seconds
+            p.job.request_id: Outcome.fail(r.error, "user") if r.error else Outcome(
+                proto=encode_forward_backward_output(r.outputs, {"loss:sum": r.loss_sum}),
+                compute_seconds=seconds,
             )
-            for p, (outputs, metrics) in zip(batch, per_job, strict=True)
+            for p, r in zip(batch, results, strict=True)
         }
 
     # --- sampling -----------------------------------------------------------------------------

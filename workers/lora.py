@@ -38,9 +38,12 @@ class LoraWeights:
 
 @dataclass
 class LoraRouting:
-    """Which rows of the current batch use which slot: [(slot, row_index [n] or None=all)]."""
+    """Which slot each part of the current batch uses. Either per batch row — `groups`:
+    [(slot, row_index [n] or None = every row)] — or, for a packed stream [1, T], per token
+    run — `segments`: [(slot, start, end)] on the token dimension."""
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    segments: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def from_slots(cls, slots: list[int], device: torch.device) -> LoraRouting:
@@ -55,7 +58,11 @@ class LoraRouting:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen `nn.Linear` plus any number of LoRA adapters keyed by slot."""
+    """A frozen `nn.Linear` plus any number of LoRA adapters keyed by slot.
+
+    The low-rank product runs in the activations' dtype (bf16 on GPU) from the fp32 master
+    weights; gradients flow back to the fp32 masters through the cast.
+    """
 
     def __init__(self, base: nn.Linear, router: LoraRouter):
         super().__init__()
@@ -75,16 +82,32 @@ class MultiLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # for code that inspects projection weights
         return self.base.weight
 
+    def _delta(self, w: LoraWeights, x: torch.Tensor) -> torch.Tensor:
+        return (x @ w.A.to(x.dtype).T) @ w.B.to(x.dtype).T * w.scale  # [..., out]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, in]
+        routing = self.router.routing
+        if routing.segments is not None:
+            return self.forward_segments(x, routing.segments)
         y = self.base(x)  # [B, S, out]
-        for slot, rows in self.router.routing.groups:
+        for slot, rows in routing.groups:
             w = self.adapters.get(slot)
             if w is None:
                 continue
             xs = x if rows is None else x.index_select(0, rows)
-            delta = (xs.to(w.A.dtype) @ w.A.T) @ w.B.T * w.scale  # [b, S, out]
-            delta = delta.to(y.dtype)
+            delta = self._delta(w, xs).to(y.dtype)  # [b, S, out]
             y = y + delta if rows is None else y.index_add(0, rows, delta)
+        return y
+
+    def forward_segments(
+        self, x: torch.Tensor, segments: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
+        """x [..., T, in] with adapter `slot` on tokens [start, end) of dimension -2."""
+        y = self.base(x)  # [..., T, out]
+        for slot, start, end in segments:
+            w = self.adapters.get(slot)
+            if w is not None:
+                y[..., start:end, :] += self._delta(w, x[..., start:end, :]).to(y.dtype)
         return y
 
 
@@ -96,8 +119,17 @@ class LoraRouter:
 
     @contextlib.contextmanager
     def route(self, slots: list[int], device: torch.device) -> Iterator[None]:
-        previous = self.routing
-        self.routing = LoraRouting.from_slots(slots, device)
+        with self._use(LoraRouting.from_slots(slots, device)):
+            yield
+
+    @contextlib.contextmanager
+    def route_segments(self, segments: list[tuple[int, int, int]]) -> Iterator[None]:
+        with self._use(LoraRouting(segments=segments)):
+            yield
+
+    @contextlib.contextmanager
+    def _use(self, routing: LoraRouting) -> Iterator[None]:
+        previous, self.routing = self.routing, routing
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from workers import packed
 from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
 from workers.lora import wrap_model as _wrap
 
@@ -61,6 +62,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class LoraModel:
     def __init__(self, hf_model: nn.Module, device: torch.device):
         self.hf = hf_model.eval().requires_grad_(False)
+        self.hf.set_attn_implementation(packed.ATTN_NAME)  # SDPA, or per-sequence when packed
         self.device = device
         self.config: PretrainedConfig = hf_model.config
         self.router: LoraRouter
@@ -162,6 +164,24 @@ class LoraModel:
             return out.logits, None
         cache = getattr(out, "cache", None)
         return out.logits, out.past_key_values if cache is None else cache
+
+    def packed_logprobs(
+        self,
+        tokens: list[list[int]],
+        targets: list[list[int]],
+        slots: list[int],
+        chunk_tokens: int = 4096,
+        checkpoint_layers: bool = False,
+    ) -> list[torch.Tensor]:
+        """Like `target_logprobs`, as one packed stream: no padding, chunked loss side."""
+        pack = packed.make_pack(tokens, targets, slots, self.device)
+        h = packed.hidden_states(self.hf, self.router, pack, checkpoint_layers)  # [T, H]
+        lm_head = self.layers["lm_head"]
+        logprobs = packed.chunked_target_logprobs(lm_head, h, pack, chunk_tokens)  # [T]
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
+        for k, i in enumerate(pack.order):
+            rows[i] = logprobs[pack.cu_seqlens[k] : pack.cu_seqlens[k + 1]]
+        return rows
 
     def target_logprobs(
         self, tokens: list[list[int]], targets: list[list[int]], slots: list[int]

@@ -1,0 +1,140 @@
+"""The packed, micro-batched training pass: same numbers as the plain padded pass, adapters
+isolated in mixed batches, bounded loss memory, out-of-memory split-and-retry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.wire import FwdBwdRequest, WireDatum
+from tests.conftest import tiny_qwen3_config
+from workers import packed
+from workers.lora import BASE_SLOT
+from workers.model import AdapterSpec, LoraModel
+from workers.optimizer import adamw_step
+from workers.trainer import Trainer, TrainJob, _Row, micro_batches
+
+SPECS = {  # different ranks, alphas and target sets
+    0: AdapterSpec(rank=4, alpha=8),
+    1: AdapterSpec(rank=8, alpha=32, train_mlp=False),
+    2: AdapterSpec(rank=2, alpha=2, train_attn=False, train_unembed=False),
+    3: AdapterSpec(rank=16, alpha=16, train_unembed=False),
+}
+ADAM = {"learning_rate": 0.05, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
+        "grad_clip_norm": 0.0}
+
+
+def model_with(slots) -> LoraModel:
+    model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32)
+    for slot in slots:
+        model.add_adapter(slot, SPECS[slot], torch.Generator().manual_seed(slot))
+        for w in model.adapter_weights(slot).values():  # non-zero B, so adapters matter
+            with torch.no_grad():
+                w.B.copy_(torch.randn(w.B.shape, generator=torch.Generator().manual_seed(7)))
+                w.B.mul_(0.05)
+    return model
+
+
+def job(slot: int, seqs: list[list[int]], forward_only=False) -> TrainJob:
+    data = [WireDatum(np.array(s[:-1]), {"target_tokens": np.array(s[1:]),
+                                         "weights": np.linspace(-1, 2, len(s) - 1)})
+            for s in seqs]
+    request = FwdBwdRequest("m", 1, "cross_entropy", {}, forward_only, data)
+    return TrainJob(request, {}, slot)
+
+
+def grads(model: LoraModel, slot: int) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.adapter_parameters(slot)]
+
+
+SEQS = {0: [[1, 2, 3, 4, 5, 6], [7, 8, 9]], 1: [[10, 11, 12, 13]], 2: [[5, 4, 3, 2, 1, 0, 9]],
+        3: [[20, 21, 22], [23, 24, 25, 26, 27]]}
+
+
+def test_packed_pass_matches_the_padded_pass_with_mixed_adapters():
+    model = model_with([0, 1, 2, 3])
+    rows = [(s, seq) for s in (1, BASE_SLOT, 0, 3, 2) for seq in SEQS.get(s, [[30, 31, 32]])]
+    tokens = [seq[:-1] for _, seq in rows]
+    targets = [seq[1:] for _, seq in rows]
+    slots = [s for s, _ in rows]
+    padded = model.target_logprobs(tokens, targets, slots)
+    sum(x.sum() for x in padded).backward()
+    expected = {s: grads(model, s) for s in SPECS}
+    for s in SPECS:
+        for p in model.adapter_parameters(s):
+            p.grad = None
+    got = model.packed_logprobs(tokens, targets, slots, chunk_tokens=5, checkpoint_layers=True)
+    for a, b in zip(padded, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    sum(x.sum() for x in got).backward()
+    for s in SPECS:
+        for a, b in zip(expected[s], grads(model, s), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_adapter_trains_the_same_alone_or_beside_others_in_one_tick():
+    alone, mixed = model_with([0]), model_with([0, 1, 2, 3])
+    Trainer(alone).run([job(0, SEQS[0])])
+    out = Trainer(mixed).run([job(1, SEQS[1]), job(0, SEQS[0]), job(2, SEQS[2]), job(3, SEQS[3])])
+    assert all(r.error is None for r in out)
+    for a, b in zip(grads(alone, 0), grads(mixed, 0), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for model in (alone, mixed):
+        adamw_step(model.adapter_parameters(0), None, **ADAM)
+    after = [Trainer(m).run([job(0, SEQS[0], forward_only=True)])[0].outputs for m in (alone,
+                                                                                      mixed)]
+    for a, b in zip(*after, strict=True):
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], rtol=0, atol=1e-5)
+
+
+def test_micro_batches_give_the_same_result_and_hold_one_job_per_slot():
+    jobs = [job(0, SEQS[0]), job(1, SEQS[1]), job(0, [[1, 2, 3]]), job(3, SEQS[3])]
+    whole, cut = model_with([0, 1, 3]), model_with([0, 1, 3])
+    a = Trainer(whole).run(jobs)
+    b = Trainer(cut, micro_batch_tokens=6).run(jobs)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.loss_sum == pytest.approx(rb.loss_sum, abs=1e-4)
+    for s in (0, 1, 3):
+        for ga, gb in zip(grads(whole, s), grads(cut, s), strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    rows = [_Row(j, d, jb.slot, True) for j, jb in enumerate(jobs) for d in jb.request.data]
+    for micro in micro_batches(rows, budget=100, num_jobs=len(jobs)):
+        owners = {}
+        for i in micro:
+            assert owners.setdefault(rows[i].slot, rows[i].job) == rows[i].job
+
+
+def test_loss_side_holds_at_most_one_chunk_of_logits(monkeypatch):
+    seen = []
+    real = packed._chunk_logprobs
+    monkeypatch.setattr(packed, "_chunk_logprobs",
+                        lambda head, h, t, seg: seen.append(h.shape[0]) or real(head, h, t, seg))
+    Trainer(model_with([0]), chunk_tokens=4).run([job(0, SEQS[0] + SEQS[3])])
+    assert seen and max(seen) <= 4
+
+
+def test_out_of_memory_splits_and_retries_and_a_too_large_datum_fails_alone(monkeypatch):
+    limit = 8  # pretend the GPU holds 8 tokens per micro-batch
+    real = Trainer._forward_backward
+
+    def fake(self, micro, jobs, rows, staged, per_row):
+        if sum(rows[i].tokens for i in micro) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, micro, jobs, rows, staged, per_row)
+
+    jobs = [job(0, SEQS[0]), job(1, SEQS[1]), job(3, [[1] * 12]), job(2, SEQS[2])]
+    reference = model_with([0, 1, 2, 3])
+    expected = Trainer(reference).run([jobs[0], jobs[1], jobs[3]])
+    monkeypatch.setattr(Trainer, "_forward_backward", fake)
+    model = model_with([0, 1, 2, 3])
+    trainer = Trainer(model)
+    out = trainer.run(jobs)
+    assert out[2].error and "11 tokens" in out[2].error and "alone" in out[2].error
+    assert all(p.grad is None for p in model.adapter_parameters(3))  # nothing half-applied
+    for got, want in zip([out[0], out[1], out[3]], expected, strict=True):
+        assert got.error is None and got.loss_sum == pytest.approx(want.loss_sum, abs=1e-4)
+    for s in (0, 1, 2):
+        for a, b in zip(grads(reference, s), grads(model, s), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert trainer.learned_budget is not None and trainer.learned_budget <= 16
