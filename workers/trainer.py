@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from app.wire import FwdBwdRequest, WireDatum
+from app.protocol import FwdBwdRequest, WireDatum
 from workers.losses import token_losses
 from workers.model import LoraModel
 
