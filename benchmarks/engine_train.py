@@ -1,0 +1,215 @@
+"""Training-pass benchmark on one GPU: the engine's packed multi-LoRA pass vs a naive baseline.
+
+Real Qwen3 shapes (0.6B, 4B) with random bf16 weights, LoRA rank 32 on attention + MLP,
+sequence lengths drawn log-uniformly from 256 to 4096 tokens until a tick holds ~64k
+tokens. Workloads, all in one process and one table:
+
+  engine, 1 adapter         the tick's sequences all belong to one adapter
+  engine, 8 / 32 adapters   the same sequences spread round-robin over 8 / 32 adapters
+  naive baseline            transformers + peft, padded batches of 8 sequences, one adapter,
+                            the model's own (full-logits) loss
+  optim_step, 8 adapters    AdamW on 8 rank-32 adapters
+
+MFU = useful FLOP/s / the bf16 matmul rate measured in the same run (8192³ matmuls).
+Useful FLOPs of a LoRA step per token: 4·N_matmul (forward 2N, backward 2N for activation
+gradients: base weights get none) plus attention: per layer and sequence of length L,
+3 · 2·L²·H·D (causal QK and PV forward = 2·L²·H·D, backward = 2× forward). LoRA's own
+FLOPs (< 2% at rank 32) are not counted. N_matmul = projection + LM head parameters.
+
+    python -m benchmarks.engine_train --model 0.6b 4b
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+import numpy as np
+import torch
+
+from app.protocol import FwdBwdRequest, WireDatum
+from workers.model import AdapterSpec, LoraModel
+from workers.optimizer import adamw_step
+from workers.trainer import Trainer, TrainJob
+
+SHAPES = {  # Qwen3 configs (hidden, intermediate, layers, heads, kv heads)
+    "0.6b": (1024, 3072, 28, 16, 8),
+    "4b": (2560, 9728, 36, 32, 8),
+}
+VOCAB, HEAD_DIM, RANK = 151936, 128, 32
+
+
+def qwen3_config(name: str):
+    from transformers import Qwen3Config
+
+    hidden, inter, layers, heads, kv = SHAPES[name]
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, head_dim=HEAD_DIM, tie_word_embeddings=True,
+                       max_position_embeddings=8192, architectures=["Qwen3ForCausalLM"])
+
+
+def matmul_params(cfg) -> int:
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    attn = h * cfg.num_attention_heads * d * 2 + h * cfg.num_key_value_heads * d * 2
+    return cfg.num_hidden_layers * (attn + 3 * h * i) + h * cfg.vocab_size
+
+
+def step_flops(cfg, lengths: list[int]) -> float:
+    attn = sum(3 * 2 * L * L * cfg.num_attention_heads * cfg.head_dim for L in lengths)
+    return 4 * matmul_params(cfg) * sum(lengths) + cfg.num_hidden_layers * attn
+
+
+def draw_lengths(total: int, seed: int = 0) -> list[int]:
+    rng, lengths = random.Random(seed), []
+    while sum(lengths) < total:
+        lengths.append(int(math.exp(rng.uniform(math.log(256), math.log(4096)))))
+    return lengths
+
+
+def measured_tflops(device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def engine_jobs(lengths: list[int], adapters: int, rng: np.random.Generator) -> list[TrainJob]:
+    per: list[list[WireDatum]] = [[] for _ in range(adapters)]
+    for k, n in enumerate(lengths):
+        seq = rng.integers(0, VOCAB, n + 1)
+        per[k % adapters].append(WireDatum(seq[:-1], {"target_tokens": seq[1:],
+                                                      "weights": np.ones(n, np.float32)}))
+    return [TrainJob(FwdBwdRequest(f"m{s}", 1, "cross_entropy", {}, False, data), {}, s)
+            for s, data in enumerate(per)]
+
+
+def run_engine(model: LoraModel, lengths, adapters: int, repeats: int, **trainer_args) -> dict:
+    for slot in range(adapters):
+        model.add_adapter(slot, AdapterSpec(RANK, 32.0, train_unembed=False),
+                          torch.Generator().manual_seed(slot))
+    jobs = engine_jobs(lengths, adapters, np.random.default_rng(0))
+    trainer = Trainer(model, **trainer_args)
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(lambda: trainer.run(jobs), repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    optim = None
+    if adapters == 8:
+        params = [model.adapter_parameters(s) for s in range(adapters)]
+        optim = timed(lambda: [adamw_step(p, None, learning_rate=1e-4, beta1=0.9, beta2=0.95,
+                                          eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
+                               for p in params], repeats)
+    for slot in range(adapters):
+        model.drop_adapter(slot)
+    return {"seconds": seconds, "peak_gib": peak, "optim": optim,
+            "budget": trainer.budget()}
+
+
+def run_naive(cfg, lengths, batch: int, repeats: int, device) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                              attn_implementation="sdpa")
+    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, VOCAB, n) for n in lengths]
+
+    def step() -> None:
+        for k in range(0, len(seqs), batch):
+            group = seqs[k : k + batch]
+            width = max(len(s) for s in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(group):
+                ids[r, : len(s)] = torch.as_tensor(s, device=device)
+                mask[r, : len(s)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, repeats)
+    return {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def bench(name: str, tokens: int, repeats: int, peak_tflops: float, device) -> list[str]:
+    cfg = qwen3_config(name)
+    lengths = draw_lengths(tokens)
+    flops = step_flops(cfg, lengths)
+    n_tok = sum(lengths)
+    rows = []
+
+    def row(label: str, r: dict) -> str:
+        mfu = flops / r["seconds"] / (peak_tflops * 1e12)
+        return (f"{name:>5} {label:<34}{n_tok / r['seconds']:>10.0f}{100 * mfu:>7.1f}%"
+                f"{r['peak_gib']:>9.1f}")
+
+    naive = None
+    for batch in (8, 4, 2, 1):
+        try:
+            naive = run_naive(cfg, lengths, batch, repeats, device)
+            rows.append(row(f"naive baseline (padded, batch {batch})", naive))
+            break
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+    with torch.device(device):
+        hf = __import__("transformers").AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = LoraModel(hf, torch.device(device))
+    results = {}
+    for adapters in (1, 8, 32):
+        results[adapters] = run_engine(model, lengths, adapters, repeats)
+        rows.append(row(f"engine, {adapters} adapter(s)", results[adapters]))
+    speedup = naive["seconds"] / results[1]["seconds"] if naive else float("nan")
+    rows.append(f"{name:>5} engine(1) / naive speed-up {speedup:.2f}x; 8 adapters / 1 adapter "
+                f"{results[1]['seconds'] / results[8]['seconds']:.2f}x; micro-batch budget "
+                f"{results[1]['budget']} tokens; optim_step, 8 adapters: "
+                f"{1000 * results[8]['optim']:.1f} ms")
+    del model, hf
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["0.6b", "4b"], choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per tick")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda"
+    peak = measured_tflops(device)
+    rows = []
+    for name in args.model:
+        rows += bench(name, args.tokens, args.repeats, peak, device)
+    print(f"\ntraining pass, {torch.cuda.get_device_name()}, measured bf16 matmul "
+          f"{peak:.0f} TFLOP/s, ~{args.tokens} tokens/tick, lengths 256-4096, LoRA rank {RANK}")
+    print(f"{'model':>5} {'workload':<34}{'tok/s':>10}{'MFU':>8}{'peak GiB':>9}")
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
