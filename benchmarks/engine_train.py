@@ -163,8 +163,10 @@ def bench(name: str, tokens: int, repeats: int, peak_tflops: float, device) -> l
 
     def row(label: str, r: dict) -> str:
         mfu = flops / r["seconds"] / (peak_tflops * 1e12)
-        return (f"{name:>5} {label:<34}{n_tok / r['seconds']:>10.0f}{100 * mfu:>7.1f}%"
+        line = (f"{name:>5} {label:<34}{n_tok / r['seconds']:>10.0f}{100 * mfu:>7.1f}%"
                 f"{r['peak_gib']:>9.1f}")
+        print(line, flush=True)  # progress, in case a later workload runs out of time
+        return line
 
     naive = None
     for batch in (8, 4, 2, 1):

@@ -59,7 +59,13 @@ class Settings:
     dtype: str = _opt("auto", "Base weight dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32.")
     device: str = _opt("auto", "Torch device of the engine: auto, cpu, cuda, cuda:N.")
     # --- engine -------------------------------------------------------------------------
-    max_lora_adapters: int = _opt(32, "Training adapters resident at once (one per model).")
+    max_lora_adapters: int = _opt(
+        32, "Training adapters resident on the device at once; the least recently used of the "
+        "others wait in CPU memory."
+    )
+    max_models: int = _opt(
+        1024, "Training runs one worker keeps, resident or offloaded to CPU memory."
+    )
     max_lora_rank: int = _opt(64, "Largest LoRA rank a model may ask for.")
     lora_alpha: float = _opt(32.0, "LoRA alpha; an adapter's scale is lora_alpha / rank.")
     max_sampler_adapters: int = _opt(
@@ -117,7 +123,7 @@ class Settings:
         return [n for n in dict.fromkeys(names) if n]
 
     def validate(self) -> Settings:
-        for name in ("max_lora_adapters", "max_lora_rank", "max_sampler_adapters",
+        for name in ("max_lora_adapters", "max_models", "max_lora_rank", "max_sampler_adapters",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
                      "loss_chunk_tokens",
                      "worker_concurrency", "tensor_parallel_size"):

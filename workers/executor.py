@@ -1,9 +1,11 @@
 """The executor: runs one tick's plan on the model and answers every job in it.
 
-It owns the torch side of the worker: the `LoraModel`, which slot each training run's
-adapter lives in, each run's AdamW state, and a small cache of saved sampler adapters.
+It owns the torch side of the worker: the `LoraModel`, the training runs (through
+`workers.residency`, which keeps the least recently used ones in CPU memory when there are
+more runs than device slots), and a small cache of saved sampler adapters.
 Order of work in a tick: the barriers (each alone), then every forward/forward_backward of
-every model in one batched pass, then every sample request in one batched call.
+every model in batched passes (one per group of at most `max_lora_adapters` models, each
+group made resident before it runs), then every sample request in one batched call.
 
 Failures stay with their request: bad input becomes a `user` error for that job alone,
 and if a batched pass fails as a whole, its jobs are retried one by one so that only the
@@ -38,21 +40,12 @@ from workers import checkpoints, sampler
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
-from workers.optimizer import AdamState, adamw_step
+from workers.optimizer import adamw_step
+from workers.residency import Residency, Run
 from workers.scheduler import Plan
 from workers.trainer import Trainer, TrainJob
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """A training run resident in this worker."""
-
-    slot: int
-    spec: AdapterSpec
-    base_model: str
-    adam: AdamState | None = None
 
 
 @dataclass
@@ -62,7 +55,6 @@ class _Prepared:
     job: Job
     request: FwdBwdRequest
     config: dict[str, float]
-    slot: int
 
 
 class Executor:
@@ -77,8 +69,8 @@ class Executor:
         self.settings = settings
         self.decode = decode
         self.eos_token_ids = eos_token_ids
-        self.runs: dict[str, Run] = {}
-        self.free_slots = list(range(settings.max_lora_adapters))
+        self.residency = Residency(model, settings.max_lora_adapters, settings.max_models)
+        self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
         first_sampler_slot = settings.max_lora_adapters
         self.sampler_slots = list(
             range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
@@ -139,18 +131,8 @@ class Executor:
         return handler(job, body)
 
     def _run(self, model_id: str) -> Run:
-        run = self.runs.get(model_id)
-        if run is None:
-            raise UserError(f"model {model_id} is not resident in this worker")
-        return run
-
-    def _take_slot(self) -> int:
-        if not self.free_slots:
-            raise UserError(
-                f"max_lora_adapters={self.settings.max_lora_adapters} training adapters are "
-                "already resident in this worker; no room for another model"
-            )
-        return self.free_slots.pop(0)
+        """The run of a barrier's model, its adapter brought into a device slot."""
+        return self.residency.resident(model_id)
 
     def _spec(self, lora: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(
@@ -166,20 +148,21 @@ class Executor:
         if model_id not in self.runs:  # a redelivered create is answered, not repeated
             seed = body["lora"].get("seed")
             seed = random.randrange(2**31) if seed is None else int(seed)
-            slot = self._take_slot()
             spec = self._spec(body["lora"])
+            slot = self.residency.take_slot()
             self.model.add_adapter(slot, spec, torch.Generator().manual_seed(seed))
-            self.runs[model_id] = Run(slot, spec, body["base_model"])
+            self.residency.add(model_id, Run(slot, spec, body["base_model"]))
         return Outcome(json={"model_id": model_id, "type": "create_model"})
 
     def _load_weights(self, job: Job, body: dict[str, Any]) -> Outcome:
         model_id = body["model_id"]
         spec, weights, adam = checkpoints.load_training_state(Path(body["checkpoint_dir"]))
-        run = self.runs.get(model_id)
-        if run is None:
-            run = Run(self._take_slot(), spec, body["base_model"])
-            self.runs[model_id] = run
-        run.spec = spec
+        if model_id in self.runs:
+            run = self._run(model_id)
+            run.spec = spec
+        else:
+            run = Run(self.residency.take_slot(), spec, body["base_model"])
+            self.residency.add(model_id, run)
         self.model.set_adapter_weights(run.slot, spec, weights)
         run.adam = adam if body.get("optimizer") else None
         return Outcome(
@@ -226,7 +209,9 @@ class Executor:
                     raise UserError(f"data[{i}].{name} has ids outside [0, {vocab})")
         if not request.data:
             raise UserError("forward_backward needs at least one datum")
-        return _Prepared(job, request, config, self._run(job.model_id).slot)
+        if job.model_id not in self.runs:
+            raise UserError(f"model {job.model_id} is not known to this worker")
+        return _Prepared(job, request, config)
 
     def _train(self, jobs: list[Job]) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
@@ -237,21 +222,39 @@ class Executor:
                 outcomes[job.request_id] = failure
             else:
                 prepared.append(ready)
-        if not prepared:
-            return outcomes
+        for group in self._groups(prepared):
+            outcomes.update(self._train_group(group))
+        return outcomes
+
+    def _groups(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
+        """The jobs cut into groups of at most `max_lora_adapters` models, resident ones first
+        (fewer transfers); a model's jobs stay together and in order."""
+        models = list(dict.fromkeys(p.job.model_id for p in prepared))
+        models.sort(key=lambda m: m not in self.residency.lru)  # stable: keeps arrival order
+        size = self.settings.max_lora_adapters
+        chunks = [set(models[i : i + size]) for i in range(0, len(models), size)]
+        return [[p for p in prepared if p.job.model_id in chunk] for chunk in chunks]
+
+    def _train_group(self, group: list[_Prepared]) -> dict[str, Outcome]:
         try:  # gradients are committed only for jobs that ran whole, so a retry is safe
-            outcomes.update(self._train_batch(prepared))
+            return self._train_batch(group)
         except Exception:  # noqa: BLE001 - retry alone so that only the culprit fails
             log.exception("batched forward/backward failed; retrying its jobs one by one")
-            for p in prepared:
-                outcomes[p.job.request_id] = self._timed(
+            return {
+                p.job.request_id: self._timed(
                     lambda _j, p=p: self._train_batch([p])[p.job.request_id], p.job
                 )
-        return outcomes
+                for p in group
+            }
 
     def _train_batch(self, batch: list[_Prepared]) -> dict[str, Outcome]:
         start = time.perf_counter()
-        results = self.trainer.run([TrainJob(p.request, p.config, p.slot) for p in batch])
+        models = list(dict.fromkeys(p.job.model_id for p in batch))
+        # the batch's models fit in the slots, so making one resident never offloads another
+        slots = {m: self.residency.resident(m, keep=models).slot for m in models}
+        results = self.trainer.run(
+            [TrainJob(p.request, p.config, slots[p.job.model_id]) for p in batch]
+        )
         seconds = (time.perf_counter() - start) / len(batch)
         return {
             p.job.request_id: Outcome.fail(r.error, "user") if r.error else Outcome(

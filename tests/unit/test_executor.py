@@ -22,7 +22,7 @@ from workers.scheduler import Plan
 
 @pytest.fixture
 def executor(tiny_model, tmp_path):
-    settings = load_settings(env={}, data_dir=str(tmp_path), max_lora_adapters=2)
+    settings = load_settings(env={}, data_dir=str(tmp_path), max_lora_adapters=2, max_models=2)
     return Executor(tiny_model, settings, decode=lambda ids: "", eos_token_ids=[511])
 
 
@@ -68,11 +68,11 @@ def test_bad_request_fails_alone_in_a_shared_tick(executor):
     assert not failure.ok and failure.category == "user" and "[0, 512)" in failure.error
 
 
-def test_more_adapters_than_allowed_is_a_user_error(executor):
+def test_more_models_than_allowed_is_a_user_error(executor):
     create(executor, "a")
     create(executor, "b")
     outcome = create(executor, "c")["create_model-c-None"]
-    assert outcome.category == "user" and "max_lora_adapters=2" in outcome.error
+    assert outcome.category == "user" and "max_models=2" in outcome.error
 
 
 def test_train_save_load_and_sample(executor, tmp_path):
