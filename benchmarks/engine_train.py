@@ -22,6 +22,7 @@ FLOPs (< 2% at rank 32) are not counted. N_matmul = projection + LM head paramet
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import random
 import time
@@ -154,7 +155,22 @@ def run_naive(cfg, lengths, batch: int, repeats: int, device) -> dict:
     return {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def bench(name: str, tokens: int, repeats: int, peak_tflops: float, device) -> list[str]:
+def profile_tick(model: LoraModel, lengths: list[int]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model.add_adapter(0, AdapterSpec(RANK, 32.0, train_unembed=False), torch.Generator())
+    jobs = engine_jobs(lengths, 1, np.random.default_rng(0))
+    trainer = Trainer(model)
+    trainer.run(jobs)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.run(jobs)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+    model.drop_adapter(0)
+
+
+def bench(name: str, tokens: int, repeats: int, peak_tflops: float, device,
+          profile: bool = False) -> list[str]:
     cfg = qwen3_config(name)
     lengths = draw_lengths(tokens)
     flops = step_flops(cfg, lengths)
@@ -168,31 +184,38 @@ def bench(name: str, tokens: int, repeats: int, peak_tflops: float, device) -> l
         print(line, flush=True)  # progress, in case a later workload runs out of time
         return line
 
-    naive = None
-    for batch in (8, 4, 2, 1):
-        try:
-            naive = run_naive(cfg, lengths, batch, repeats, device)
-            rows.append(row(f"naive baseline (padded, batch {batch})", naive))
-            break
-        except torch.OutOfMemoryError:
-            pass
-        torch.cuda.empty_cache()
     with torch.device(device):
         hf = __import__("transformers").AutoModelForCausalLM.from_config(
             cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = LoraModel(hf, torch.device(device))
     results = {}
+    if profile:
+        profile_tick(model, lengths)
     for adapters in (1, 8, 32):
         results[adapters] = run_engine(model, lengths, adapters, repeats)
         rows.append(row(f"engine, {adapters} adapter(s)", results[adapters]))
+    del model, hf
+    _release()
+    naive = None
+    for batch in (8, 4, 2, 1):  # the baseline runs last, so its memory never crowds ours
+        try:
+            naive = run_naive(cfg, lengths, batch, repeats, device)
+            rows.append(row(f"naive baseline (padded, batch {batch})", naive))
+            break
+        except torch.OutOfMemoryError:
+            _release()
+    _release()
     speedup = naive["seconds"] / results[1]["seconds"] if naive else float("nan")
     rows.append(f"{name:>5} engine(1) / naive speed-up {speedup:.2f}x; 8 adapters / 1 adapter "
                 f"{results[1]['seconds'] / results[8]['seconds']:.2f}x; micro-batch budget "
                 f"{results[1]['budget']} tokens; optim_step, 8 adapters: "
                 f"{1000 * results[8]['optim']:.1f} ms")
-    del model, hf
-    torch.cuda.empty_cache()
     return rows
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -200,12 +223,14 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["0.6b", "4b"], choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per tick")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of one 1-adapter engine tick")
     args = parser.parse_args()
     device = "cuda"
     peak = measured_tflops(device)
     rows = []
     for name in args.model:
-        rows += bench(name, args.tokens, args.repeats, peak, device)
+        rows += bench(name, args.tokens, args.repeats, peak, device, args.profile)
     print(f"\ntraining pass, {torch.cuda.get_device_name()}, measured bf16 matmul "
           f"{peak:.0f} TFLOP/s, ~{args.tokens} tokens/tick, lengths 256-4096, LoRA rank {RANK}")
     print(f"{'model':>5} {'workload':<34}{'tok/s':>10}{'MFU':>8}{'peak GiB':>9}")

@@ -82,8 +82,8 @@ def adamw_step(
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         grad_norm = _clip_(grads, grad_clip_norm)
         state.step += 1
-        for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq, strict=True):
-            _adamw_update(p, g, m, v, state.step, learning_rate, beta1, beta2, eps, weight_decay)
+        _adamw_update(params, grads, state.exp_avg, state.exp_avg_sq, state.step,
+                      learning_rate, beta1, beta2, eps, weight_decay)
     for p in params:
         p.grad = None
     return state, {"grad_norm:mean": grad_norm, "learning_rate:mean": float(learning_rate)}
@@ -107,10 +107,10 @@ def _match_params(state: AdamState, params: list[torch.Tensor]) -> None:
 
 
 def _adamw_update(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
+    p: list[torch.Tensor],
+    g: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
     step: int,
     lr: float,
     beta1: float,
@@ -118,13 +118,18 @@ def _adamw_update(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """torch.optim.AdamW's single-tensor update (decoupled decay, bias-corrected moments)."""
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    """torch.optim.AdamW's update (decoupled decay, bias-corrected moments) on every tensor
+    of the adapter at once: a few multi-tensor kernels instead of ~10 launches per tensor."""
+    if not p:
+        return
+    torch._foreach_mul_(p, 1 - lr * weight_decay)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - beta1**step))
 
 
 def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
@@ -135,12 +140,9 @@ def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
     """
     if not grads:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads])  # [P]
-    total = torch.linalg.vector_norm(norms, 2.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device))
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return float(total)
 
 

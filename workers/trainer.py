@@ -12,8 +12,9 @@ gradient of a slot's parameters in a micro-batch belongs to exactly one job.
 
 Memory: `budget` comes from `--train-micro-batch-size` (tokens), or, when that is 0, from
 the free GPU memory (an estimate of activation bytes per token). On an out-of-memory error
-the micro-batch is split in two and retried, and the budget remembers the smaller size; a
-single datum that does not fit alone fails its own job with a clear error.
+the micro-batch is split in two and retried, and the budget remembers the smaller size (it
+grows back by a quarter after each tick without one); a single datum that does not fit
+alone fails its own job with a clear error.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ class Trainer:
         results = [JobResult() for _ in jobs]
         staged: dict[int, list[torch.Tensor]] = {}
         per_row: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        learned = self.learned_budget
         for micro in micro_batches(rows, self.budget(), len(jobs)):
             self._run_split(micro, jobs, results, staged, per_row, rows)
+        if learned is not None and self.learned_budget == learned:
+            self.learned_budget = int(learned * 1.25) + 1  # no OOM this tick: let it regrow
         self._commit(jobs, results, staged)
         for i, row in enumerate(rows):
             if results[row.job].error is None:
@@ -183,10 +187,15 @@ def estimate_budget(model: LoraModel, checkpoint_layers: bool) -> int:
     free, _ = torch.cuda.mem_get_info(model.device)
     c = model.config
     itemsize = next(model.hf.parameters()).element_size()
-    per_layer = (14 * c.hidden_size + 4 * c.intermediate_size) * itemsize  # saved activations
+    heads = (c.num_attention_heads + c.num_key_value_heads) * getattr(
+        c, "head_dim", c.hidden_size // c.num_attention_heads)
+    # Tensors a layer saves for backward, per token: norms, projections, attention and MLP
+    # activations in the model dtype, plus the fp32 copies RMSNorm makes.
+    per_layer = (6 * c.hidden_size + 3 * heads + 4 * c.intermediate_size) * itemsize
+    per_layer += (2 * c.hidden_size + heads) * 4
     layers = 1 if checkpoint_layers else c.num_hidden_layers
     per_token = layers * per_layer + c.num_hidden_layers * c.hidden_size * itemsize
-    return max(256, int(0.6 * free / per_token))
+    return max(256, int(0.8 * free / per_token))
 
 
 def _free_memory() -> None:
