@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -30,6 +31,7 @@ from workers.lora import LoraRouter
 ATTN_NAME = "tinkerq"
 _SDPA = AttentionInterface._global_mapping["sdpa"]
 _active: list[list[int]] = []  # the cu_seqlens of the pack being run (a stack of one)
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -75,13 +77,17 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         return _SDPA(module, query, key, value, attention_mask, scaling=scaling,
                      dropout=dropout, **kwargs)
     cu = _active[-1]
-    outputs = [
-        F.scaled_dot_product_attention(  # [1, H, n, D] for one sequence
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-            is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-        )
-        for s, e in zip(cu[:-1], cu[1:], strict=True)
-    ]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # GQA: expand once for the whole stream, so the flash kernel can take it
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    with sdpa_kernel(_BACKENDS):  # flash first: cuDNN plans a graph per new length (slow)
+        outputs = [
+            F.scaled_dot_product_attention(  # [1, H, n, D] for one sequence
+                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                scale=scaling,
+            )
+            for s, e in zip(cu[:-1], cu[1:], strict=True)
+        ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D]
 
 

@@ -185,6 +185,8 @@ def estimate_budget(model: LoraModel, checkpoint_layers: bool) -> int:
     if model.device.type != "cuda":
         return 1 << 30
     free, _ = torch.cuda.mem_get_info(model.device)
+    # Memory PyTorch has cached but not handed out is free for us too.
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     c = model.config
     itemsize = next(model.hf.parameters()).element_size()
     heads = (c.num_attention_heads + c.num_key_value_heads) * getattr(
