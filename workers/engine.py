@@ -109,7 +109,6 @@ class Engine:
                 future.set_result(outcome)
 
 
-
 def _orphan(job: Job) -> Outcome:
     return Outcome.fail(
         f"model {job.model_id} has no state in this worker: the worker restarted after the "

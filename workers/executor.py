@@ -76,7 +76,8 @@ class Executor:
             range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
         )
         self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
-        self._decoded: dict[str, FwdBwdRequest] = {}  # decoded at admission, used at prepare
+        # Payloads parsed once, at admission (for the token budget), and used when the job runs.
+        self._parsed: dict[str, Any] = {}
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
 
@@ -97,7 +98,7 @@ class Executor:
     def run(self, plan: Plan) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
         for job, _ in plan.expired:
-            self._decoded.pop(job.request_id, None)
+            self._parsed.pop(job.request_id, None)
         for job in plan.barriers:
             outcomes[job.request_id] = self._timed(self._barrier, job)
         if plan.train:
@@ -110,12 +111,12 @@ class Executor:
         """Token count of a job, for the scheduler's per-tick budget (0 if unknown)."""
         if job.kind in ("forward", "forward_backward"):
             try:
-                self._decoded[job.request_id] = decode_forward_backward(job.payload)
+                request = self._parsed[job.request_id] = decode_forward_backward(job.payload)
             except WireError:
                 return 0  # _prepare decodes again and fails the job with the message
-            return self._decoded[job.request_id].num_tokens
+            return request.num_tokens
         if job.kind == "sample":
-            body = json.loads(job.payload)
+            body = self._parsed[job.request_id] = json.loads(job.payload)
             return len(body["prompt"]) + body["num_samples"] * body["max_tokens"]
         return 0
 
@@ -198,7 +199,7 @@ class Executor:
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:
-        request = self._decoded.pop(job.request_id, None) or decode_forward_backward(job.payload)
+        request = self._parsed.pop(job.request_id, None) or decode_forward_backward(job.payload)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         vocab = self.model.vocab_size
         for i, datum in enumerate(request.data):
@@ -288,7 +289,7 @@ class Executor:
             self.sampler_slots = sorted(free) + sorted(self.sampler_cache.values())
 
     def _sample_spec(self, job: Job) -> sampler.SampleSpec:
-        body = json.loads(job.payload)
+        body = self._parsed.pop(job.request_id, None) or json.loads(job.payload)
         return sampler.SampleSpec(
             prompt=body["prompt"],
             num_samples=body["num_samples"],

@@ -14,9 +14,6 @@ from dataclasses import dataclass, field
 
 from workers.jobs import BARRIER_KINDS, CREATION_KINDS, SAMPLE_KINDS, Job, Outcome
 
-# Barriers that may arrive without a seq_id: they bring a model into existence.
-OPENING_KINDS = CREATION_KINDS
-
 
 @dataclass
 class Plan:
@@ -59,7 +56,7 @@ class Scheduler:
             raise ValueError(f"num_tokens={num_tokens} of {job.request_id} must be at least 0")
         if job.kind not in SAMPLE_KINDS and job.model_id is None:
             raise ValueError(f"{job.kind} job {job.request_id} has no model_id")
-        if job.seq_id is None and job.kind not in SAMPLE_KINDS | OPENING_KINDS:
+        if job.seq_id is None and job.kind not in SAMPLE_KINDS | CREATION_KINDS:
             raise ValueError(f"{job.kind} job {job.request_id} has no seq_id")
         if job.request_id in self._pending:
             return  # a redelivery of a job still queued: the first copy answers both
@@ -74,11 +71,6 @@ class Scheduler:
     def open_model(self, model_id: str) -> None:
         """A model now exists (created or loaded): its next seq_id is 1."""
         self._next_seq[model_id] = 1
-        self._lost.pop(model_id, None)
-
-    def forget_model(self, model_id: str) -> None:
-        """Drop the model's order; its queued jobs stay pending, like any unknown model's."""
-        self._next_seq.pop(model_id, None)
         self._lost.pop(model_id, None)
 
     def knows(self, model_id: str) -> bool:

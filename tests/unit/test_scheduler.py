@@ -215,13 +215,6 @@ def test_late_redelivery_is_treated_as_done():
     assert s.pending == 0
 
 
-def test_forget_model_leaves_its_jobs_pending():
-    s = make()
-    s.forget_model("m")
-    s.add(job("1", seq=1))
-    assert tick(s).empty() and not s.knows("m") and s.pending == 1
-
-
 @pytest.mark.parametrize(
     ("bad", "tokens", "fragment"),
     [
