@@ -2,7 +2,9 @@
 
 Plain Python (no torch), so the scheduler and the tests can use it anywhere. The API writes
 each request's `payload` already validated and resolved (paths to folders, LoRA configs);
-the engine trusts it. Payloads per kind, all JSON except forward_backward:
+the engine trusts the resolution, and re-checks only what would break a shared batch for
+everyone (token ids, loss inputs) so that one bad job fails alone. Payloads per kind, all
+JSON except forward_backward:
 
     create_model      {"model_id", "base_model", "lora": {"rank", "seed"|None, "train_attn",
                        "train_mlp", "train_unembed"}}
