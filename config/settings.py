@@ -80,6 +80,9 @@ class Settings:
     gradient_checkpointing: bool = _opt(
         False, "Recompute each layer's activations in the backward pass (less memory)."
     )
+    compile_kernels: bool = _opt(
+        True, "torch.compile the training pass's element-wise kernels (CUDA only)."
+    )
     loss_chunk_tokens: int = _opt(
         4096, "Tokens whose full-vocabulary logits are materialised at once on the loss side."
     )

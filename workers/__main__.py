@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
+
+# Packed micro-batches change length every time: let the CUDA caching allocator grow and
+# reuse segments instead of fragmenting (must be set before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields
 
 from config import Settings, load_settings

@@ -36,7 +36,7 @@ from app.wire import (
     encode_sample_response,
 )
 from config import Settings, model_dir
-from workers import checkpoints, sampler
+from workers import checkpoints, fastpath, sampler
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
@@ -91,6 +91,8 @@ class Executor:
         device = pick_device(settings.device)
         model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device))
         decode, eos = load_tokenizer(folder, model)
+        if device.type == "cuda" and model.fast and settings.compile_kernels:
+            fastpath.compile_kernels()
         log.info("loaded %s from %s on %s", settings.base_model, folder, device)
         return cls(model, settings, decode, eos)
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BASE_SLOT = -1  # rows that run on the base model only
@@ -103,17 +104,74 @@ class MultiLoraLinear(nn.Module):
     def forward_segments(
         self, x: torch.Tensor, segments: list[tuple[int, int, int]]
     ) -> torch.Tensor:
-        """x [..., T, in] with adapter `slot` on tokens [start, end) of dimension -2."""
+        """x [..., T, in] with adapter `slot` on tokens [start, end) of dimension -2.
+
+        Several adapters: one grouped matmul per LoRA factor over the whole stream
+        (`_grouped_delta`) when the device and shapes allow, else one pair per run.
+        """
         y = self.base(x)  # [..., T, out]; not saved by its own backward, so adding in place is safe
-        for slot, start, end in segments:
-            w = self.adapters.get(slot)
-            if w is None:
-                continue
-            if start == 0 and end == x.shape[-2]:
+        live = [seg for seg in segments if seg[0] in self.adapters]
+        if not live:
+            return y
+        if len(segments) > 1 and _groupable(x, self.in_features, self.out_features):
+            return y.add_(self._grouped_delta(x, segments))
+        for slot, start, end in live:
+            w = self.adapters[slot]
+            if start == 0 and end == x.shape[-2] and y.dim() == 2:
+                # y += scale · (x Aᵀ) Bᵀ in the matmul's epilogue: no [T, out] delta tensor
+                low = x @ w.A.to(x.dtype).T
+                y.addmm_(low, w.B.to(x.dtype).T, alpha=w.scale)
+            elif start == 0 and end == x.shape[-2]:
                 y.add_(self._delta(w, x).to(y.dtype))
             else:
                 y[..., start:end, :] += self._delta(w, x[..., start:end, :]).to(y.dtype)
         return y
+
+    def _grouped_delta(self, x: torch.Tensor, segments: list[tuple[int, int, int]]):
+        """Every run's LoRA delta with two `torch._grouped_mm` calls (one group per run).
+
+        The runs' fp32 A and B are stacked, then cast and scaled once per call (a fixed
+        number of kernels whatever the number of adapters). Ranks are zero-padded to a
+        multiple of 8 (zero rows of A and columns of B add nothing and get zero gradients);
+        a run without an adapter on this layer gets zero factors.
+        """
+        lead, rows = x.shape[:-1], x.reshape(-1, self.in_features)
+        weights = [self.adapters.get(s) for s, _, _ in segments]
+        rank = max(w.A.shape[0] for w in weights if w is not None)
+        rank = -(-rank // 8) * 8
+        As, Bs, scales = [], [], []
+        for w in weights:
+            if w is None:
+                As.append(x.new_zeros(rank, self.in_features, dtype=torch.float32))
+                Bs.append(x.new_zeros(self.out_features, rank, dtype=torch.float32))
+                scales.append(0.0)
+                continue
+            pad = rank - w.A.shape[0]
+            As.append(F.pad(w.A, (0, 0, 0, pad)) if pad else w.A)
+            Bs.append(F.pad(w.B, (0, pad)) if pad else w.B)
+            scales.append(w.scale)
+        A = torch.stack(As).to(x.dtype)  # [G, r, in]
+        B = torch.stack(Bs)  # [G, out, r]
+        if len(set(scales)) == 1:
+            B = (B * scales[0]).to(x.dtype)
+        else:
+            B = (B * torch.tensor(scales, device=x.device)[:, None, None]).to(x.dtype)
+        ends = torch.tensor([e for _, _, e in segments], dtype=torch.int32, device=x.device)
+        # mat2 is [G, K, N] column-major per group: transposed views of [G, N, K] stacks.
+        low = torch._grouped_mm(rows, A.transpose(1, 2), offs=ends)  # [T, r]
+        delta = torch._grouped_mm(low, B.transpose(1, 2), offs=ends)  # [T, out]
+        return delta.view(*lead, self.out_features)
+
+
+def _groupable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
+    """torch._grouped_mm runs on the CPU and, in bf16, on sm90+ GPUs; its operands need rows
+    of a multiple of 16 bytes."""
+    step = 16 // x.element_size()
+    if in_features % step or out_features % step:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu"
 
 
 class LoraRouter:

@@ -7,6 +7,7 @@ adapters and cached sampler adapters share the slots; the engine decides who liv
 Entry points used by the rest of the worker:
   - `LoraModel.load(path, ...)` / `LoraModel.from_config(config, ...)` (tests)
   - `add_adapter(slot, spec, generator)`, `drop_adapter(slot)`, `adapter_weights(slot)`
+  - `packed_pass(tokens, targets, slots, trains, row_loss)`: the training pass
   - `target_logprobs(tokens, targets, slots)`: per-row log p(target_t | tokens_≤t), [N_i]
   - `forward_logits(input_ids, attention_mask, position_ids, slots, past_key_values)`
 """
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from workers import packed
+from workers import fastpath, packed
 from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
 from workers.lora import wrap_model as _wrap
 
@@ -59,6 +60,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+@dataclass
+class PassResult:
+    logprobs: list[torch.Tensor]  # per row [N_i] fp32, detached
+    losses: list[torch.Tensor]  # per row [N_i] fp32, detached
+    grads: dict[int, list[torch.Tensor | None]]  # slot -> one per adapter_parameters(slot)
+
+
 class LoraModel:
     def __init__(self, hf_model: nn.Module, device: torch.device):
         self.hf = hf_model.eval().requires_grad_(False)
@@ -71,6 +79,7 @@ class LoraModel:
         self.adapters: dict[int, AdapterSpec] = {}
         params = inspect.signature(self.hf.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.fast = fastpath.supported(self.hf)  # packed passes through workers.fastpath
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -165,23 +174,42 @@ class LoraModel:
         cache = getattr(out, "cache", None)
         return out.logits, out.past_key_values if cache is None else cache
 
-    def packed_logprobs(
+    def packed_pass(
         self,
         tokens: list[list[int]],
         targets: list[list[int]],
         slots: list[int],
+        trains: list[bool],
+        row_loss: packed.RowLoss,
         chunk_tokens: int = 4096,
         checkpoint_layers: bool = False,
-    ) -> list[torch.Tensor]:
-        """Like `target_logprobs`, as one packed stream: no padding, chunked loss side."""
+    ) -> PassResult:
+        """One packed forward (and, for rows that train, backward) over the rows.
+
+        Per row: log p(targets[i][t] | tokens[i][:t+1]) and `row_loss`'s per-token losses.
+        For every slot with a training row: the gradient of the summed losses of its rows
+        with respect to `adapter_parameters(slot)` (None where a tensor got none). No
+        padding, chunked loss side (`packed.fused_head`); nothing is written to `.grad`.
+        """
         pack = packed.make_pack(tokens, targets, slots, self.device)
-        h = packed.hidden_states(self.hf, self.router, pack, checkpoint_layers)  # [T, H]
+        trains = [t and s in self.adapters for s, t in zip(slots, trains, strict=True)]
+        train_slots = list(dict.fromkeys(s for s, t in zip(slots, trains, strict=True) if t))
         lm_head = self.layers["lm_head"]
-        logprobs = packed.chunked_target_logprobs(lm_head, h, pack, chunk_tokens)  # [T]
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
-        for k, i in enumerate(pack.order):
-            rows[i] = logprobs[pack.cu_seqlens[k] : pack.cu_seqlens[k + 1]]
-        return rows
+        head_params = [t for s in train_slots if s in lm_head.adapters
+                       for t in (lm_head.adapters[s].A, lm_head.adapters[s].B)]
+        with torch.set_grad_enabled(bool(train_slots)):
+            h = packed.hidden_states(self.hf, self.router, pack, checkpoint_layers, self.fast)
+        head = packed.fused_head(lm_head, h, pack, chunk_tokens, row_loss, trains,
+                                 head_params)
+        grads = dict(head.head_grads)
+        head_ids = {id(p) for p in head_params}
+        body = [p for s in train_slots for p in self.adapter_parameters(s)
+                if id(p) not in head_ids]
+        if body and head.grad_h is not None and h.requires_grad:
+            found = torch.autograd.grad(h, body, head.grad_h, allow_unused=True)
+            grads.update({id(p): g for p, g in zip(body, found, strict=True) if g is not None})
+        return PassResult(head.logprobs, head.losses, {
+            s: [grads.get(id(p)) for p in self.adapter_parameters(s)] for s in train_slots})
 
     def target_logprobs(
         self, tokens: list[list[int]], targets: list[list[int]], slots: list[int]

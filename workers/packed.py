@@ -1,22 +1,25 @@
 """Packed training passes: many sequences as one token stream, no compute on padding.
 
-A tick's sequences (of any adapters) are laid end to end in one stream [1, T], sorted by
-adapter slot so that every adapter owns one contiguous run of tokens. Positions restart at
-each sequence; attention is causal inside each sequence and never crosses into another
-(one scaled-dot-product call per sequence on the stream's slices: no padding, no [T, T]
-mask). The loss side never holds the whole [T, vocab] logits: the LM head, log-softmax and
-target gather run chunk by chunk under activation checkpointing, so at most
-`chunk_tokens × vocab` fp32 logits exist at once, in the forward and in the backward.
+A tick's sequences (of any adapters) are laid end to end in one stream of T tokens, sorted
+by adapter slot so that every adapter owns one contiguous run of tokens. Positions restart
+at each sequence; attention is causal inside each sequence and never crosses into another
+(no padding, no [T, T] mask). Two ways through the decoder layers:
 
-The attention hook is registered with transformers as the "tinkerq" implementation: with a
-pack active it runs the per-sequence attention, otherwise it is plain SDPA (the sampler's
-padded, cached batches go through it unchanged).
+  - `fastpath` (Qwen3 / Qwen2 / Llama layers): one variable-length flash-attention call
+    over the stream on CUDA, fused element-wise kernels; the default when it fits.
+  - the transformers modules, with the "tinkerq" attention hook registered below: with a
+    pack active it runs one scaled-dot-product call per sequence, otherwise it is plain
+    SDPA (the sampler's padded, cached batches go through it unchanged).
+
+The loss side (`fused_head`) never holds the whole [T, vocab] logits: the LM head,
+log-softmax, target gather, loss and that chunk's backward run `chunk_tokens` positions at
+a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from workers import fastpath
 from workers.lora import LoraRouter
 
 ATTN_NAME = "tinkerq"
@@ -105,10 +109,15 @@ def active(pack: Pack) -> Iterator[None]:
 
 
 def hidden_states(
-    hf: torch.nn.Module, router: LoraRouter, pack: Pack, checkpoint_layers: bool
+    hf: torch.nn.Module, router: LoraRouter, pack: Pack, checkpoint_layers: bool,
+    fast: bool = False,
 ) -> torch.Tensor:
-    """The final-norm hidden states [T, H] of the stream."""
+    """The final-norm hidden states [T, H] of the stream. `fast`: through `fastpath`'s
+    layer functions (varlen flash attention, fused element-wise kernels) rather than the
+    transformers modules with the per-sequence attention hook."""
     body = hf.model
+    if fast:
+        return _fast_hidden_states(body, router, pack, checkpoint_layers)
     h = body.embed_tokens(pack.tokens[None])  # [1, T, H]
     position_ids = pack.positions[None]
     rotary = body.rotary_emb(h, position_ids)
@@ -130,22 +139,94 @@ def _run_layer(layer, h, position_ids, rotary, pack: Pack, router: LoraRouter) -
     return out[0] if isinstance(out, tuple) else out
 
 
-def chunked_target_logprobs(
-    lm_head: torch.nn.Module, h: torch.Tensor, pack: Pack, chunk_tokens: int
-) -> torch.Tensor:
-    """log p(target_t) for every stream position [T] fp32, `chunk_tokens` logits at a time."""
-    out = []
+def _fast_hidden_states(body, router: LoraRouter, pack: Pack, checkpoint_layers: bool):
+    h = body.embed_tokens(pack.tokens)  # [T, H]
+    cos, sin = body.rotary_emb(h[None], pack.positions[None])
+    cos, sin = cos[0], sin[0]  # [T, D]
+    attention = fastpath.VarlenAttention(pack.cu_seqlens, h.device)
+    for layer in body.layers:
+        if checkpoint_layers and torch.is_grad_enabled():
+            h = checkpoint(_run_fast_layer, layer, h, cos, sin, attention, pack, router,
+                           use_reentrant=False)
+        else:
+            h = _run_fast_layer(layer, h, cos, sin, attention, pack, router)
+    return fastpath.KERNELS.rms_norm(h, body.norm.weight, body.norm.variance_epsilon)
+
+
+def _run_fast_layer(layer, h, cos, sin, attention, pack: Pack, router: LoraRouter):
+    with router.route_segments(pack.segments):  # inside, for checkpoint recompute (above)
+        return fastpath.layer_forward(layer, h, cos, sin, attention)
+
+
+# A row's loss for one run of its tokens: (caller's row index, offset of the run in the row,
+# log-probs of the run [n]) -> per-token losses [n]. Losses must be element-wise in the
+# log-probs (every Tinker loss is), so a row cut across chunks gets the same numbers.
+RowLoss = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HeadResult:
+    logprobs: list[torch.Tensor]  # per caller row, [N_i] fp32, detached
+    losses: list[torch.Tensor]  # per caller row, [N_i] fp32, detached
+    grad_h: torch.Tensor | None  # d(loss of the rows that train) / d(hidden states) [T, H]
+    head_grads: dict[int, torch.Tensor]  # id(LM-head LoRA parameter) -> its gradient
+
+
+def fused_head(
+    lm_head, h: torch.Tensor, pack: Pack, chunk_tokens: int, row_loss: RowLoss,
+    trains: list[bool], head_params: list[torch.Tensor],
+) -> HeadResult:
+    """LM head, log-softmax, target gather and loss, `chunk_tokens` positions at a time,
+    with each chunk's backward run at once, while its logits exist.
+
+    The loss is element-wise, so a chunk's gradient with respect to its hidden states is
+    known as soon as its log-probs are: nothing of the [chunk, vocab] logits outlives the
+    chunk, and the LM head's matmul runs twice per token (forward, input gradient) instead
+    of three times (forward, recompute under checkpointing, input gradient). `grad_h` is
+    then pushed through the decoder layers by the caller. `head_params`: the LM-head LoRA
+    leaves of the adapters that train (their gradients come back in `head_grads`).
+    """
+    n_rows = len(pack.order)
+    lp_parts: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+    loss_parts: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+    any_train = any(trains)
+    grad_h = torch.zeros_like(h) if any_train else None
+    head_grads: dict[int, torch.Tensor] = {}
+    cu = pack.cu_seqlens
     for start in range(0, pack.num_tokens, chunk_tokens):
         end = min(start + chunk_tokens, pack.num_tokens)
         segments = [(slot, max(s, start) - start, min(e, end) - start)
                     for slot, s, e in pack.segments if s < end and e > start]
-        piece = checkpoint(_chunk_logprobs, lm_head, h[start:end], pack.targets[start:end],
-                           segments, use_reentrant=False) if torch.is_grad_enabled() else (
-            _chunk_logprobs(lm_head, h[start:end], pack.targets[start:end], segments))
-        out.append(piece)
-    return torch.cat(out)
+        hc = h[start:end].detach().requires_grad_(any_train)
+        total = None
+        with torch.set_grad_enabled(any_train):
+            lp = chunk_logprobs(lm_head, hc, pack.targets[start:end], segments)
+            for k in range(n_rows):
+                s, e = max(cu[k], start), min(cu[k + 1], end)
+                if s >= e:
+                    continue
+                i = pack.order[k]
+                piece = lp[s - start : e - start]
+                loss = row_loss(i, s - cu[k], piece)
+                lp_parts[k].append(piece.detach())
+                loss_parts[k].append(loss.detach())
+                if trains[i]:
+                    total = loss.sum() if total is None else total + loss.sum()
+        if total is not None and total.requires_grad:
+            grads = torch.autograd.grad(total, [hc, *head_params], allow_unused=True)
+            if grads[0] is not None and grad_h is not None:
+                grad_h[start:end] = grads[0]
+            for p, g in zip(head_params, grads[1:], strict=True):
+                if g is not None:
+                    head_grads[id(p)] = g if id(p) not in head_grads else head_grads[id(p)] + g
+    logprobs: list[torch.Tensor] = [torch.empty(0)] * n_rows
+    losses: list[torch.Tensor] = [torch.empty(0)] * n_rows
+    for k, i in enumerate(pack.order):
+        logprobs[i] = torch.cat(lp_parts[k]).float()
+        losses[i] = torch.cat(loss_parts[k]).float()
+    return HeadResult(logprobs, losses, grad_h, head_grads)
 
 
-def _chunk_logprobs(lm_head, h, targets, segments) -> torch.Tensor:
-    logits = lm_head.forward_segments(h, segments).float()  # [C, V]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+def chunk_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, segments) -> torch.Tensor:
+    """log p(target) [C] fp32 for C positions: one [C, vocab] logits tensor at a time."""
+    return fastpath.KERNELS.target_logprobs(lm_head.forward_segments(h, segments), targets)

@@ -1,8 +1,9 @@
 """One tick's forward/backward pass over every model's calls: packed, micro-batched, safe.
 
 The rows (datums) of all jobs are cut into micro-batches of at most `budget` tokens; each
-micro-batch is one packed stream through the model (`LoraModel.packed_logprobs`: no
-padding, chunked loss), then one backward. Gradients are staged per job and added to the
+micro-batch is one packed stream through the model (`LoraModel.packed_pass`: no
+padding, chunked loss with each chunk's backward at once, then one backward through the
+layers). Gradients are staged per job and added to the
 adapters' `.grad` only when the whole job has run, so a job that fails part-way leaves no
 trace in its adapter.
 
@@ -74,26 +75,35 @@ class Trainer:
         staged: dict[int, list[torch.Tensor]] = {}
         per_row: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         learned = self.learned_budget
-        for micro in micro_batches(rows, self.budget(), len(jobs)):
+        training = {job.slot for job in jobs if not job.request.forward_only}
+        # This tick's staged gradients, and their sum with .grad at commit, live beside it.
+        reserve = 2 * sum(p.numel() * p.element_size() for s in training
+                          for p in self.model.adapter_parameters(s))
+        for micro in micro_batches(rows, self.budget(reserve), len(jobs)):
             self._run_split(micro, jobs, results, staged, per_row, rows)
         if learned is not None and self.learned_budget == learned:
-            self.learned_budget = int(learned * 1.25) + 1  # no OOM this tick: let it regrow
+            # No out-of-memory error this tick: let it regrow, up to the estimate.
+            grown = int(learned * 1.25) + 1
+            estimate = estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens,
+                                       reserve)
+            self.learned_budget = grown if grown < estimate else None
         self._commit(jobs, results, staged)
         for i, row in enumerate(rows):
             if results[row.job].error is None:
                 lp, losses = per_row[i]
-                results[row.job].outputs.append({"logprobs": lp.numpy(),
-                                                 "elementwise_loss": losses.numpy()})
+                results[row.job].outputs.append({"logprobs": lp.cpu().numpy(),
+                                                 "elementwise_loss": losses.cpu().numpy()})
                 results[row.job].loss_sum += float(losses.sum())
         return results
 
     # --- memory -------------------------------------------------------------------------------
-    def budget(self) -> int:
+    def budget(self, reserve: int = 0) -> int:
+        """Tokens per micro-batch; `reserve`: bytes the tick needs besides activations."""
         if self.fixed_budget > 0:
             return self.fixed_budget
         if self.learned_budget is not None:
             return self.learned_budget
-        return estimate_budget(self.model, self.checkpoint_layers)
+        return estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens, reserve)
 
     def _run_split(self, micro, jobs, results, staged, per_row, rows) -> None:
         live = [i for i in micro if results[rows[i].job].error is None]
@@ -101,64 +111,66 @@ class Trainer:
             return
         try:
             self._forward_backward(live, jobs, rows, staged, per_row)
+            return
         except torch.OutOfMemoryError:
-            _free_memory()
-            tokens = sum(rows[i].tokens for i in live)
-            if len(live) == 1:
-                results[rows[live[0]].job].error = (
-                    f"a datum of {tokens} tokens does not fit in GPU memory even alone "
-                    f"(micro-batch budget now {self.budget()} tokens); send shorter sequences")
-                return
-            self.learned_budget = max(1, tokens // 2)
-            log.warning("out of memory on %d tokens; splitting and retrying", tokens)
-            half = len(live) // 2
-            for part in (live[:half], live[half:]):
-                self._run_split(part, jobs, results, staged, per_row, rows)
+            pass  # handled below: inside `except`, the traceback pins the failed pass's tensors
+        _free_memory()
+        tokens = sum(rows[i].tokens for i in live)
+        if len(live) == 1:
+            results[rows[live[0]].job].error = (
+                f"a datum of {tokens} tokens does not fit in GPU memory even alone "
+                f"(micro-batch budget now {self.budget()} tokens); send shorter sequences")
+            return
+        self.learned_budget = max(1, tokens // 2)
+        log.warning("out of memory on %d tokens; splitting and retrying", tokens)
+        half = len(live) // 2
+        for part in (live[:half], live[half:]):
+            self._run_split(part, jobs, results, staged, per_row, rows)
 
     # --- compute ------------------------------------------------------------------------------
     def _forward_backward(self, micro: list[int], jobs, rows, staged, per_row) -> None:
         batch = [rows[i] for i in micro]
-        needs_grad = any(r.needs_grad for r in batch)
-        with torch.set_grad_enabled(needs_grad):
-            lps = self.model.packed_logprobs(
-                [r.datum.tokens.tolist() for r in batch],
-                [r.datum.inputs["target_tokens"].tolist() for r in batch],
-                [r.slot for r in batch], self.chunk_tokens, self.checkpoint_layers,
-            )
-            losses = [self._token_losses(jobs[r.job], r.datum, lp) for r, lp in zip(
-                batch, lps, strict=True)]
-            if needs_grad:
-                self._stage_grads(batch, losses, staged)
-        for i, lp, loss in zip(micro, lps, losses, strict=True):
-            per_row[i] = (lp.detach().float().cpu(), loss.detach().float().cpu())
+        device = self.model.device
+        inputs = [{k: torch.tensor(v, device=device) for k, v in r.datum.inputs.items()
+                   if k != "target_tokens"} for r in batch]
 
-    def _token_losses(self, job: TrainJob, datum: WireDatum, lp: torch.Tensor) -> torch.Tensor:
-        inputs = {k: torch.tensor(v, device=lp.device) for k, v in datum.inputs.items()}
-        return token_losses(job.request.loss_fn, lp, inputs, job.config)
+        def row_loss(k: int, offset: int, lp: torch.Tensor) -> torch.Tensor:
+            job = jobs[batch[k].job]
+            part = {name: t[offset : offset + len(lp)] for name, t in inputs[k].items()}
+            return token_losses(job.request.loss_fn, lp, part, job.config)
 
-    def _stage_grads(self, batch: list[_Row], losses: list[torch.Tensor],
-                     staged: dict[int, list[torch.Tensor]]) -> None:
-        total = sum(loss.sum() for r, loss in zip(batch, losses, strict=True) if r.needs_grad)
+        out = self.model.packed_pass(
+            [r.datum.tokens.tolist() for r in batch],
+            [r.datum.inputs["target_tokens"].tolist() for r in batch],
+            [r.slot for r in batch], [r.needs_grad for r in batch], row_loss,
+            self.chunk_tokens, self.checkpoint_layers,
+        )
         owners = {r.slot: r.job for r in batch if r.needs_grad}  # one job per slot (see top)
-        params = {s: self.model.adapter_parameters(s) for s in owners}
-        flat = [p for s in owners for p in params[s]]
-        grads = torch.autograd.grad(total, flat, allow_unused=True)
-        k = 0
-        for s, job in owners.items():
-            mine = grads[k : k + len(params[s])]
-            k += len(params[s])
-            acc = staged.setdefault(job, [torch.zeros_like(p) for p in params[s]])
-            for a, g in zip(acc, mine, strict=True):
-                if g is not None:
-                    a.add_(g)
+        for slot, grads in out.grads.items():
+            params = self.model.adapter_parameters(slot)
+            job = owners[slot]
+            if job not in staged:  # the job's first micro-batch: keep its gradients as they are
+                staged[job] = [torch.zeros_like(p) if g is None else g.contiguous()
+                               for p, g in zip(params, grads, strict=True)]
+                continue
+            pairs = [(a, g) for a, g in zip(staged[job], grads, strict=True) if g is not None]
+            if pairs:
+                torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+        for i, lp, loss in zip(micro, out.logprobs, out.losses, strict=True):
+            per_row[i] = (lp, loss)  # copied to the host at the end: no sync per micro-batch
 
     def _commit(self, jobs, results, staged) -> None:
         """Add each fully-run job's gradients to its adapter (they accumulate until optim)."""
         for j, grads in staged.items():
             if results[j].error is not None:
                 continue
-            for p, g in zip(self.model.adapter_parameters(jobs[j].slot), grads, strict=True):
-                p.grad = g if p.grad is None else p.grad + g
+            params = self.model.adapter_parameters(jobs[j].slot)
+            held = [(p.grad, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
+            if held:
+                torch._foreach_add_([a for a, _ in held], [g for _, g in held])
+            for p, g in zip(params, grads, strict=True):
+                if p.grad is None:
+                    p.grad = g
 
 
 def micro_batches(rows: list[_Row], budget: int, num_jobs: int) -> list[list[int]]:
@@ -180,7 +192,8 @@ def micro_batches(rows: list[_Row], budget: int, num_jobs: int) -> list[list[int
     return batches
 
 
-def estimate_budget(model: LoraModel, checkpoint_layers: bool) -> int:
+def estimate_budget(model: LoraModel, checkpoint_layers: bool, chunk_tokens: int = 4096,
+                    reserve: int = 0) -> int:
     """Tokens per micro-batch that the free GPU memory should hold (CPU: no limit)."""
     if model.device.type != "cuda":
         return 1 << 30
@@ -189,15 +202,24 @@ def estimate_budget(model: LoraModel, checkpoint_layers: bool) -> int:
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     c = model.config
     itemsize = next(model.hf.parameters()).element_size()
-    heads = (c.num_attention_heads + c.num_key_value_heads) * getattr(
-        c, "head_dim", c.hidden_size // c.num_attention_heads)
-    # Tensors a layer saves for backward, per token: norms, projections, attention and MLP
-    # activations in the model dtype, plus the fp32 copies RMSNorm makes.
-    per_layer = (6 * c.hidden_size + 3 * heads + 4 * c.intermediate_size) * itemsize
-    per_layer += (2 * c.hidden_size + heads) * 4
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    # Tensors a layer saves for backward, per token.
+    if model.fast:
+        # fastpath: the residual stream and its norm twice (4h), q/k before and after RoPE,
+        # v, the attention output (3q + 3kv), gate, up and silu·up (3i); fp32 norms are
+        # recomputed by the fused backward kernels.
+        per_layer = (4 * h + 3 * q + 3 * kv + 3 * i) * itemsize
+    else:
+        # transformers layers: norms, projections, attention and MLP activations, plus
+        # the fp32 copies RMSNorm makes.
+        per_layer = (6 * h + 3 * (q + kv) + 4 * i) * itemsize + (2 * h + q + kv) * 4
     layers = 1 if checkpoint_layers else c.num_hidden_layers
-    per_token = layers * per_layer + c.num_hidden_layers * c.hidden_size * itemsize
-    return max(256, int(0.8 * free / per_token))
+    per_token = layers * per_layer + c.num_hidden_layers * h * itemsize
+    # The loss side holds one chunk's logits: fp32 logits, their gradient, model-dtype copy.
+    head = chunk_tokens * c.vocab_size * (8 + itemsize)
+    return max(256, int(0.8 * (free - head - reserve) / per_token))
 
 
 def _free_memory() -> None:
