@@ -12,6 +12,7 @@ Shapes: A [r, in], B [out, r] (peft's lora_A.weight / lora_B.weight layout).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class LoraRouting:
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
     segments: list[tuple[int, int, int]] | None = None
+    segment_ends: torch.Tensor | None = None  # int32 ends of the runs on the device, if made
 
     @classmethod
     def from_slots(cls, slots: list[int], device: torch.device) -> LoraRouting:
@@ -90,7 +92,7 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, in]
         routing = self.router.routing
         if routing.segments is not None:
-            return self.forward_segments(x, routing.segments)
+            return self.forward_segments(x, routing.segments, routing.segment_ends)
         y = self.base(x)  # [B, S, out]
         for slot, rows in routing.groups:
             w = self.adapters.get(slot)
@@ -102,19 +104,22 @@ class MultiLoraLinear(nn.Module):
         return y
 
     def forward_segments(
-        self, x: torch.Tensor, segments: list[tuple[int, int, int]]
+        self, x: torch.Tensor, segments: list[tuple[int, int, int]],
+        ends: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [..., T, in] with adapter `slot` on tokens [start, end) of dimension -2.
 
         Several adapters: one grouped matmul per LoRA factor over the whole stream
-        (`_grouped_delta`) when the device and shapes allow, else one pair per run.
+        (`_grouped_delta`) when the device and shapes allow, else one pair per run. `ends`:
+        the runs' ends as an int32 device tensor, when the caller made it once for many
+        layers (a host-to-device copy per layer would stall the launch queue).
         """
         y = self.base(x)  # [..., T, out]; not saved by its own backward, so adding in place is safe
         live = [seg for seg in segments if seg[0] in self.adapters]
         if not live:
             return y
         if len(segments) > 1 and _groupable(x, self.in_features, self.out_features):
-            return y.add_(self._grouped_delta(x, segments))
+            return y.add_(self._grouped_delta(x, segments, ends))
         for slot, start, end in live:
             w = self.adapters[slot]
             if start == 0 and end == x.shape[-2] and y.dim() == 2:
@@ -127,7 +132,8 @@ class MultiLoraLinear(nn.Module):
                 y[..., start:end, :] += self._delta(w, x[..., start:end, :]).to(y.dtype)
         return y
 
-    def _grouped_delta(self, x: torch.Tensor, segments: list[tuple[int, int, int]]):
+    def _grouped_delta(self, x: torch.Tensor, segments: list[tuple[int, int, int]],
+                       ends: torch.Tensor | None = None) -> torch.Tensor:
         """Every run's LoRA delta with two `torch._grouped_mm` calls (one group per run).
 
         The runs' fp32 A and B are stacked, then cast and scaled once per call (a fixed
@@ -156,11 +162,21 @@ class MultiLoraLinear(nn.Module):
             B = (B * scales[0]).to(x.dtype)
         else:
             B = (B * torch.tensor(scales, device=x.device)[:, None, None]).to(x.dtype)
-        ends = torch.tensor([e for _, _, e in segments], dtype=torch.int32, device=x.device)
+        if ends is None:
+            ends = segment_ends(segments, x.device)
         # mat2 is [G, K, N] column-major per group: transposed views of [G, N, K] stacks.
         low = torch._grouped_mm(rows, A.transpose(1, 2), offs=ends)  # [T, r]
         delta = torch._grouped_mm(low, B.transpose(1, 2), offs=ends)  # [T, out]
         return delta.view(*lead, self.out_features)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def segment_ends(segments: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor([e for _, _, e in segments], dtype=torch.int32, device=device)
 
 
 def _groupable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
@@ -170,7 +186,7 @@ def _groupable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
     if in_features % step or out_features % step:
         return False
     if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        return x.dtype == torch.bfloat16 and _capability(x.device.index) >= (9, 0)
     return x.device.type == "cpu"
 
 
@@ -186,8 +202,9 @@ class LoraRouter:
             yield
 
     @contextlib.contextmanager
-    def route_segments(self, segments: list[tuple[int, int, int]]) -> Iterator[None]:
-        with self._use(LoraRouting(segments=segments)):
+    def route_segments(self, segments: list[tuple[int, int, int]],
+                       ends: torch.Tensor | None = None) -> Iterator[None]:
+        with self._use(LoraRouting(segments=segments, segment_ends=ends)):
             yield
 
     @contextlib.contextmanager

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from workers import fastpath
-from workers.lora import LoraRouter
+from workers.lora import LoraRouter, segment_ends
 
 ATTN_NAME = "tinkerq"
 _SDPA = AttentionInterface._global_mapping["sdpa"]
@@ -47,6 +47,7 @@ class Pack:
     positions: torch.Tensor  # [T] long, 0.. per sequence
     cu_seqlens: list[int]  # [N + 1] sequence boundaries in the stream
     segments: list[tuple[int, int, int]]  # (slot, start, end): one token run per adapter
+    segment_ends: torch.Tensor  # [len(segments)] int32 on the device (grouped LoRA matmuls)
     order: list[int]
 
     @property
@@ -71,7 +72,8 @@ def make_pack(
         return torch.tensor([t for i in order for t in rows[i]], dtype=torch.long, device=device)
 
     positions = torch.cat([torch.arange(len(tokens[i])) for i in order]).to(device)
-    return Pack(stream(tokens), stream(targets), positions, cu, segments, order)
+    return Pack(stream(tokens), stream(targets), positions, cu, segments,
+                segment_ends(segments, device), order)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -133,7 +135,7 @@ def hidden_states(
 def _run_layer(layer, h, position_ids, rotary, pack: Pack, router: LoraRouter) -> torch.Tensor:
     # The pack and routing are set here, not around the caller, so that a checkpointed
     # layer recomputed during backward sees them too.
-    with active(pack), router.route_segments(pack.segments):
+    with active(pack), router.route_segments(pack.segments, pack.segment_ends):
         out = layer(h, attention_mask=None, position_ids=position_ids,
                     position_embeddings=rotary)
     return out[0] if isinstance(out, tuple) else out
@@ -154,7 +156,8 @@ def _fast_hidden_states(body, router: LoraRouter, pack: Pack, checkpoint_layers:
 
 
 def _run_fast_layer(layer, h, cos, sin, attention, pack: Pack, router: LoraRouter):
-    with router.route_segments(pack.segments):  # inside, for checkpoint recompute (above)
+    # Inside the layer function, for checkpoint recompute (above).
+    with router.route_segments(pack.segments, pack.segment_ends):
         return fastpath.layer_forward(layer, h, cos, sin, attention)
 
 
