@@ -215,11 +215,13 @@ def estimate_budget(model: LoraModel, checkpoint_layers: bool, chunk_tokens: int
         # transformers layers: norms, projections, attention and MLP activations, plus
         # the fp32 copies RMSNorm makes.
         per_layer = (6 * h + 3 * (q + kv) + 4 * i) * itemsize + (2 * h + q + kv) * 4
-    layers = 1 if checkpoint_layers else c.num_hidden_layers
-    per_token = layers * per_layer + c.num_hidden_layers * h * itemsize
+    if checkpoint_layers:  # each layer's input, plus one layer recomputed at a time
+        per_token = per_layer + c.num_hidden_layers * h * itemsize
+    else:  # (the layer inputs are among the saved tensors already)
+        per_token = c.num_hidden_layers * per_layer
     # The loss side holds one chunk's logits: fp32 logits, their gradient, model-dtype copy.
     head = chunk_tokens * c.vocab_size * (8 + itemsize)
-    return max(256, int(0.8 * (free - head - reserve) / per_token))
+    return max(256, int(0.85 * (free - head - reserve) / per_token))
 
 
 def _free_memory() -> None:
