@@ -93,6 +93,9 @@ class Executor:
         decode, eos = load_tokenizer(folder, model)
         if device.type == "cuda" and model.fast and settings.compile_kernels:
             fastpath.compile_kernels()
+            started = time.monotonic()
+            model.warm_up(settings.max_lora_adapters + settings.max_sampler_adapters)
+            log.info("training kernels compiled in %.1f s", time.monotonic() - started)
         log.info("loaded %s from %s on %s", settings.base_model, folder, device)
         return cls(model, settings, decode, eos)
 

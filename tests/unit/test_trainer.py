@@ -170,3 +170,12 @@ def test_out_of_memory_splits_and_retries_and_a_too_large_datum_fails_alone(monk
         for a, b in zip(grads(reference, s), grads(model, s), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert trainer.learned_budget is not None and trainer.learned_budget <= 16
+
+
+def test_warm_up_runs_a_pass_and_leaves_no_adapter_behind():
+    model = model_with([0])
+    before = {name: sorted(layer.adapters) for name, layer in model.layers.items()}
+    model.warm_up(slot=99)
+    assert 99 not in model.adapters
+    assert {name: sorted(layer.adapters) for name, layer in model.layers.items()} == before
+    assert all(p.grad is None for p in model.adapter_parameters(0))
