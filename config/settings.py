@@ -71,6 +71,18 @@ class Settings:
     max_sampler_adapters: int = _opt(
         8, "Saved sampler adapters cached for sampling (least recently used is dropped)."
     )
+    sample_max_num_sequences: int = _opt(
+        256, "Sequences in the sampler's running batch at once; more requests wait their turn."
+    )
+    sample_kv_tokens: int = _opt(
+        0, "Tokens of the sampler's KV cache; 0 = 30% of the GPU memory free when it starts."
+    )
+    sample_steps_per_tick: int = _opt(
+        32, "Decode steps the running batch takes per engine tick, between training passes."
+    )
+    sample_cuda_graphs: bool = _opt(
+        True, "Run decode steps as CUDA graphs, one per batch-size bucket (CUDA only)."
+    )
     max_tokens_per_tick: int = _opt(
         65536, "Token budget of one forward/backward pass across all models in a tick."
     )
@@ -127,6 +139,7 @@ class Settings:
 
     def validate(self) -> Settings:
         for name in ("max_lora_adapters", "max_models", "max_lora_rank", "max_sampler_adapters",
+                     "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
                      "loss_chunk_tokens",
                      "worker_concurrency", "tensor_parallel_size"):

@@ -4,8 +4,13 @@ Celery's worker threads call `submit(job)` and block on the returned future; the
 thread gathers whatever has been submitted, then runs one tick:
 
     plan = scheduler.schedule(now)       # pure Python: order, barriers, batching, fairness
-    outcomes = executor.run(plan)        # torch: one batched pass per kind of work
+    outcomes = executor.run(plan)        # torch: one batched pass per kind of work, then
+                                         # a slice of decode steps of the running samples
     scheduler.complete(plan, outcomes)   # advance each model's seq_id order
+
+Sample requests join the executor's running batch (continuous batching) and answer in a
+later tick, when their last sequence ends; while it has work, ticks follow each other
+without waiting, so training calls interleave with decode steps.
 
 A failure inside a tick becomes per-request error outcomes; the loop never dies.
 """
@@ -56,13 +61,15 @@ class Engine:
                 log.exception("engine tick failed")
 
     def _tick(self) -> None:
-        wait = 1.0 if self.scheduler.pending else None  # wake up to expire stuck gaps
-        if not self._take(timeout=wait) and not self.scheduler.pending:
+        busy = self.executor.busy  # sequences are decoding: never sit idle
+        wait = 0.0 if busy else 1.0 if self.scheduler.pending else None  # 1 s: expire gaps
+        if not self._take(timeout=wait) and not self.scheduler.pending and not busy:
             return
-        time.sleep(self.settings.tick_gather_ms / 1000)  # let concurrent calls join the tick
+        if not busy:
+            time.sleep(self.settings.tick_gather_ms / 1000)  # let concurrent calls join
         self._take(timeout=0)
         plan = self.scheduler.schedule(time.monotonic())
-        if plan.empty():
+        if plan.empty() and not busy:
             return
         outcomes = self.executor.run(plan)
         for job, message in plan.expired:

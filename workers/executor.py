@@ -37,6 +37,7 @@ from app.wire import (
 )
 from config import Settings, model_dir
 from workers import checkpoints, fastpath, sampler
+from workers.decoding import RunningBatch
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
@@ -80,6 +81,10 @@ class Executor:
         self._parsed: dict[str, Any] = {}
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
+        self.sampling = RunningBatch(model, decode, eos_token_ids,
+                                     settings.sample_max_num_sequences,
+                                     settings.sample_kv_tokens, settings.sample_cuda_graphs)
+        self._sample_started: dict[str, float] = {}  # request id -> admission time
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Executor:
@@ -110,7 +115,14 @@ class Executor:
             outcomes.update(self._train(plan.train))
         if plan.samples:
             outcomes.update(self._sample(plan.samples))
+        if self.sampling.busy:
+            outcomes.update(self._decode())
         return outcomes
+
+    @property
+    def busy(self) -> bool:
+        """The running sample batch has work: the engine ticks again without waiting."""
+        return self.sampling.busy
 
     def job_tokens(self, job: Job) -> int:
         """Token count of a job, for the scheduler's per-tick budget (0 if unknown)."""
@@ -312,22 +324,32 @@ class Executor:
         )
 
     def _sample(self, jobs: list[Job]) -> dict[str, Outcome]:
+        """Validate each sample job and add it to the running batch; only failures answer
+        now (the others answer from `_decode` when their last sequence ends)."""
         outcomes: dict[str, Outcome] = {}
-        ready: list[tuple[Job, sampler.SampleSpec]] = []
         for job in jobs:
-            spec, failure = _attempt(self._sample_spec, job)
+            _, failure = _attempt(self._admit_sample, job)
             if failure:
                 outcomes[job.request_id] = failure
-            else:
-                ready.append((job, spec))
-        if not ready:
-            return outcomes
-        start = time.perf_counter()
-        results = sampler.sample(self.model, [s for _, s in ready], self.decode,
-                                 self.eos_token_ids)
-        seconds = (time.perf_counter() - start) / len(ready)
-        for (job, _), result in zip(ready, results, strict=True):
-            outcomes[job.request_id] = _sample_outcome(result, seconds)
+        return outcomes
+
+    def _admit_sample(self, job: Job) -> None:
+        spec = self._sample_spec(job)
+        sampler.validate(spec, self.model)
+        self.sampling.admit(job.request_id, spec, sampler.adapter_of(self.model, spec.slot))
+        self._sample_started[job.request_id] = time.perf_counter()
+
+    def _decode(self) -> dict[str, Outcome]:
+        """Run the running batch for this tick's decode steps; answer what finished."""
+        try:
+            finished = self.sampling.step(self.settings.sample_steps_per_tick)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail, the worker lives
+            log.exception("decode step failed")
+            finished = self.sampling.fail_all(e)
+        now, outcomes = time.perf_counter(), {}
+        for request_id, result in finished:
+            seconds = now - self._sample_started.pop(request_id, now)
+            outcomes[request_id] = _sample_outcome(result, seconds)
         return outcomes
 
 

@@ -1,0 +1,136 @@
+"""The running batch: requests join and leave between decode steps, the cache frees, the
+batch stays bounded, and what a request gets does not depend on what else runs beside it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from tinker.proto.response_conv import deserialize_forward_backward_output
+
+from tests.unit.test_engine import create_body, start_engine
+from tests.unit.test_executor import fwdbwd_body, job
+from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
+from workers.decoding import KVArena, RunningBatch
+from workers.lora import BASE_SLOT
+from workers.model import AdapterSpec
+from workers.sampler import SampleSpec, adapter_of
+
+
+def with_adapters(model, *slots):
+    for slot in slots:
+        model.add_adapter(slot, AdapterSpec(rank=4 + 4 * slot, alpha=16),
+                          torch.Generator().manual_seed(slot))
+        for w in model.adapter_weights(slot).values():
+            with torch.no_grad():
+                w.B.normal_(0, 0.3, generator=torch.Generator().manual_seed(10 + slot))
+    return model
+
+
+def spec(prompt, n, slot=BASE_SLOT, **kw) -> SampleSpec:
+    kw.setdefault("temperature", 0.0)
+    return SampleSpec(prompt, kw.pop("num_samples", 1), n, slot, stop_at_eos=False, **kw)
+
+
+def run_alone(model, s: SampleSpec):
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    batch.admit("x", s, adapter_of(model, s.slot))
+    out = []
+    while batch.busy:
+        out += batch.step(4)
+    ((_, result),) = out
+    return result
+
+
+def test_arena_allocates_first_fit_and_merges_freed_regions():
+    arena = KVArena(1, 100, 1, 2, torch.float32, torch.device("cpu"))
+    a, b, c = arena.alloc(30), arena.alloc(30), arena.alloc(30)
+    assert (a, b, c) == (0, 30, 60) and arena.alloc(20) is None
+    arena.release(b, 30)
+    assert arena.alloc(40) is None  # 30 + 10 free, not contiguous
+    arena.release(a, 30)
+    assert arena.alloc(60) == 0  # the two freed regions merged
+    arena.release(0, 60)
+    arena.release(c, 30)
+    assert arena.free_tokens == 100 and arena.alloc(100) == 0
+
+
+def test_requests_join_mid_generation_and_get_what_they_get_alone(tiny_model):
+    model = with_adapters(tiny_model, 1, 2)
+    specs = {"a": spec(P1, 12, 1), "b": spec(P2, 5, BASE_SLOT, prompt_logprobs=True),
+             "c": spec(P3, 7, 2, temperature=0.8, top_k=20, seed=5, num_samples=3),
+             "d": spec(P2, 4, 1, temperature=1.0, seed=9, num_samples=2)}
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    results, sizes = {}, []
+    batch.admit("a", specs["a"], adapter_of(model, 1))
+    for step in range(40):
+        if step == 2:  # b and c arrive while a is decoding
+            batch.admit("b", specs["b"], None)
+            batch.admit("c", specs["c"], adapter_of(model, 2))
+        if step == 6:
+            batch.admit("d", specs["d"], adapter_of(model, 1))
+        results.update(batch.step(1))
+        sizes.append(len(batch.running))
+    assert not batch.busy and sorted(results) == ["a", "b", "c", "d"]
+    assert max(sizes) >= 5  # they really overlapped (a, b, c's three samples, ...)
+    assert batch.arena.free_tokens == batch.arena.capacity  # every region came back
+    for key, s in specs.items():
+        alone = run_alone(model, s)
+        for got, want in zip(results[key].sequences, alone.sequences, strict=True):
+            assert got.tokens == want.tokens
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
+                                       atol=1e-5, rtol=0)
+    assert results["a"].sequences[0].tokens == reference_greedy(model, P1, 12, slot=1)
+    b_alone = run_alone(model, specs["b"])
+    torch.testing.assert_close(torch.tensor(results["b"].prompt_logprobs[1:]),
+                               torch.tensor(b_alone.prompt_logprobs[1:]), atol=1e-5, rtol=0)
+
+
+def test_the_batch_never_exceeds_its_sequence_limit_and_the_rest_wait(tiny_model):
+    batch = RunningBatch(tiny_model, decode, [511], max_num_sequences=3, cuda_graphs=False,
+                         kv_tokens=4096)
+    for i in range(5):
+        batch.admit(i, spec([1 + i, 2, 3], 3 + i, num_samples=2, temperature=1.0, seed=i),
+                    None)
+    done, sizes = {}, []
+    while batch.busy:
+        done.update(batch.step(1))
+        sizes.append(len(batch.running))
+    assert sorted(done) == [0, 1, 2, 3, 4] and max(sizes) <= 3
+    assert [len(done[i].sequences[0].tokens) for i in range(5)] == [3, 4, 5, 6, 7]
+
+
+def test_a_request_keeps_the_weights_it_was_admitted_with(tiny_model):
+    """A sampler slot reloaded (or a training adapter updated) mid-generation does not
+    change a request already running: it samples the snapshot it started with."""
+    model = with_adapters(tiny_model, 1)
+    s = spec(P1, 10, 1)
+    before = run_alone(model, s)
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    batch.admit("x", s, adapter_of(model, 1))
+    out = batch.step(3)
+    new = {name: (w.A.detach() * 2, w.B.detach() * -1)
+           for name, w in model.adapter_weights(1).items()}
+    model.set_adapter_weights(1, model.adapters[1], new)  # the slot now holds other weights
+    while batch.busy:
+        out += batch.step(3)
+    assert out[0][1].sequences[0].tokens == before.sequences[0].tokens
+    assert run_alone(model, s).sequences[0].tokens != before.sequences[0].tokens
+
+
+def test_training_calls_interleave_with_a_long_generation(tiny_model, tmp_path):
+    engine = start_engine(tiny_model, tmp_path, sample_steps_per_tick=4)
+    assert engine.submit(job("create_model", create_body("m"), "m")).result(10).ok
+    body = {"prompt": [5, 6], "num_samples": 2, "max_tokens": 400, "temperature": 1.0,
+            "top_k": -1, "top_p": 1.0, "seed": 1, "stop_strings": [], "stop_token_ids": [],
+            "stop_at_eos": False, "prompt_logprobs": False, "topk_prompt_logprobs": 0,
+            "adapter_dir": None}
+    long = engine.submit(job("sample", body, rid="long"))
+    time.sleep(0.2)
+    train = engine.submit(job("forward_backward", fwdbwd_body("m", 1, [1, 2, 3]), "m", 1))
+    out = train.result(30)
+    assert out.ok and deserialize_forward_backward_output(out.proto).metrics["loss:sum"] > 0
+    assert not long.done()  # the training call did not wait for the generation to end
+    answer = long.result(120)
+    assert answer.ok, json.dumps(answer.json)

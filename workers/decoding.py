@@ -1,0 +1,637 @@
+"""Continuous-batching generation: one running batch of sequences across decode steps.
+
+`RunningBatch` owns the sampling side of the worker:
+
+  admit(key, spec, adapter)  queue a request (its adapter's weights are referenced now, so a
+                             slot reloaded later does not change a request already admitted)
+  step(max_steps)            let waiting requests join (batched prefill), run up to
+                             `max_steps` decode steps of every running sequence, and return
+                             the requests that finished
+
+Between steps sequences join and leave: a finished sequence frees its rows at once, and a
+request answers when its last sample ends. Requests of different adapters, sampling
+sessions and the base model share every step; at most `max_num_sequences` run at once, and
+the rest wait in arrival order.
+
+KV cache: one arena per layer, [capacity tokens, kv heads, head dim]. A sequence owns one
+contiguous region of prompt + max_tokens tokens (known at admission, so nothing is padded
+or moved); regions are first-fit allocated and freed when the sequence ends. A request's
+prompt is prefilled once, into its first sample's region, and copied to the others'.
+Attention reads the arena in place: on CUDA one flash-attention call per layer for the whole
+batch (`cu_seqlens_k` = region starts, `seqused_k` = lengths), on the CPU one SDPA per row.
+
+LoRA in a step: every adapter in the batch has a column range in one concatenated
+A [R, in] / scale·B [out, R] per projection; a per-row 0/1 mask over the R columns keeps
+each row to its own adapter: y = base(x) + ((x Aᵀ) ⊙ mask) Bᵀ. Three dense matmuls per
+projection whatever the mix of adapters, and nothing that depends on the batch's order.
+
+Decode steps run as CUDA graphs on CUDA (`cuda_graphs`), one per batch-size bucket (powers
+of two) and LoRA width, captured on first use; padded rows of a bucket write to a scratch
+token of the arena. Elsewhere, or with graphs off, the same function runs eagerly.
+
+Sampling is batch-independent by construction: sequence j of a request with seed s draws
+token t with Gumbel noise hashed from (s, j, t, token id), so the same seed gives the same
+tokens alone or in any batch. Temperature 0 is greedy; then temperature, top-k, top-p.
+Returned logprobs are the raw model's (before temperature / top-k / top-p), as a training
+forward computes them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers import fastpath
+from workers.jobs import UserError
+from workers.lora import LoraWeights
+from workers.model import LoraModel
+from workers.sampler import SampledSeq, SampleOutput, _prompt_outputs
+
+log = logging.getLogger(__name__)
+
+Adapter = dict[str, LoraWeights]  # layer name -> weights, as LoraModel.adapter_weights gives
+
+
+# --- the KV arena ---------------------------------------------------------------------------
+class KVArena:
+    """Per-layer K and V storage of `capacity` tokens (+1 scratch token) with a first-fit
+    allocator of contiguous regions."""
+
+    def __init__(self, layers: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (capacity + 1, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+        self.scratch = capacity  # padded graph rows write here
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, size), by start
+
+    def alloc(self, size: int) -> int | None:
+        for i, (start, free) in enumerate(self._free):
+            if free >= size:
+                if free == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + size, free - size)
+                return start
+        return None
+
+    def release(self, start: int, size: int) -> None:
+        i = bisect.bisect(self._free, (start, size))
+        self._free.insert(i, (start, size))
+        # merge with the right, then the left neighbour
+        if i + 1 < len(self._free) and start + size == self._free[i + 1][0]:
+            self._free[i] = (start, size + self._free.pop(i + 1)[1])
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            prev = self._free.pop(i - 1)
+            self._free[i - 1] = (prev[0], prev[1] + self._free[i - 1][1])
+
+    @property
+    def free_tokens(self) -> int:
+        return sum(size for _, size in self._free)
+
+
+# --- requests and sequences ------------------------------------------------------------------
+@dataclass
+class _Seq:
+    req: _Request
+    index: int  # sample index within the request
+    start: int  # region in the arena
+    length: int = 0  # tokens in the cache
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    key: Any
+    spec: Any  # sampler.SampleSpec
+    adapter: Adapter | None
+    seed: int
+    seqs: list[_Seq] = field(default_factory=list)
+    prompt_out: tuple = (None, None)
+    open: int = 0  # sequences still running
+
+    @property
+    def region(self) -> int:
+        return len(self.spec.prompt) + self.spec.max_tokens
+
+
+# --- LoRA table ---------------------------------------------------------------------------
+class _LoraTable:
+    """The batch's adapters side by side: per projection A [R, in] and scale·B [out, R]."""
+
+    def __init__(self, model: LoraModel):
+        self.model = model
+        # adapter_key -> (weights, first column, end column)
+        self.adapters: OrderedDict[tuple[int, ...], tuple[Adapter, int, int]] = OrderedDict()
+        self.width = 0
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+
+    def columns(self, adapter: Adapter | None) -> tuple[int, int]:
+        if adapter is None:
+            return 0, 0
+        _, lo, hi = self.adapters[adapter_key(adapter)]
+        return lo, hi
+
+    def rebuild(self, adapters: list[Adapter]) -> bool:
+        """Lay out exactly these adapters. Buffers are reused when the width is unchanged
+        (captured graphs stay valid); True when they were reallocated."""
+        ranks = [max(w.A.shape[0] for w in a.values()) if a else 0 for a in adapters]
+        width = -(-sum(ranks) // 8) * 8
+        dtype = next(self.model.hf.parameters()).dtype
+        if width != self.width:
+            self.A = {n: torch.zeros(width, layer.in_features, dtype=dtype,
+                                     device=self.model.device)
+                      for n, layer in self.model.layers.items()} if width else {}
+            self.B = {n: torch.zeros(layer.out_features, width, dtype=dtype,
+                                     device=self.model.device)
+                      for n, layer in self.model.layers.items()} if width else {}
+            self.width = width
+            reallocated = True
+        else:
+            reallocated = False
+            for t in (*self.A.values(), *self.B.values()):
+                t.zero_()
+        self.adapters.clear()
+        lo = 0
+        for adapter, rank in zip(adapters, ranks, strict=True):
+            self.adapters[adapter_key(adapter)] = (adapter, lo, lo + rank)
+            with torch.no_grad():
+                for name, w in adapter.items():
+                    r = w.A.shape[0]
+                    self.A[name][lo : lo + r] = w.A.to(dtype)
+                    self.B[name][:, lo : lo + r] = (w.B * w.scale).to(dtype)
+            lo += rank
+        return reallocated
+
+
+def adapter_key(adapter: Adapter) -> tuple[int, ...]:
+    """Identity of an adapter's weight tensors: requests of one sampler slot share a column
+    range; a slot reloaded with new weights gets a new one."""
+    return tuple(id(w.A) for w in adapter.values())
+
+
+# --- the forward passes ----------------------------------------------------------------------
+def _proj(model: LoraModel, lora: _LoraTable, name: str, x: torch.Tensor,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    y = model.layers[name].base(x)
+    if mask is not None and name in lora.A:
+        y.addmm_((x @ lora.A[name].T) * mask, lora.B[name].T)
+    return y
+
+
+def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None, attend: Callable[..., torch.Tensor],
+             pick: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens [N] -> logits [N or len(pick), V] through the base model + the LoRA table.
+    `attend(layer_index, q, k, v, scale)` stores k/v and returns attention output [N, H, D]."""
+    kern, body, names = fastpath.KERNELS, model.hf.model, _layer_names(model)
+    h = body.embed_tokens(tokens)
+    cos, sin = body.rotary_emb(h[None], positions[None])
+    cos, sin = cos[0], sin[0]
+    n = h.shape[0]
+    for i, layer in enumerate(body.layers):
+        attn, ln1, ln2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+        p, dim = names[i], attn.head_dim
+        x = kern.rms_norm(h, ln1.weight, ln1.variance_epsilon)
+        q = _proj(model, lora, p + "self_attn.q_proj", x, mask).view(n, -1, dim)
+        k = _proj(model, lora, p + "self_attn.k_proj", x, mask).view(n, -1, dim)
+        v = _proj(model, lora, p + "self_attn.v_proj", x, mask).view(n, -1, dim)
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        q, k = kern.qk_rope(q, k, None if qn is None else qn.weight,
+                            None if kn is None else kn.weight,
+                            0.0 if qn is None else qn.variance_epsilon, cos, sin)
+        o = attend(i, q, k, v, attn.scaling).reshape(n, -1)
+        h, x = kern.add_rms_norm(h, _proj(model, lora, p + "self_attn.o_proj", o, mask),
+                                 ln2.weight, ln2.variance_epsilon)
+        gate = _proj(model, lora, p + "mlp.gate_proj", x, mask)
+        up = _proj(model, lora, p + "mlp.up_proj", x, mask)
+        h = h + _proj(model, lora, p + "mlp.down_proj", kern.silu_mul(gate, up), mask)
+    h = kern.rms_norm(h, body.norm.weight, body.norm.variance_epsilon)
+    if pick is not None:
+        h, mask = h[pick], None if mask is None else mask[pick]
+    return _proj(model, lora, "lm_head", h, mask)
+
+
+def _layer_names(model: LoraModel) -> list[str]:
+    prefix = next(n for n in model.layers if n.endswith("self_attn.q_proj")).split("0.self_attn")[0]
+    return [f"{prefix}{i}." for i in range(len(model.hf.model.layers))]
+
+
+# --- sampling --------------------------------------------------------------------------------
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (logical shifts by masking the sign extension)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def gumbel_noise(streams: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] from a hash of (stream, step, token id): the same numbers
+    for a sequence whatever else shares the batch."""
+    base = _mix(streams * _GOLDEN + steps)  # [B]
+    ids = torch.arange(vocab, device=streams.device, dtype=torch.int64)
+    bits = _mix(base[:, None] + ids[None, :] * _GOLDEN)
+    u = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def choose(logits: torch.Tensor, temps: torch.Tensor, streams: torch.Tensor,
+           steps: torch.Tensor, top_k: torch.Tensor | None = None,
+           top_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row [B] and its raw-model logprob [B] from logits [B, V].
+    temps[b] = 0 means greedy."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    greedy = temps <= 0
+    scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
+    if top_k is not None and top_p is not None:
+        scaled = _filter(scaled, top_k, top_p)
+    noisy = scaled + gumbel_noise(streams, steps, logits.shape[-1])
+    tokens = torch.where(greedy, logits.argmax(-1), noisy.argmax(-1))
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p per row (dropped tokens at -inf, at least one kept). A row with
+    top_p = 1 keeps its whole top-k set, so it comes out as if unfiltered."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)
+    keep = rank[None, :] < top_k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, -math.inf), dim=-1)
+    before = probs.cumsum(-1) - probs
+    keep &= (before < top_p[:, None]) | (top_p[:, None] >= 1)
+    return scaled.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), -math.inf)
+
+
+def _stream(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (1 << 62)
+
+
+# --- the running batch -----------------------------------------------------------------------
+class RunningBatch:
+    def __init__(self, model: LoraModel, decode: Callable[[list[int]], str],
+                 eos_token_ids: list[int], max_num_sequences: int = 256, kv_tokens: int = 0,
+                 cuda_graphs: bool = True):
+        self.model = model
+        self.decode = decode
+        self.eos = set(eos_token_ids)
+        self.max_num_sequences = max_num_sequences
+        self._kv_tokens = kv_tokens
+        self.arena: KVArena | None = None
+        self.lora = _LoraTable(model)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Seq] = []
+        self.graphs = _Graphs(self) if cuda_graphs and model.device.type == "cuda" else None
+        self.steps = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- admission -------------------------------------------------------------------------
+    def admit(self, key: Any, spec: Any, adapter: Adapter | None) -> None:
+        """Queue a validated request (sampler.SampleSpec) with its adapter's weights."""
+        arena = self._arena()
+        request = _Request(key, spec, adapter,
+                           secrets.randbits(62) if spec.seed is None else spec.seed)
+        if spec.num_samples > self.max_num_sequences:
+            raise UserError(f"num_samples={spec.num_samples} exceeds the sampler's "
+                            f"max_num_sequences={self.max_num_sequences}")
+        if request.region * spec.num_samples > arena.capacity:
+            raise UserError(
+                f"num_samples × (prompt + max_tokens) = {request.region * spec.num_samples} "
+                f"tokens exceeds the sampler's KV cache of {arena.capacity} tokens")
+        self.waiting.append(request)
+
+    def _arena(self) -> KVArena:
+        if self.arena is None:
+            c, m = self.model.config, self.model
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            dtype = next(m.hf.parameters()).dtype
+            per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (
+                torch.finfo(dtype).bits // 8)
+            tokens = self._kv_tokens or _auto_kv_tokens(m.device, per_token)
+            self.arena = KVArena(c.num_hidden_layers, tokens, c.num_key_value_heads, head_dim,
+                                 dtype, m.device)
+            log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,
+                     tokens * per_token / 2**30)
+        return self.arena
+
+    # --- the loop --------------------------------------------------------------------------
+    def step(self, max_steps: int) -> list[tuple[Any, Any]]:
+        """Admit what fits, run up to `max_steps` decode steps; (key, SampleOutput | error)
+        for every request that finished."""
+        done: list[_Request] = []
+        with torch.inference_mode():
+            joined = self._join()
+            if joined:
+                self._prefill(joined, done)
+            for _ in range(max_steps):
+                if not self.running:
+                    break
+                self._decode_step(done)
+        out = []
+        for r in done:
+            seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length") for s in r.seqs]
+            out.append((r.key, SampleOutput(seqs, *r.prompt_out)))
+        return out
+
+    def _join(self) -> list[_Request]:
+        arena, joined = self._arena(), []
+        while self.waiting:
+            r = self.waiting[0]
+            if len(self.running) + sum(len(j.seqs) for j in joined) + r.spec.num_samples > (
+                    self.max_num_sequences):
+                break
+            starts = []
+            for _ in range(r.spec.num_samples):
+                start = arena.alloc(r.region)
+                if start is None:
+                    break
+                starts.append(start)
+            if len(starts) < r.spec.num_samples:
+                for s in starts:
+                    arena.release(s, r.region)
+                break  # waits for running sequences to free their regions
+            self.waiting.popleft()
+            r.seqs = [_Seq(r, j, s) for j, s in enumerate(starts)]
+            r.open = len(r.seqs)
+            joined.append(r)
+        if joined:
+            needed = {adapter_key(r.adapter): r.adapter
+                      for r in joined + [s.req for s in self.running] if r.adapter is not None}
+            changed = set(needed) != set(self.lora.adapters)
+            if changed and self.lora.rebuild(list(needed.values())) and self.graphs:
+                self.graphs.graphs.clear()  # they captured the old buffers
+        return joined
+
+    def _mask(self, adapters: list[Adapter | None], repeats: list[int] | None = None):
+        if not self.lora.width:
+            return None
+        cols = [self.lora.columns(a) for a in adapters]
+        device = self.model.device
+        lo = torch.tensor([c[0] for c in cols], device=device)
+        hi = torch.tensor([c[1] for c in cols], device=device)
+        if repeats is not None:
+            counts = torch.tensor(repeats, device=device)
+            lo, hi = lo.repeat_interleave(counts), hi.repeat_interleave(counts)
+        col = torch.arange(self.lora.width, device=device)
+        dtype = next(self.model.hf.parameters()).dtype
+        return ((col[None] >= lo[:, None]) & (col[None] < hi[:, None])).to(dtype)
+
+    def _prefill(self, joined: list[_Request], done: list[_Request]) -> None:
+        model, arena, device = self.model, self._arena(), self.model.device
+        lengths = [len(r.spec.prompt) for r in joined]
+        tokens = torch.tensor([t for r in joined for t in r.spec.prompt], device=device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        write = torch.cat([torch.arange(r.seqs[0].start, r.seqs[0].start + n)
+                           for r, n in zip(joined, lengths, strict=True)]).to(device)
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        varlen = fastpath.VarlenAttention(cu, device)
+
+        def attend(i, q, k, v, scale):
+            arena.k[i].index_copy_(0, write, k)
+            arena.v[i].index_copy_(0, write, v)
+            return varlen(q, k, v, scale)
+
+        mask = self._mask([r.adapter for r in joined], lengths)
+        full = [r.spec.prompt_logprobs or r.spec.topk_prompt_logprobs > 0 for r in joined]
+        # logits for every prompt position of requests that want prompt logprobs, else the last
+        pick = torch.tensor([p for r, s, e, f in zip(joined, cu[:-1], cu[1:], full, strict=True)
+                             for p in (range(s, e) if f else [e - 1])], device=device)
+        logits = _forward(model, self.lora, tokens, positions, mask, attend, pick)
+        # The prompt's KV goes to every other sample's region.
+        src, dst = [], []
+        for r, n in zip(joined, lengths, strict=True):
+            for s in r.seqs[1:]:
+                src.append(torch.arange(r.seqs[0].start, r.seqs[0].start + n))
+                dst.append(torch.arange(s.start, s.start + n))
+        if src:
+            src_t, dst_t = torch.cat(src).to(device), torch.cat(dst).to(device)
+            for i in range(len(arena.k)):
+                arena.k[i].index_copy_(0, dst_t, arena.k[i][src_t])
+                arena.v[i].index_copy_(0, dst_t, arena.v[i][src_t])
+        last, k = [], 0
+        for r, n, f in zip(joined, lengths, full, strict=True):
+            rows = n if f else 1
+            if f:
+                r.prompt_out = _prompt_outputs(r.spec, logits[k : k + rows])
+            last.append(logits[k + rows - 1])
+            for s in r.seqs:
+                s.length = n
+            k += rows
+        first = torch.stack(last)  # [R, V]: every sample of a request starts from it
+        seqs = [s for r in joined for s in r.seqs]
+        fan = torch.tensor([i for i, r in enumerate(joined) for _ in r.seqs], device=device)
+        self._choose_and_advance(first[fan], seqs, done)
+        self.running.extend(s for s in seqs if s.stop_reason is None)
+
+    def _decode_step(self, done: list[_Request]) -> None:
+        seqs = self.running
+        logits = self._run_decode(seqs)
+        for s in seqs:
+            s.length += 1  # the fed token's K/V is in the cache now
+        self.running = []
+        self._choose_and_advance(logits, seqs, done)
+        self.running = [s for s in seqs if s.stop_reason is None]
+        self.steps += 1
+
+    def _run_decode(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Feed each sequence's last token; logits [B, V] for its next one."""
+        inputs = _DecodeInputs.build(seqs, self)
+        if self.graphs is not None:
+            return self.graphs.run(inputs)
+        return self._decode_forward(inputs)
+
+    def _decode_forward(self, x: _DecodeInputs) -> torch.Tensor:
+        arena = self._arena()
+
+        def attend(i, q, k, v, scale):
+            arena.k[i].index_copy_(0, x.write, k)
+            arena.v[i].index_copy_(0, x.write, v)
+            if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+                return torch.ops.aten._flash_attention_forward(
+                    q, arena.k[i], arena.v[i], x.cu_q, x.starts, 1, x.max_len, 0.0, True,
+                    False, scale=scale, seqused_k=x.used)[0]
+            out = []
+            for b, (s, n) in enumerate(zip(x.starts_list, x.used_list, strict=True)):
+                kk, vv = arena.k[i][s : s + n], arena.v[i][s : s + n]
+                groups = q.shape[1] // kk.shape[1]
+                kk, vv = kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1)
+                out.append(F.scaled_dot_product_attention(
+                    q[b : b + 1].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
+                    scale=scale).transpose(0, 1))
+            return torch.cat(out)
+
+        return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend)
+
+    def _choose_and_advance(self, logits: torch.Tensor, seqs: list[_Seq],
+                            done: list[_Request]) -> None:
+        device = logits.device
+        specs = [s.req.spec for s in seqs]
+        temps = torch.tensor([sp.temperature for sp in specs], device=device)
+        streams = torch.tensor([_stream(s.req.seed, s.index) for s in seqs], device=device)
+        steps = torch.tensor([len(s.tokens) for s in seqs], device=device)
+        vocab = logits.shape[-1]
+        top_k = top_p = None
+        if any(0 < sp.top_k < vocab or sp.top_p < 1 for sp in specs):
+            top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in specs],
+                                 device=device)
+            top_p = torch.tensor([sp.top_p for sp in specs], device=device)
+        tokens, logprobs = choose(logits, temps, streams, steps, top_k, top_p)
+        for s, t, lp in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            s.stop_reason = self._stop_reason(s)
+            if s.stop_reason is not None:
+                self._finish(s, done)
+
+    def _stop_reason(self, s: _Seq) -> str | None:
+        spec, token = s.req.spec, s.tokens[-1]
+        if token in spec.stop_token_ids or (spec.stop_at_eos and token in self.eos):
+            return "stop"
+        if spec.stop_strings:  # decoded whole: strings that span tokens are caught
+            text = self.decode(s.tokens)
+            if any(x in text for x in spec.stop_strings):
+                return "stop"
+        return "length" if len(s.tokens) >= spec.max_tokens else None
+
+    def _finish(self, s: _Seq, done: list[_Request]) -> None:
+        self._arena().release(s.start, s.req.region)
+        s.req.open -= 1
+        if s.req.open == 0:
+            done.append(s.req)
+
+    def fail_all(self, error: Exception) -> list[tuple[Any, Exception]]:
+        """Drop every request (after an unexpected error) and free the cache."""
+        requests = list(self.waiting) + list(dict.fromkeys(s.req for s in self.running))
+        for s in self.running:
+            self._arena().release(s.start, s.req.region)
+        self.waiting.clear()
+        self.running = []
+        return [(r.key, error) for r in requests]
+
+
+def _auto_kv_tokens(device: torch.device, per_token: int) -> int:
+    if device.type != "cuda":
+        return 1 << 16
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(4096, int(0.3 * free / per_token))
+
+
+# --- decode inputs and CUDA graphs -----------------------------------------------------------
+@dataclass
+class _DecodeInputs:
+    tokens: torch.Tensor  # [B] last token of each sequence
+    positions: torch.Tensor  # [B]
+    write: torch.Tensor  # [B] arena index its K/V goes to
+    starts: torch.Tensor  # [B + 1] int32 region starts (the last entry unused)
+    used: torch.Tensor  # [B] int32 keys after this step
+    cu_q: torch.Tensor  # [B + 1] int32 0..B
+    mask: torch.Tensor | None  # [B, R]
+    max_len: int
+    starts_list: list[int]
+    used_list: list[int]
+
+    @classmethod
+    def build(cls, seqs: list[_Seq], batch: RunningBatch) -> _DecodeInputs:
+        device = batch.model.device
+        starts = [s.start for s in seqs]
+        used = [s.length + 1 for s in seqs]
+        host = torch.tensor([[s.tokens[-1], s.length, s.start + s.length] for s in seqs])
+        host = host.to(device)
+        return cls(
+            tokens=host[:, 0], positions=host[:, 1], write=host[:, 2],
+            starts=torch.tensor(starts + [batch.arena.scratch], dtype=torch.int32,
+                                device=device),
+            used=torch.tensor(used, dtype=torch.int32, device=device),
+            cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
+            mask=batch._mask([s.req.adapter for s in seqs]),
+            max_len=max(s.req.region for s in seqs),
+            starts_list=starts, used_list=used,
+        )
+
+
+class _Graphs:
+    """One CUDA graph per (batch bucket, LoRA width): static inputs, replayed per step."""
+
+    def __init__(self, batch: RunningBatch):
+        self.batch = batch
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _DecodeInputs,
+                                                 torch.Tensor]] = {}
+        self.max_len = 0
+
+    def run(self, x: _DecodeInputs) -> torch.Tensor:
+        b = len(x.starts_list)
+        bucket = 1 << max(0, (b - 1).bit_length())
+        key = (bucket, self.batch.lora.width)
+        if key not in self.graphs or x.max_len > self.max_len:
+            if x.max_len > self.max_len:  # graphs bake the longest region in: recapture all
+                self.max_len = max(x.max_len, 2 * self.max_len, 1024)
+                self.graphs.clear()
+            self.graphs[key] = self._capture(bucket)
+        graph, static, out = self.graphs[key]
+        scratch = self.batch.arena.scratch
+        for name in ("tokens", "positions"):
+            getattr(static, name)[:b].copy_(getattr(x, name))
+            getattr(static, name)[b:].zero_()
+        static.write[:b].copy_(x.write)
+        static.write[b:].fill_(scratch)
+        static.starts[:b].copy_(x.starts[:b])
+        static.starts[b:].fill_(scratch)
+        static.used[:b].copy_(x.used)
+        static.used[b:].fill_(1)
+        if static.mask is not None and x.mask is not None:
+            static.mask[:b].copy_(x.mask)
+            static.mask[b:].zero_()
+        graph.replay()
+        return out[:b]
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, _DecodeInputs, torch.Tensor]:
+        batch, device = self.batch, self.batch.model.device
+        scratch = batch.arena.scratch
+        width = batch.lora.width
+        dtype = next(batch.model.hf.parameters()).dtype
+        static = _DecodeInputs(
+            tokens=torch.zeros(bucket, dtype=torch.long, device=device),
+            positions=torch.zeros(bucket, dtype=torch.long, device=device),
+            write=torch.full((bucket,), scratch, dtype=torch.long, device=device),
+            starts=torch.full((bucket + 1,), scratch, dtype=torch.int32, device=device),
+            used=torch.ones(bucket, dtype=torch.int32, device=device),
+            cu_q=torch.arange(bucket + 1, dtype=torch.int32, device=device),
+            mask=torch.zeros(bucket, width, dtype=dtype, device=device) if width else None,
+            max_len=self.max_len, starts_list=[scratch] * bucket, used_list=[1] * bucket,
+        )
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocations, autotuning)
+                batch._decode_forward(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = batch._decode_forward(static)
+        log.info("captured decode graph: batch %d, LoRA width %d", bucket, width)
+        return graph, static, out
