@@ -271,6 +271,16 @@ def choose(logits: torch.Tensor, temps: torch.Tensor, streams: torch.Tensor,
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
+_CHOOSE = [choose]  # swapped for a compiled version by compile_sampling()
+
+
+def compile_sampling() -> None:
+    """torch.compile `choose` (dynamic shapes): noise, scaling, argmax and logprob fused
+    into a few kernels over [B, V] instead of a dozen full passes."""
+    if _CHOOSE[0] is choose:
+        _CHOOSE[0] = torch.compile(choose, dynamic=True)
+
+
 def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-k then top-p per row (dropped tokens at -inf, at least one kept). A row with
     top_p = 1 keeps its whole top-k set, so it comes out as if unfiltered."""
@@ -500,7 +510,12 @@ class RunningBatch:
             top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in specs],
                                  device=device)
             top_p = torch.tensor([sp.top_p for sp in specs], device=device)
-        tokens, logprobs = choose(logits, temps, streams, steps, top_k, top_p)
+        if top_k is None and all(sp.temperature <= 0 for sp in specs):  # all greedy
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tokens = logp.argmax(-1)
+            logprobs = logp.gather(-1, tokens[:, None])[:, 0]
+        else:
+            tokens, logprobs = _CHOOSE[0](logits, temps, streams, steps, top_k, top_p)
         for s, t, lp in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
             s.tokens.append(t)
             s.logprobs.append(lp)

@@ -36,7 +36,7 @@ from app.wire import (
     encode_sample_response,
 )
 from config import Settings, model_dir
-from workers import checkpoints, fastpath, sampler
+from workers import checkpoints, decoding, fastpath, sampler
 from workers.decoding import RunningBatch
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
@@ -98,6 +98,7 @@ class Executor:
         decode, eos = load_tokenizer(folder, model)
         if device.type == "cuda" and model.fast and settings.compile_kernels:
             fastpath.compile_kernels()
+            decoding.compile_sampling()
             started = time.monotonic()
             model.warm_up(settings.max_lora_adapters + settings.max_sampler_adapters)
             log.info("training kernels compiled in %.1f s", time.monotonic() - started)

@@ -1,0 +1,194 @@
+"""Sampling benchmark on one GPU: the running batch against transformers `generate` and the
+memory-bandwidth floor.
+
+Real Qwen3 shapes (0.6B, 4B) with random bf16 weights; prompts of 128 and 512 tokens; 256 new
+tokens per sequence (no stop conditions); batches of 1, 32, 128, 256 sequences, each its own
+request and seed (temperature 1), on 1 or 8 distinct rank-32 LoRA adapters (all
+projections). All in one process, one table:
+
+  tok/s         generated tokens / wall time from admission to the last token (prefill in)
+  decode tok/s  tokens of the decode steps / their time (prefill excluded)
+  floor tok/s   batch / (bytes a decode step must read / copy bandwidth measured here):
+                bytes = projection + LM-head weights + the adapters' LoRA factors + the
+                batch's K/V at the mean context (prompt + 128)
+  hf generate   transformers `generate` of the base model, same prompts, batch 1/32/128
+                (128-token prompts), sampling on, no cache tricks
+
+    python -m benchmarks.sampler --model 0.6b 4b
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.engine_train import RANK, VOCAB, matmul_params, qwen3_config
+from workers import fastpath
+from workers.decoding import RunningBatch, compile_sampling
+from workers.model import AdapterSpec, LoraModel
+from workers.sampler import SampleSpec, adapter_of
+
+NEW_TOKENS = 256
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 29, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * n / (time.perf_counter() - start)
+
+
+def kv_bytes_per_token(cfg) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+
+
+def adapter_bytes(model: LoraModel, slot: int) -> int:
+    return sum(2 * t.numel() for t in model.adapter_parameters(slot))  # read as bf16
+
+
+def run_engine(model: LoraModel, batch: RunningBatch, batch_size: int, prompt_len: int,
+               adapters: int, max_tokens: int = NEW_TOKENS) -> tuple[float, float]:
+    rng = np.random.default_rng(batch_size + prompt_len)
+    for i in range(batch_size):
+        slot = i % adapters
+        spec = SampleSpec(rng.integers(0, VOCAB, prompt_len).tolist(), 1, max_tokens, slot,
+                          temperature=1.0, seed=i, stop_at_eos=False)
+        batch.admit(i, spec, adapter_of(model, slot))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = batch.step(0)  # admission + prefill
+    torch.cuda.synchronize()
+    prefilled = time.perf_counter()
+    while batch.busy:
+        done += batch.step(64)
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    assert len(done) == batch_size
+    generated = batch_size * max_tokens
+    return generated / (end - start), batch_size * (max_tokens - 1) / (end - prefilled)
+
+
+def run_hf(model: LoraModel, batch_size: int, prompt_len: int, device) -> float:
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(0, VOCAB, (batch_size, prompt_len)), device=device)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True,
+                  temperature=1.0, top_k=0, pad_token_id=0)
+    model.hf.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]),
+                      **dict(kwargs, max_new_tokens=4, min_new_tokens=4))  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    torch.cuda.synchronize()
+    return batch_size * NEW_TOKENS / (time.perf_counter() - start)
+
+
+def check(model: LoraModel, batch: RunningBatch) -> str:
+    """Greedy tokens with CUDA graphs = without; sampled logprobs = training-forward ones."""
+    rng = np.random.default_rng(7)
+    specs = [SampleSpec(rng.integers(0, VOCAB, n).tolist(), 1, 16, slot, temperature=0.0,
+                        stop_at_eos=False) for n, slot in ((50, 0), (100, 1), (20, -1))]
+    eager = RunningBatch(model, lambda ids: "", [], kv_tokens=4096, cuda_graphs=False)
+    outs = []
+    for b in (batch, eager):
+        for i, s in enumerate(specs):
+            b.admit(i, s, adapter_of(model, s.slot))
+        done = []
+        while b.busy:
+            done += b.step(64)
+        outs.append(dict(done))
+    same = all(outs[0][i].sequences[0].tokens == outs[1][i].sequences[0].tokens
+               for i in range(len(specs)))
+    seqs = [s.prompt + outs[0][i].sequences[0].tokens for i, s in enumerate(specs)]
+    with torch.no_grad():
+        ref = model.packed_pass([q[:-1] for q in seqs], [q[1:] for q in seqs],
+                                [s.slot for s in specs], [False] * 3, lambda r, o, lp: -lp)
+    diff = max(float((torch.tensor(outs[0][i].sequences[0].logprobs)
+                      - ref.logprobs[i][-16:].cpu()).abs().max()) for i in range(3))
+    return (f"graphs vs eager greedy tokens {'identical' if same else 'DIFFER'}; "
+            f"max |sampled logprob - training forward| {diff:.4f} (bf16)")
+
+
+def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
+          device, hf_batches: list[int]) -> list[str]:
+    cfg = qwen3_config(name)
+    with torch.device(device):
+        hf = __import__("transformers").AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = LoraModel(hf, torch.device(device))
+    for slot in range(8):
+        model.add_adapter(slot, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(slot))
+        with torch.no_grad():
+            for w in model.adapter_weights(slot).values():
+                w.B.normal_(0, 0.01)
+    weights = 2 * matmul_params(cfg)
+    per_adapter = adapter_bytes(model, 0)
+    kv_tokens = max(batches) * (max(prompts) + NEW_TOKENS) + 4096
+    batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=max(batches),
+                         kv_tokens=kv_tokens, cuda_graphs=True)
+    rows = [f"{name:>5} {check(model, batch)}"]
+    print(rows[0], flush=True)
+    hf_rate = {}
+    for prompt_len in prompts:
+        for adapters in (1, 8):
+            for b in batches:
+                run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)  # capture
+                rate, decode_rate = run_engine(model, batch, b, prompt_len, adapters)
+                context = prompt_len + NEW_TOKENS // 2
+                step_bytes = (weights + min(adapters, b) * per_adapter
+                              + b * context * kv_bytes_per_token(cfg))
+                floor = b * bandwidth / step_bytes
+                hf_col = ""
+                if adapters == 1 and prompt_len == prompts[0] and b in hf_batches:
+                    try:
+                        hf_rate[b] = run_hf(model, b, prompt_len, device)
+                        hf_col = f"{hf_rate[b]:.0f}"
+                    except torch.OutOfMemoryError:
+                        hf_col = "OOM"
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                line = (f"{name:>5}{prompt_len:>7}{adapters:>9}{b:>7}{rate:>10.0f}"
+                        f"{decode_rate:>13.0f}{floor:>12.0f}{100 * decode_rate / floor:>9.1f}%"
+                        f"{hf_col:>12}")
+                print(line, flush=True)
+                rows.append(line)
+    del batch, model, hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["0.6b", "4b"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256])
+    parser.add_argument("--prompt", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--hf-batch", type=int, nargs="*", default=[1, 32, 128])
+    args = parser.parse_args()
+    device = "cuda"
+    fastpath.compile_kernels()
+    compile_sampling()
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for name in args.model:
+        rows += bench(name, args.batch, args.prompt, bandwidth, device, args.hf_batch)
+    print(f"\nsampling, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s,"
+          f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs")
+    print(f"{'model':>5}{'prompt':>7}{'adapters':>9}{'batch':>7}{'tok/s':>10}{'decode tok/s':>13}"
+          f"{'floor tok/s':>12}{'of floor':>10}{'hf generate':>12}")
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
