@@ -250,7 +250,7 @@ def gumbel_noise(streams: torch.Tensor, steps: torch.Tensor, vocab: int) -> torc
     for a sequence whatever else shares the batch."""
     base = _mix(streams * _GOLDEN + steps)  # [B]
     ids = torch.arange(vocab, device=streams.device, dtype=torch.int64)
-    bits = _mix(base[:, None] + ids[None, :] * _GOLDEN)
+    bits = _mix(base[:, None] ^ ids[None, :])  # (no int64 literal times the index: Triton)
     u = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     return -torch.log(-torch.log(u))
 
