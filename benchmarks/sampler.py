@@ -120,7 +120,7 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
 
 
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
-          device, hf_batches: list[int]) -> list[str]:
+          device, hf_batches: list[int], profile: list[int]) -> list[str]:
     cfg = qwen3_config(name)
     with torch.device(device):
         hf = __import__("transformers").AutoModelForCausalLM.from_config(
@@ -138,6 +138,17 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                          kv_tokens=kv_tokens, cuda_graphs=True)
     rows = [f"{name:>5} {check(model, batch)}"]
     print(rows[0], flush=True)
+    for b in profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        run_engine(model, batch, b, prompts[0], 1, max_tokens=8)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_engine(model, batch, b, prompts[0], 1, max_tokens=32)
+        for key in ("cuda_time_total", "cpu_time_total"):
+            print(f"profile, batch {b}, 32 steps, by {key}:")
+            print(prof.key_averages().table(sort_by=key, row_limit=12,
+                                            max_name_column_width=50), flush=True)
     hf_rate = {}
     for prompt_len in prompts:
         for adapters in (1, 8):
@@ -174,6 +185,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256])
     parser.add_argument("--prompt", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[1, 32, 128])
+    parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="print the top ops of 32 decode steps at these batch sizes")
     args = parser.parse_args()
     device = "cuda"
     fastpath.compile_kernels()
@@ -181,7 +194,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     rows = []
     for name in args.model:
-        rows += bench(name, args.batch, args.prompt, bandwidth, device, args.hf_batch)
+        rows += bench(name, args.batch, args.prompt, bandwidth, device, args.hf_batch,
+                      args.profile)
     print(f"\nsampling, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s,"
           f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs")
     print(f"{'model':>5}{'prompt':>7}{'adapters':>9}{'batch':>7}{'tok/s':>10}{'decode tok/s':>13}"
