@@ -550,8 +550,8 @@ class RunningBatch:
 
 
 def _auto_kv_tokens(device: torch.device, per_token: int) -> int:
-    if device.type != "cuda":
-        return 1 << 16
+    if device.type != "cuda":  # at most 64k tokens and 2 GiB of host memory
+        return max(1024, min(1 << 16, (2 << 30) // per_token))
     free, _ = torch.cuda.mem_get_info(device)
     return max(4096, int(0.3 * free / per_token))
 
