@@ -118,6 +118,7 @@ class _Request:
     spec: Any  # sampler.SampleSpec
     adapter: Adapter | None
     seed: int
+    key_of_adapter: tuple[int, ...] | None = None  # adapter_key(adapter), computed once
     seqs: list[_Seq] = field(default_factory=list)
     prompt_out: tuple = (None, None)
     open: int = 0  # sequences still running
@@ -127,22 +128,70 @@ class _Request:
         return len(self.spec.prompt) + self.spec.max_tokens
 
 
-# --- LoRA table ---------------------------------------------------------------------------
+# --- projection groups and the LoRA table --------------------------------------------------
+def projection_groups(model: LoraModel) -> dict[str, list[str]]:
+    """Projections that read the same input, run as one matmul in a decode step: per layer
+    q/k/v and gate/up (plus o, down alone), and the LM head. Their base weights are laid
+    side by side once (`fuse_base_weights`)."""
+    groups: dict[str, list[str]] = {}
+    for p in _layer_names(model):
+        groups[p + "qkv"] = [p + f"self_attn.{x}_proj" for x in "qkv"]
+        groups[p + "o"] = [p + "self_attn.o_proj"]
+        groups[p + "gate_up"] = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+        groups[p + "down"] = [p + "mlp.down_proj"]
+    groups["lm_head"] = ["lm_head"]
+    return groups
+
+
+def fuse_base_weights(model: LoraModel) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """One [Σ out, in] weight (and bias) per projection group. The member Linears' weights
+    become views into it, so no memory is added and training reads the same numbers."""
+    fused = getattr(model, "_fused_groups", None)
+    if fused is not None:
+        return fused
+    fused = {}
+    with torch.no_grad():
+        for group, names in projection_groups(model).items():
+            bases = [model.layers[n].base for n in names]
+            if len(bases) == 1:
+                fused[group] = (bases[0].weight, bases[0].bias)
+                continue
+            weight = torch.cat([b.weight for b in bases])
+            has_bias = [b.bias is not None for b in bases]
+            bias = torch.cat([b.bias for b in bases]) if all(has_bias) else None
+            row = 0
+            for b in bases:
+                n = b.weight.shape[0]
+                b.weight.data = weight[row : row + n]
+                if bias is not None:
+                    b.bias.data = bias[row : row + n]
+                row += n
+            if any(has_bias) and bias is None:  # mixed biases: keep the group's own zeros
+                bias = torch.cat([b.bias if b.bias is not None else
+                                  torch.zeros_like(b.weight[:, 0]) for b in bases])
+            fused[group] = (weight, bias)
+    model._fused_groups = fused  # type: ignore[attr-defined]
+    return fused
+
+
 class _LoraTable:
-    """The batch's adapters side by side: per projection A [R, in] and scale·B [out, R]."""
+    """The batch's adapters side by side, per projection group: A [n·R, in] (the members'
+    A stacked, R columns each) and a block-diagonal scale·B [Σ out, n·R]."""
 
     def __init__(self, model: LoraModel):
         self.model = model
         # adapter_key -> (weights, first column, end column)
         self.adapters: OrderedDict[tuple[int, ...], tuple[Adapter, int, int]] = OrderedDict()
         self.width = 0
+        self.groups = projection_groups(model)
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
 
-    def columns(self, adapter: Adapter | None) -> tuple[int, int]:
-        if adapter is None:
+    def columns(self, key: tuple[int, ...] | None) -> tuple[int, int]:
+        """The column range of the adapter with this adapter_key (None: no columns)."""
+        if key is None:
             return 0, 0
-        _, lo, hi = self.adapters[adapter_key(adapter)]
+        _, lo, hi = self.adapters[key]
         return lo, hi
 
     def rebuild(self, adapters: list[Adapter]) -> bool:
@@ -151,17 +200,18 @@ class _LoraTable:
         ranks = [max(w.A.shape[0] for w in a.values()) if a else 0 for a in adapters]
         width = -(-sum(ranks) // 8) * 8
         dtype = next(self.model.hf.parameters()).dtype
-        if width != self.width:
-            self.A = {n: torch.zeros(width, layer.in_features, dtype=dtype,
-                                     device=self.model.device)
-                      for n, layer in self.model.layers.items()} if width else {}
-            self.B = {n: torch.zeros(layer.out_features, width, dtype=dtype,
-                                     device=self.model.device)
-                      for n, layer in self.model.layers.items()} if width else {}
+        layers, device = self.model.layers, self.model.device
+        reallocated = width != self.width
+        if reallocated:
+            self.A, self.B = {}, {}
+            if width:
+                for group, names in self.groups.items():
+                    n, inp = len(names), layers[names[0]].in_features
+                    out = sum(layers[m].out_features for m in names)
+                    self.A[group] = torch.zeros(n * width, inp, dtype=dtype, device=device)
+                    self.B[group] = torch.zeros(out, n * width, dtype=dtype, device=device)
             self.width = width
-            reallocated = True
         else:
-            reallocated = False
             for t in (*self.A.values(), *self.B.values()):
                 t.zero_()
         self.adapters.clear()
@@ -169,10 +219,16 @@ class _LoraTable:
         for adapter, rank in zip(adapters, ranks, strict=True):
             self.adapters[adapter_key(adapter)] = (adapter, lo, lo + rank)
             with torch.no_grad():
-                for name, w in adapter.items():
-                    r = w.A.shape[0]
-                    self.A[name][lo : lo + r] = w.A.to(dtype)
-                    self.B[name][:, lo : lo + r] = (w.B * w.scale).to(dtype)
+                for group, names in self.groups.items():
+                    row = 0
+                    for m, name in enumerate(names):
+                        out = layers[name].out_features
+                        w = adapter.get(name)
+                        if w is not None:
+                            r, c = w.A.shape[0], m * width + lo
+                            self.A[group][c : c + r] = w.A.to(dtype)
+                            self.B[group][row : row + out, c : c + r] = (w.B * w.scale).to(dtype)
+                        row += out
             lo += rank
         return reallocated
 
@@ -184,20 +240,34 @@ def adapter_key(adapter: Adapter) -> tuple[int, ...]:
 
 
 # --- the forward passes ----------------------------------------------------------------------
-def _proj(model: LoraModel, lora: _LoraTable, name: str, x: torch.Tensor,
-          mask: torch.Tensor | None) -> torch.Tensor:
-    y = model.layers[name].base(x)
-    if mask is not None and name in lora.A:
-        y.addmm_((x @ lora.A[name].T) * mask, lora.B[name].T)
+def _group(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
+           masks: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """One projection group: [N, in] -> [N, Σ out] with each row's LoRA. `masks[n]`: the
+    rows' [N, n·R] column masks; an empty dict: every row has every column (one adapter);
+    None: no LoRA."""
+    weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
+    y = F.linear(x, weight, bias)
+    if masks is not None and group in lora.A:
+        low = x @ lora.A[group].T
+        n = len(lora.groups[group])
+        if masks:
+            low = low * masks[n]
+        y.addmm_(low, lora.B[group].T)
     return y
 
 
 def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions: torch.Tensor,
              mask: torch.Tensor | None, attend: Callable[..., torch.Tensor],
-             pick: torch.Tensor | None = None) -> torch.Tensor:
+             pick: torch.Tensor | None = None, uniform: bool = False) -> torch.Tensor:
     """Tokens [N] -> logits [N or len(pick), V] through the base model + the LoRA table.
-    `attend(layer_index, q, k, v, scale)` stores k/v and returns attention output [N, H, D]."""
+    `attend(layer_index, q, k, v, scale)` stores k/v and returns attention output [N, H, D].
+    `mask` [N, R]: each row's adapter columns; `uniform`: every row uses the one adapter."""
     kern, body, names = fastpath.KERNELS, model.hf.model, _layer_names(model)
+    masks: dict[int, torch.Tensor] | None = None
+    if uniform and lora.width:
+        masks = {}
+    elif mask is not None:
+        masks = {n: mask.repeat(1, n) for n in (1, 2, 3)}
     h = body.embed_tokens(tokens)
     cos, sin = body.rotary_emb(h[None], positions[None])
     cos, sin = cos[0], sin[0]
@@ -206,23 +276,29 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
         attn, ln1, ln2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
         p, dim = names[i], attn.head_dim
         x = kern.rms_norm(h, ln1.weight, ln1.variance_epsilon)
-        q = _proj(model, lora, p + "self_attn.q_proj", x, mask).view(n, -1, dim)
-        k = _proj(model, lora, p + "self_attn.k_proj", x, mask).view(n, -1, dim)
-        v = _proj(model, lora, p + "self_attn.v_proj", x, mask).view(n, -1, dim)
+        q_out = attn.q_proj.out_features
+        k_out = attn.k_proj.out_features
+        qkv = _group(model, lora, p + "qkv", x, masks)
+        q = qkv[:, :q_out].view(n, -1, dim)
+        k = qkv[:, q_out : q_out + k_out].view(n, -1, dim)
+        v = qkv[:, q_out + k_out :].view(n, -1, dim)
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         q, k = kern.qk_rope(q, k, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
                             0.0 if qn is None else qn.variance_epsilon, cos, sin)
-        o = attend(i, q, k, v, attn.scaling).reshape(n, -1)
-        h, x = kern.add_rms_norm(h, _proj(model, lora, p + "self_attn.o_proj", o, mask),
+        o = attend(i, q, k, v.contiguous(), attn.scaling).reshape(n, -1)
+        h, x = kern.add_rms_norm(h, _group(model, lora, p + "o", o, masks),
                                  ln2.weight, ln2.variance_epsilon)
-        gate = _proj(model, lora, p + "mlp.gate_proj", x, mask)
-        up = _proj(model, lora, p + "mlp.up_proj", x, mask)
-        h = h + _proj(model, lora, p + "mlp.down_proj", kern.silu_mul(gate, up), mask)
+        gate_up = _group(model, lora, p + "gate_up", x, masks)
+        inter = gate_up.shape[1] // 2
+        act = kern.silu_mul(gate_up[:, :inter], gate_up[:, inter:])
+        h = h + _group(model, lora, p + "down", act, masks)
     h = kern.rms_norm(h, body.norm.weight, body.norm.variance_epsilon)
     if pick is not None:
-        h, mask = h[pick], None if mask is None else mask[pick]
-    return _proj(model, lora, "lm_head", h, mask)
+        h = h[pick]
+        if masks:
+            masks = {1: masks[1][pick]}
+    return _group(model, lora, "lm_head", h, masks)
 
 
 def _layer_names(model: LoraModel) -> list[str]:
@@ -308,6 +384,7 @@ class RunningBatch:
         self.max_num_sequences = max_num_sequences
         self._kv_tokens = kv_tokens
         self.arena: KVArena | None = None
+        fuse_base_weights(model)
         self.lora = _LoraTable(model)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Seq] = []
@@ -323,7 +400,8 @@ class RunningBatch:
         """Queue a validated request (sampler.SampleSpec) with its adapter's weights."""
         arena = self._arena()
         request = _Request(key, spec, adapter,
-                           secrets.randbits(62) if spec.seed is None else spec.seed)
+                           secrets.randbits(62) if spec.seed is None else spec.seed,
+                           None if adapter is None else adapter_key(adapter))
         if spec.num_samples > self.max_num_sequences:
             raise UserError(f"num_samples={spec.num_samples} exceeds the sampler's "
                             f"max_num_sequences={self.max_num_sequences}")
@@ -388,17 +466,22 @@ class RunningBatch:
             r.open = len(r.seqs)
             joined.append(r)
         if joined:
-            needed = {adapter_key(r.adapter): r.adapter
+            needed = {r.key_of_adapter: r.adapter
                       for r in joined + [s.req for s in self.running] if r.adapter is not None}
             changed = set(needed) != set(self.lora.adapters)
             if changed and self.lora.rebuild(list(needed.values())) and self.graphs:
                 self.graphs.graphs.clear()  # they captured the old buffers
         return joined
 
-    def _mask(self, adapters: list[Adapter | None], repeats: list[int] | None = None):
-        if not self.lora.width:
+    def _uniform(self, keys: list[tuple[int, ...] | None]) -> bool:
+        """Every row on the table's only adapter: its LoRA needs no row mask."""
+        return (len(self.lora.adapters) == 1 and keys[0] in self.lora.adapters
+                and len(set(keys)) == 1)
+
+    def _mask(self, keys: list[tuple[int, ...] | None], repeats: list[int] | None = None):
+        if not self.lora.width or self._uniform(keys):
             return None
-        cols = [self.lora.columns(a) for a in adapters]
+        cols = [self.lora.columns(k) for k in keys]
         device = self.model.device
         lo = torch.tensor([c[0] for c in cols], device=device)
         hi = torch.tensor([c[1] for c in cols], device=device)
@@ -426,12 +509,13 @@ class RunningBatch:
             arena.v[i].index_copy_(0, write, v)
             return varlen(q, k, v, scale)
 
-        mask = self._mask([r.adapter for r in joined], lengths)
+        keys = [r.key_of_adapter for r in joined]
+        mask, uniform = self._mask(keys, lengths), self._uniform(keys)
         full = [r.spec.prompt_logprobs or r.spec.topk_prompt_logprobs > 0 for r in joined]
         # logits for every prompt position of requests that want prompt logprobs, else the last
         pick = torch.tensor([p for r, s, e, f in zip(joined, cu[:-1], cu[1:], full, strict=True)
                              for p in (range(s, e) if f else [e - 1])], device=device)
-        logits = _forward(model, self.lora, tokens, positions, mask, attend, pick)
+        logits = _forward(model, self.lora, tokens, positions, mask, attend, pick, uniform)
         # The prompt's KV goes to every other sample's region.
         src, dst = [], []
         for r, n in zip(joined, lengths, strict=True):
@@ -495,7 +579,8 @@ class RunningBatch:
                     scale=scale).transpose(0, 1))
             return torch.cat(out)
 
-        return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend)
+        return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend,
+                        uniform=x.uniform)
 
     def _choose_and_advance(self, logits: torch.Tensor, seqs: list[_Seq],
                             done: list[_Request]) -> None:
@@ -565,7 +650,8 @@ class _DecodeInputs:
     starts: torch.Tensor  # [B + 1] int32 region starts (the last entry unused)
     used: torch.Tensor  # [B] int32 keys after this step
     cu_q: torch.Tensor  # [B + 1] int32 0..B
-    mask: torch.Tensor | None  # [B, R]
+    mask: torch.Tensor | None  # [B, R]; None: no LoRA, or `uniform`
+    uniform: bool  # every row on one adapter (no mask needed)
     max_len: int
     starts_list: list[int]
     used_list: list[int]
@@ -573,6 +659,7 @@ class _DecodeInputs:
     @classmethod
     def build(cls, seqs: list[_Seq], batch: RunningBatch) -> _DecodeInputs:
         device = batch.model.device
+        keys = [s.req.key_of_adapter for s in seqs]
         starts = [s.start for s in seqs]
         used = [s.length + 1 for s in seqs]
         host = torch.tensor([[s.tokens[-1], s.length, s.start + s.length] for s in seqs])
@@ -583,30 +670,31 @@ class _DecodeInputs:
                                 device=device),
             used=torch.tensor(used, dtype=torch.int32, device=device),
             cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
-            mask=batch._mask([s.req.adapter for s in seqs]),
+            mask=batch._mask(keys), uniform=batch._uniform(keys),
             max_len=max(s.req.region for s in seqs),
             starts_list=starts, used_list=used,
         )
 
 
 class _Graphs:
-    """One CUDA graph per (batch bucket, LoRA width): static inputs, replayed per step."""
+    """One CUDA graph per (batch bucket, LoRA width, one-adapter batch): static inputs,
+    replayed per step."""
 
     def __init__(self, batch: RunningBatch):
         self.batch = batch
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _DecodeInputs,
-                                                 torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, _DecodeInputs,
+                                                       torch.Tensor]] = {}
         self.max_len = 0
 
     def run(self, x: _DecodeInputs) -> torch.Tensor:
         b = len(x.starts_list)
         bucket = 1 << max(0, (b - 1).bit_length())
-        key = (bucket, self.batch.lora.width)
+        key = (bucket, self.batch.lora.width, x.uniform)
         if key not in self.graphs or x.max_len > self.max_len:
             if x.max_len > self.max_len:  # graphs bake the longest region in: recapture all
                 self.max_len = max(x.max_len, 2 * self.max_len, 1024)
                 self.graphs.clear()
-            self.graphs[key] = self._capture(bucket)
+            self.graphs[key] = self._capture(bucket, x.uniform)
         graph, static, out = self.graphs[key]
         scratch = self.batch.arena.scratch
         for name in ("tokens", "positions"):
@@ -624,7 +712,8 @@ class _Graphs:
         graph.replay()
         return out[:b]
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, _DecodeInputs, torch.Tensor]:
+    def _capture(self, bucket: int, uniform: bool
+                 ) -> tuple[torch.cuda.CUDAGraph, _DecodeInputs, torch.Tensor]:
         batch, device = self.batch, self.batch.model.device
         scratch = batch.arena.scratch
         width = batch.lora.width
@@ -636,7 +725,9 @@ class _Graphs:
             starts=torch.full((bucket + 1,), scratch, dtype=torch.int32, device=device),
             used=torch.ones(bucket, dtype=torch.int32, device=device),
             cu_q=torch.arange(bucket + 1, dtype=torch.int32, device=device),
-            mask=torch.zeros(bucket, width, dtype=dtype, device=device) if width else None,
+            mask=(torch.zeros(bucket, width, dtype=dtype, device=device)
+                  if width and not uniform else None),
+            uniform=uniform,
             max_len=self.max_len, starts_list=[scratch] * bucket, used_list=[1] * bucket,
         )
         stream = torch.cuda.Stream()
