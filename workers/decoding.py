@@ -20,10 +20,14 @@ prompt is prefilled once, into its first sample's region, and copied to the othe
 Attention reads the arena in place: on CUDA one flash-attention call per layer for the whole
 batch (`cu_seqlens_k` = region starts, `seqused_k` = lengths), on the CPU one SDPA per row.
 
-LoRA in a step: every adapter in the batch has a column range in one concatenated
-A [R, in] / scale·B [out, R] per projection; a per-row 0/1 mask over the R columns keeps
-each row to its own adapter: y = base(x) + ((x Aᵀ) ⊙ mask) Bᵀ. Three dense matmuls per
-projection whatever the mix of adapters, and nothing that depends on the batch's order.
+Projections that read the same input run as one matmul: q/k/v and gate/up per layer
+(`fuse_base_weights` lays their base weights side by side once; the Linears keep views).
+LoRA in a step: every adapter in the batch has a column range of R columns; per projection
+group, A stacks the members' [R, in] blocks and scale·B is block-diagonal [Σ out, n·R]; a
+per-row 0/1 mask keeps each row to its own adapter's columns:
+y = base(x) + ((x Aᵀ) ⊙ mask) Bᵀ. A fixed number of dense matmuls whatever the mix of
+adapters (no mask when every row uses the only adapter), and nothing that depends on the
+batch's order.
 
 Decode steps run as CUDA graphs on CUDA (`cuda_graphs`), one per batch-size bucket (powers
 of two) and LoRA width, captured on first use; padded rows of a bucket write to a scratch
