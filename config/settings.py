@@ -199,7 +199,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             "--" + f.name.replace("_", "-"),
             type=_kind(f),
             default=None,
-            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})",
+            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
+            .replace("%", "%%"),  # argparse formats help strings with %
         )
     return parser
 
