@@ -187,6 +187,7 @@ class _LoraTable:
         # adapter_key -> (weights, first column, end column)
         self.adapters: OrderedDict[tuple[int, ...], tuple[Adapter, int, int]] = OrderedDict()
         self.width = 0
+        self.prefixes = _layer_names(model)  # "model.layers.{i}." per decoder layer
         self.groups = projection_groups(model)
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
@@ -266,7 +267,7 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
     """Tokens [N] -> logits [N or len(pick), V] through the base model + the LoRA table.
     `attend(layer_index, q, k, v, scale)` stores k/v and returns attention output [N, H, D].
     `mask` [N, R]: each row's adapter columns; `uniform`: every row uses the one adapter."""
-    kern, body, names = fastpath.KERNELS, model.hf.model, _layer_names(model)
+    kern, body, names = fastpath.KERNELS, model.hf.model, lora.prefixes
     masks: dict[int, torch.Tensor] | None = None
     if uniform and lora.width:
         masks = {}
@@ -393,7 +394,6 @@ class RunningBatch:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Seq] = []
         self.graphs = _Graphs(self) if cuda_graphs and model.device.type == "cuda" else None
-        self.steps = 0
 
     @property
     def busy(self) -> bool:
@@ -551,10 +551,8 @@ class RunningBatch:
         logits = self._run_decode(seqs)
         for s in seqs:
             s.length += 1  # the fed token's K/V is in the cache now
-        self.running = []
         self._choose_and_advance(logits, seqs, done)
         self.running = [s for s in seqs if s.stop_reason is None]
-        self.steps += 1
 
     def _run_decode(self, seqs: list[_Seq]) -> torch.Tensor:
         """Feed each sequence's last token; logits [B, V] for its next one."""
@@ -590,9 +588,6 @@ class RunningBatch:
                             done: list[_Request]) -> None:
         device = logits.device
         specs = [s.req.spec for s in seqs]
-        temps = torch.tensor([sp.temperature for sp in specs], device=device)
-        streams = torch.tensor([_stream(s.req.seed, s.index) for s in seqs], device=device)
-        steps = torch.tensor([len(s.tokens) for s in seqs], device=device)
         vocab = logits.shape[-1]
         top_k = top_p = None
         if any(0 < sp.top_k < vocab or sp.top_p < 1 for sp in specs):
@@ -604,6 +599,9 @@ class RunningBatch:
             tokens = logp.argmax(-1)
             logprobs = logp.gather(-1, tokens[:, None])[:, 0]
         else:
+            temps = torch.tensor([sp.temperature for sp in specs], device=device)
+            streams = torch.tensor([_stream(s.req.seed, s.index) for s in seqs], device=device)
+            steps = torch.tensor([len(s.tokens) for s in seqs], device=device)
             tokens, logprobs = _CHOOSE[0](logits, temps, streams, steps, top_k, top_p)
         for s, t, lp in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
             s.tokens.append(t)

@@ -124,12 +124,16 @@ def hidden_states(
     position_ids = pack.positions[None]
     rotary = body.rotary_emb(h, position_ids)
     for layer in body.layers:
-        if checkpoint_layers and torch.is_grad_enabled():
-            h = checkpoint(_run_layer, layer, h, position_ids, rotary, pack, router,
-                           use_reentrant=False)
-        else:
-            h = _run_layer(layer, h, position_ids, rotary, pack, router)
+        h = _maybe_checkpoint(checkpoint_layers, _run_layer, layer, h, position_ids, rotary,
+                              pack, router)
     return body.norm(h)[0]
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args) -> torch.Tensor:
+    """fn(*args), recomputed in the backward pass instead of saved when `enabled`."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _run_layer(layer, h, position_ids, rotary, pack: Pack, router: LoraRouter) -> torch.Tensor:
@@ -147,11 +151,8 @@ def _fast_hidden_states(body, router: LoraRouter, pack: Pack, checkpoint_layers:
     cos, sin = cos[0], sin[0]  # [T, D]
     attention = fastpath.VarlenAttention(pack.cu_seqlens, h.device)
     for layer in body.layers:
-        if checkpoint_layers and torch.is_grad_enabled():
-            h = checkpoint(_run_fast_layer, layer, h, cos, sin, attention, pack, router,
-                           use_reentrant=False)
-        else:
-            h = _run_fast_layer(layer, h, cos, sin, attention, pack, router)
+        h = _maybe_checkpoint(checkpoint_layers, _run_fast_layer, layer, h, cos, sin, attention,
+                              pack, router)
     return fastpath.KERNELS.rms_norm(h, body.norm.weight, body.norm.variance_epsilon)
 
 
