@@ -105,7 +105,7 @@ class KVArena:
 
 
 # --- requests and sequences ------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # identity: sequences and requests are dict keys / set members
 class _Seq:
     req: _Request
     index: int  # sample index within the request
@@ -116,7 +116,7 @@ class _Seq:
     stop_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     key: Any
     spec: Any  # sampler.SampleSpec

@@ -101,6 +101,19 @@ def test_the_batch_never_exceeds_its_sequence_limit_and_the_rest_wait(tiny_model
     assert [len(done[i].sequences[0].tokens) for i in range(5)] == [3, 4, 5, 6, 7]
 
 
+def test_fail_all_answers_every_request_once_and_frees_the_cache(tiny_model):
+    batch = RunningBatch(tiny_model, decode, [511], max_num_sequences=3, cuda_graphs=False,
+                         kv_tokens=4096)
+    for i in range(3):  # two requests run (2 + 1 samples), one waits
+        batch.admit(i, spec([1 + i, 2, 3], 20, num_samples=2 - i % 2), None)
+    batch.step(2)
+    assert len(batch.running) == 3 and len(batch.waiting) == 1
+    failed = batch.fail_all(RuntimeError("boom"))
+    assert sorted(k for k, _ in failed) == [0, 1, 2]
+    assert all(str(e) == "boom" for _, e in failed) and not batch.busy
+    assert batch.arena.free_tokens == batch.arena.capacity
+
+
 def test_a_request_keeps_the_weights_it_was_admitted_with(tiny_model):
     """A sampler slot reloaded (or a training adapter updated) mid-generation does not
     change a request already running: it samples the snapshot it started with."""
