@@ -107,21 +107,24 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
         while b.busy:
             done += b.step(64)
         outs.append(dict(done))
-    same = all(outs[0][i].sequences[0].tokens == outs[1][i].sequences[0].tokens
-               for i in range(len(specs)))
+    pairs = [zip(outs[0][i].sequences[0].tokens, outs[1][i].sequences[0].tokens, strict=True)
+             for i in range(len(specs))]
+    agree = [next((j for j, (a, b) in enumerate(p) if a != b), 16) for p in pairs]
     seqs = [s.prompt + outs[0][i].sequences[0].tokens for i, s in enumerate(specs)]
     with torch.no_grad():
         ref = model.packed_pass([q[:-1] for q in seqs], [q[1:] for q in seqs],
                                 [s.slot for s in specs], [False] * 3, lambda r, o, lp: -lp)
     diff = max(float((torch.tensor(outs[0][i].sequences[0].logprobs)
                       - ref.logprobs[i][-16:].cpu()).abs().max()) for i in range(3))
-    return (f"graphs vs eager greedy tokens {'identical' if same else 'DIFFER'}; "
+    same = "identical" if min(agree) == 16 else f"agree for {agree} of 16 tokens (bf16 ties?)"
+    return (f"graphs vs eager greedy tokens {same}; "
             f"max |sampled logprob - training forward| {diff:.4f} (bf16)")
 
 
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
           device, hf_batches: list[int], profile: list[int]) -> list[str]:
     cfg = qwen3_config(name)
+    torch.manual_seed(0)
     with torch.device(device):
         hf = __import__("transformers").AutoModelForCausalLM.from_config(
             cfg, dtype=torch.bfloat16, attn_implementation="sdpa")

@@ -32,6 +32,11 @@ batch's order.
 Decode steps run as CUDA graphs on CUDA (`cuda_graphs`), one per batch-size bucket (powers
 of two) and LoRA width, captured on first use; padded rows of a bucket write to a scratch
 token of the arena. Elsewhere, or with graphs off, the same function runs eagerly.
+Between steps the host builds nothing while the rows stay the same (`_Steady`): the chosen
+tokens are fed back and positions advance on the device, and the host reads each step's
+tokens one step late, while the next step runs, so stop checks overlap the GPU's work. A
+sequence that stops leaves its row idle (on the scratch token) until requests join or half
+the rows idle, when the rows are rebuilt; its one extra step stays inside its own region.
 
 Sampling is batch-independent by construction: sequence j of a request with seed s draws
 token t with Gumbel noise hashed from (s, j, t, token id), so the same seed gives the same
@@ -393,6 +398,7 @@ class RunningBatch:
         self.lora = _LoraTable(model)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Seq] = []
+        self.steady: _Steady | None = None  # the running rows' inputs, kept on the device
         self.graphs = _Graphs(self) if cuda_graphs and model.device.type == "cuda" else None
 
     @property
@@ -435,13 +441,17 @@ class RunningBatch:
         for every request that finished."""
         done: list[_Request] = []
         with torch.inference_mode():
-            joined = self._join()
-            if joined:
-                self._prefill(joined, done)
+            if self.waiting:
+                self._flush(done)  # joining changes the rows: the host must be current
+                joined = self._join()
+                if joined:
+                    self._prefill(joined, done)
+                    self.steady = None
             for _ in range(max_steps):
                 if not self.running:
                     break
                 self._decode_step(done)
+            self._flush(done)
         out = []
         for r in done:
             seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length") for s in r.seqs]
@@ -547,22 +557,50 @@ class RunningBatch:
         self.running.extend(s for s in seqs if s.stop_reason is None)
 
     def _decode_step(self, done: list[_Request]) -> None:
-        seqs = self.running
-        logits = self._run_decode(seqs)
-        for s in seqs:
+        """Launch one step from the device-side inputs, feed its tokens back on the device,
+        then read the previous step's tokens (ready by now) while this one runs."""
+        st = self.steady
+        if st is None or st.stale:
+            self._flush(done)
+            st = self.steady = _Steady.build(self)
+        logits = self.graphs.run(st.x) if self.graphs is not None else self._decode_forward(st.x)
+        for s in self.running:
             s.length += 1  # the fed token's K/V is in the cache now
-        self._choose_and_advance(logits, seqs, done)
-        self.running = [s for s in seqs if s.stop_reason is None]
+        tokens, logprobs = self._choose(logits, st.sampling)
+        st.advance(tokens)
+        previous, st.pending = st.pending, _to_host(tokens, logprobs)
+        if previous is not None:
+            self._collect(st, previous, done)
 
-    def _run_decode(self, seqs: list[_Seq]) -> torch.Tensor:
-        """Feed each sequence's last token; logits [B, V] for its next one."""
-        inputs = _DecodeInputs.build(seqs, self)
-        if self.graphs is not None:
-            return self.graphs.run(inputs)
-        return self._decode_forward(inputs)
+    def _flush(self, done: list[_Request]) -> None:
+        st = self.steady
+        if st is not None and st.pending is not None:
+            pending, st.pending = st.pending, None
+            self._collect(st, pending, done)
+
+    def _collect(self, st: _Steady, pending: tuple, done: list[_Request]) -> None:
+        """Record a step's tokens; a sequence that stops leaves its row idle (it writes to
+        the scratch token) until the rows are rebuilt."""
+        tokens, logprobs, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        ended = []
+        for row, (s, t, lp) in enumerate(zip(st.rows, tokens.tolist(), logprobs.tolist(),
+                                             strict=True)):
+            if s is None:
+                continue
+            self._record(s, t, lp, done)
+            if s.stop_reason is not None:
+                st.rows[row] = None
+                ended.append(row)
+        if ended:
+            st.idle(ended, self.arena.scratch)  # type: ignore[union-attr]
+            self.running = [s for s in st.rows if s is not None]
 
     def _decode_forward(self, x: _DecodeInputs) -> torch.Tensor:
         arena = self._arena()
+        if not x.tokens.is_cuda:  # the per-row CPU attention reads where each row is now
+            rows_at, rows_used = x.starts[:-1].tolist(), x.used.tolist()
 
         def attend(i, q, k, v, scale):
             arena.k[i].index_copy_(0, x.write, k)
@@ -572,7 +610,7 @@ class RunningBatch:
                     q, arena.k[i], arena.v[i], x.cu_q, x.starts, 1, x.max_len, 0.0, True,
                     False, scale=scale, seqused_k=x.used)[0]
             out = []
-            for b, (s, n) in enumerate(zip(x.starts_list, x.used_list, strict=True)):
+            for b, (s, n) in enumerate(zip(rows_at, rows_used, strict=True)):
                 kk, vv = arena.k[i][s : s + n], arena.v[i][s : s + n]
                 groups = q.shape[1] // kk.shape[1]
                 kk, vv = kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1)
@@ -584,31 +622,43 @@ class RunningBatch:
         return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend,
                         uniform=x.uniform)
 
-    def _choose_and_advance(self, logits: torch.Tensor, seqs: list[_Seq],
-                            done: list[_Request]) -> None:
-        device = logits.device
-        specs = [s.req.spec for s in seqs]
-        vocab = logits.shape[-1]
-        top_k = top_p = None
-        if any(0 < sp.top_k < vocab or sp.top_p < 1 for sp in specs):
-            top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in specs],
-                                 device=device)
-            top_p = torch.tensor([sp.top_p for sp in specs], device=device)
-        if top_k is None and all(sp.temperature <= 0 for sp in specs):  # all greedy
+    def _sampling(self, seqs: list[_Seq]) -> _Sampling | None:
+        """Per-row sampling tensors; None when every row is greedy."""
+        device, specs = self.model.device, [s.req.spec for s in seqs]
+        vocab = self.model.config.vocab_size
+        filtered = any(0 < sp.top_k < vocab or sp.top_p < 1 for sp in specs)
+        if not filtered and all(sp.temperature <= 0 for sp in specs):
+            return None
+        return _Sampling(
+            temps=torch.tensor([sp.temperature for sp in specs], device=device),
+            streams=torch.tensor([_stream(s.req.seed, s.index) for s in seqs], device=device),
+            steps=torch.tensor([len(s.tokens) for s in seqs], device=device),
+            top_k=torch.tensor([sp.top_k if 0 < sp.top_k < vocab else vocab for sp in specs],
+                               device=device) if filtered else None,
+            top_p=torch.tensor([sp.top_p for sp in specs], device=device) if filtered else None,
+        )
+
+    def _choose(self, logits: torch.Tensor, sampling: _Sampling | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sampling is None:  # all greedy
             logp = torch.log_softmax(logits.float(), dim=-1)
             tokens = logp.argmax(-1)
-            logprobs = logp.gather(-1, tokens[:, None])[:, 0]
-        else:
-            temps = torch.tensor([sp.temperature for sp in specs], device=device)
-            streams = torch.tensor([_stream(s.req.seed, s.index) for s in seqs], device=device)
-            steps = torch.tensor([len(s.tokens) for s in seqs], device=device)
-            tokens, logprobs = _CHOOSE[0](logits, temps, streams, steps, top_k, top_p)
+            return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        sp = sampling
+        return _CHOOSE[0](logits, sp.temps, sp.streams, sp.steps, sp.top_k, sp.top_p)
+
+    def _choose_and_advance(self, logits: torch.Tensor, seqs: list[_Seq],
+                            done: list[_Request]) -> None:
+        tokens, logprobs = self._choose(logits, self._sampling(seqs))
         for s, t, lp in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            s.stop_reason = self._stop_reason(s)
-            if s.stop_reason is not None:
-                self._finish(s, done)
+            self._record(s, t, lp, done)
+
+    def _record(self, s: _Seq, token: int, logprob: float, done: list[_Request]) -> None:
+        s.tokens.append(token)
+        s.logprobs.append(logprob)
+        s.stop_reason = self._stop_reason(s)
+        if s.stop_reason is not None:
+            self._finish(s, done)
 
     def _stop_reason(self, s: _Seq) -> str | None:
         spec, token = s.req.spec, s.tokens[-1]
@@ -633,6 +683,7 @@ class RunningBatch:
             self._arena().release(s.start, s.req.region)
         self.waiting.clear()
         self.running = []
+        self.steady = None
         return [(r.key, error) for r in requests]
 
 
@@ -655,8 +706,6 @@ class _DecodeInputs:
     mask: torch.Tensor | None  # [B, R]; None: no LoRA, or `uniform`
     uniform: bool  # every row on one adapter (no mask needed)
     max_len: int
-    starts_list: list[int]
-    used_list: list[int]
 
     @classmethod
     def build(cls, seqs: list[_Seq], batch: RunningBatch) -> _DecodeInputs:
@@ -674,8 +723,66 @@ class _DecodeInputs:
             cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
             mask=batch._mask(keys), uniform=batch._uniform(keys),
             max_len=max(s.req.region for s in seqs),
-            starts_list=starts, used_list=used,
         )
+
+
+@dataclass
+class _Sampling:
+    temps: torch.Tensor  # [B]; 0 = greedy
+    streams: torch.Tensor  # [B] noise stream of (seed, sample index)
+    steps: torch.Tensor  # [B] index of the token being chosen
+    top_k: torch.Tensor | None  # [B], or None when no row filters
+    top_p: torch.Tensor | None
+
+
+@dataclass(eq=False)
+class _Steady:
+    """The running rows' decode inputs, kept on the device between steps: each step's tokens
+    are fed back and positions advance there, so an unchanged set of rows costs the host no
+    tensor building, and the host reads a step's tokens one step late, while the next step
+    runs. A row whose sequence ended idles (reads and writes the scratch token) until
+    requests join or half the rows idle; then the rows are rebuilt from the host's state."""
+
+    rows: list[_Seq | None]
+    x: _DecodeInputs
+    alive: torch.Tensor  # [B] int32, 0 for idle rows
+    sampling: _Sampling | None
+    pending: tuple | None = None  # the last step's (tokens, logprobs, ready event) on host
+    stale: bool = False
+
+    @classmethod
+    def build(cls, batch: RunningBatch) -> _Steady:
+        rows = list(batch.running)
+        return cls(list(rows), _DecodeInputs.build(rows, batch),
+                   torch.ones(len(rows), dtype=torch.int32, device=batch.model.device),
+                   batch._sampling(rows))
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        x = self.x
+        x.tokens.copy_(tokens)
+        x.positions += self.alive
+        x.write += self.alive
+        x.used += self.alive
+        if self.sampling is not None:
+            self.sampling.steps += 1
+
+    def idle(self, rows: list[int], scratch: int) -> None:
+        for row in rows:
+            self.x.write[row] = scratch
+            self.x.starts[row] = scratch
+            self.x.used[row] = 1
+            self.alive[row] = 0
+        self.stale = 2 * sum(s is not None for s in self.rows) <= len(self.rows)
+
+
+def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple:
+    """Start copying a step's results to the host; (tokens, logprobs, event to wait on)."""
+    if tokens.device.type != "cuda":
+        return tokens, logprobs, None
+    out = (tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True))
+    ready = torch.cuda.Event()
+    ready.record()
+    return (*out, ready)
 
 
 class _Graphs:
@@ -689,7 +796,7 @@ class _Graphs:
         self.max_len = 0
 
     def run(self, x: _DecodeInputs) -> torch.Tensor:
-        b = len(x.starts_list)
+        b = x.tokens.shape[0]
         bucket = 1 << max(0, (b - 1).bit_length())
         key = (bucket, self.batch.lora.width, x.uniform)
         if key not in self.graphs or x.max_len > self.max_len:
@@ -730,7 +837,7 @@ class _Graphs:
             mask=(torch.zeros(bucket, width, dtype=dtype, device=device)
                   if width and not uniform else None),
             uniform=uniform,
-            max_len=self.max_len, starts_list=[scratch] * bucket, used_list=[1] * bucket,
+            max_len=self.max_len,
         )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

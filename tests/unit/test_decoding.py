@@ -87,6 +87,31 @@ def test_requests_join_mid_generation_and_get_what_they_get_alone(tiny_model):
                                torch.tensor(b_alone.prompt_logprobs[1:]), atol=1e-5, rtol=0)
 
 
+def test_rows_that_end_mid_tick_idle_and_the_rest_match_running_alone(tiny_model):
+    """Many decode steps per tick: the host reads tokens a step late, ended rows idle on the
+    scratch token, and the rows are rebuilt once half idle; nobody's output changes."""
+    model = with_adapters(tiny_model, 1)
+    specs = {i: spec([3 + i, 7, 11], 2 + 3 * i, 1 if i % 2 else BASE_SLOT,
+                     temperature=1.0 if i % 3 else 0.0, seed=i) for i in range(6)}
+    stopper = run_alone(model, specs[5]).sequences[0].tokens[3]  # ends request 5 early
+    specs[5] = spec([8, 7, 11], 17, 1, temperature=1.0, seed=5, stop_token_ids=[stopper])
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    for key, s in specs.items():
+        batch.admit(key, s, adapter_of(model, s.slot))
+    results, rebuilds = {}, set()
+    while batch.busy:
+        results.update(batch.step(8))
+        rebuilds.add(id(batch.steady))
+    assert sorted(results) == list(specs) and len(rebuilds) >= 2
+    assert batch.arena.free_tokens == batch.arena.capacity
+    for key, s in specs.items():
+        got, want = results[key].sequences[0], run_alone(model, s).sequences[0]
+        assert (got.tokens, got.stop_reason) == (want.tokens, want.stop_reason)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
+                                   atol=1e-5, rtol=0)
+    assert results[5].sequences[0].stop_reason == "stop"
+
+
 def test_the_batch_never_exceeds_its_sequence_limit_and_the_rest_wait(tiny_model):
     batch = RunningBatch(tiny_model, decode, [511], max_num_sequences=3, cuda_graphs=False,
                          kv_tokens=4096)
