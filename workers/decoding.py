@@ -168,13 +168,7 @@ def fuse_base_weights(model: LoraModel) -> dict[str, tuple[torch.Tensor, torch.T
             weight = torch.cat([b.weight for b in bases])
             has_bias = [b.bias is not None for b in bases]
             bias = torch.cat([b.bias for b in bases]) if all(has_bias) else None
-            row = 0
-            for b in bases:
-                n = b.weight.shape[0]
-                b.weight.data = weight[row : row + n]
-                if bias is not None:
-                    b.bias.data = bias[row : row + n]
-                row += n
+            _point(bases, weight, bias)
             if any(has_bias) and bias is None:  # mixed biases: keep the group's own zeros
                 bias = torch.cat([b.bias if b.bias is not None else
                                   torch.zeros_like(b.weight[:, 0]) for b in bases])
@@ -183,9 +177,38 @@ def fuse_base_weights(model: LoraModel) -> dict[str, tuple[torch.Tensor, torch.T
     return fused
 
 
+def _point(bases: list[torch.nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Make the Linears' weights (and biases) consecutive row views of `weight` (`bias`)."""
+    row = 0
+    for b in bases:
+        n = b.weight.shape[0]
+        b.weight.data = weight[row : row + n]
+        if bias is not None:
+            b.bias.data = bias[row : row + n]
+        row += n
+
+
+def _extend(model: LoraModel, group: str, names: list[str], extra: int
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Move a group's base weight into a buffer with `extra` more rows after it (for the
+    LoRA table's A, so one matmul gives the base output and x Aᵀ); the Linears follow."""
+    weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
+    out = weight.shape[0]
+    with torch.no_grad():
+        wide = torch.zeros(out + extra, weight.shape[1], dtype=weight.dtype,
+                           device=weight.device)
+        wide[:out] = weight
+        _point([model.layers[n].base for n in names], wide, None)
+    model._fused_groups[group] = (wide[:out], bias)  # type: ignore[attr-defined]
+    if bias is not None:
+        bias = torch.cat([bias, bias.new_zeros(extra)])
+    return wide, bias
+
+
 class _LoraTable:
     """The batch's adapters side by side, per projection group: A [n·R, in] (the members'
-    A stacked, R columns each) and a block-diagonal scale·B [Σ out, n·R]."""
+    A stacked, R columns each; stored as the last rows of the group's widened base weight)
+    and a block-diagonal scale·B [Σ out, n·R]."""
 
     def __init__(self, model: LoraModel):
         self.model = model
@@ -196,6 +219,7 @@ class _LoraTable:
         self.groups = projection_groups(model)
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
+        self.wide: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # [base; A]
 
     def columns(self, key: tuple[int, ...] | None) -> tuple[int, int]:
         """The column range of the adapter with this adapter_key (None: no columns)."""
@@ -213,12 +237,13 @@ class _LoraTable:
         layers, device = self.model.layers, self.model.device
         reallocated = width != self.width
         if reallocated:
-            self.A, self.B = {}, {}
+            self.A, self.B, self.wide = {}, {}, {}
             if width:
                 for group, names in self.groups.items():
-                    n, inp = len(names), layers[names[0]].in_features
+                    n = len(names)
                     out = sum(layers[m].out_features for m in names)
-                    self.A[group] = torch.zeros(n * width, inp, dtype=dtype, device=device)
+                    self.wide[group] = _extend(self.model, group, names, n * width)
+                    self.A[group] = self.wide[group][0][out:]
                     self.B[group] = torch.zeros(out, n * width, dtype=dtype, device=device)
             self.width = width
         else:
@@ -254,16 +279,18 @@ def _group(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
            masks: dict[int, torch.Tensor] | None) -> torch.Tensor:
     """One projection group: [N, in] -> [N, Σ out] with each row's LoRA. `masks[n]`: the
     rows' [N, n·R] column masks; an empty dict: every row has every column (one adapter);
-    None: no LoRA."""
-    weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
-    y = F.linear(x, weight, bias)
-    if masks is not None and group in lora.A:
-        low = x @ lora.A[group].T
-        n = len(lora.groups[group])
-        if masks:
-            low = low * masks[n]
-        y.addmm_(low, lora.B[group].T)
-    return y
+    None: no LoRA. With LoRA one matmul gives [base output | x Aᵀ] (A rows follow the base
+    weight), then the low-rank part adds into the base columns in place."""
+    if masks is None or group not in lora.wide:
+        weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
+        return F.linear(x, weight, bias)
+    weight, bias = lora.wide[group]
+    B = lora.B[group]
+    y = F.linear(x, weight, bias)  # [N, Σ out + n·R]
+    out, low = y[:, : B.shape[0]], y[:, B.shape[0] :]
+    if masks:
+        low = low * masks[len(lora.groups[group])]
+    return out.addmm_(low, B.T)
 
 
 def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions: torch.Tensor,
@@ -281,11 +308,14 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
     h = body.embed_tokens(tokens)
     cos, sin = body.rotary_emb(h[None], positions[None])
     cos, sin = cos[0], sin[0]
-    n = h.shape[0]
+    n, down = h.shape[0], None
     for i, layer in enumerate(body.layers):
         attn, ln1, ln2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
         p, dim = names[i], attn.head_dim
-        x = kern.rms_norm(h, ln1.weight, ln1.variance_epsilon)
+        if down is None:
+            x = kern.rms_norm(h, ln1.weight, ln1.variance_epsilon)
+        else:  # the previous layer's residual add, fused into this norm
+            h, x = kern.add_rms_norm(h, down, ln1.weight, ln1.variance_epsilon)
         q_out = attn.q_proj.out_features
         k_out = attn.k_proj.out_features
         qkv = _group(model, lora, p + "qkv", x, masks)
@@ -296,14 +326,14 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
         q, k = kern.qk_rope(q, k, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
                             0.0 if qn is None else qn.variance_epsilon, cos, sin)
-        o = attend(i, q, k, v.contiguous(), attn.scaling).reshape(n, -1)
+        o = attend(i, q, k, v, attn.scaling).reshape(n, -1)
         h, x = kern.add_rms_norm(h, _group(model, lora, p + "o", o, masks),
                                  ln2.weight, ln2.variance_epsilon)
         gate_up = _group(model, lora, p + "gate_up", x, masks)
         inter = gate_up.shape[1] // 2
         act = kern.silu_mul(gate_up[:, :inter], gate_up[:, inter:])
-        h = h + _group(model, lora, p + "down", act, masks)
-    h = kern.rms_norm(h, body.norm.weight, body.norm.variance_epsilon)
+        down = _group(model, lora, p + "down", act, masks)
+    _, h = kern.add_rms_norm(h, down, body.norm.weight, body.norm.variance_epsilon)
     if pick is not None:
         h = h[pick]
         if masks:
@@ -521,7 +551,7 @@ class RunningBatch:
         def attend(i, q, k, v, scale):
             arena.k[i].index_copy_(0, write, k)
             arena.v[i].index_copy_(0, write, v)
-            return varlen(q, k, v, scale)
+            return varlen(q, k, v.contiguous(), scale)
 
         keys = [r.key_of_adapter for r in joined]
         mask, uniform = self._mask(keys, lengths), self._uniform(keys)
