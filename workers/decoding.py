@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers import fastpath
+from workers import fastpath, tp
 from workers.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
@@ -217,6 +217,8 @@ class _LoraTable:
         self.width = 0
         self.prefixes = _layer_names(model)  # "model.layers.{i}." per decoder layer
         self.groups = projection_groups(model)
+        self.styles = {g: getattr(model.layers[names[0]], "tp_style", None)
+                       for g, names in self.groups.items()}  # tensor-parallel layout
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
         self.wide: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # [base; A]
@@ -281,16 +283,24 @@ def _group(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
     rows' [N, n·R] column masks; an empty dict: every row has every column (one adapter);
     None: no LoRA. With LoRA one matmul gives [base output | x Aᵀ] (A rows follow the base
     weight), then the low-rank part adds into the base columns in place."""
+    style = lora.styles[group]
     if masks is None or group not in lora.wide:
         weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return tp.reduce_from(y, model.tp) if style == "row" else _gather(y, style, model)
     weight, bias = lora.wide[group]
     B = lora.B[group]
     y = F.linear(x, weight, bias)  # [N, Σ out + n·R]
+    if style == "row":  # partial sums of the base output and of x Aᵀ alike (A is split too)
+        y = tp.reduce_from(y, model.tp)
     out, low = y[:, : B.shape[0]], y[:, B.shape[0] :]
     if masks:
         low = low * masks[len(lora.groups[group])]
-    return out.addmm_(low, B.T)
+    return _gather(out.addmm_(low, B.T), style, model)
+
+
+def _gather(y: torch.Tensor, style: str | None, model: LoraModel) -> torch.Tensor:
+    return tp.gather_vocab(y, model.tp) if style == "vocab" else y
 
 
 def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions: torch.Tensor,
@@ -455,11 +465,13 @@ class RunningBatch:
         if self.arena is None:
             c, m = self.model.config, self.model
             head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            k_proj = next(v for n, v in m.layers.items() if n.endswith("k_proj"))
+            kv_heads = k_proj.out_features // head_dim  # this rank's, under tensor parallelism
             dtype = next(m.hf.parameters()).dtype
-            per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (
+            per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
                 torch.finfo(dtype).bits // 8)
             tokens = self._kv_tokens or _auto_kv_tokens(m.device, per_token)
-            self.arena = KVArena(c.num_hidden_layers, tokens, c.num_key_value_heads, head_dim,
+            self.arena = KVArena(c.num_hidden_layers, tokens, kv_heads, head_dim,
                                  dtype, m.device)
             log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,
                      tokens * per_token / 2**30)

@@ -14,6 +14,7 @@ culprit fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -36,7 +37,7 @@ from app.wire import (
     encode_sample_response,
 )
 from config import Settings, model_dir
-from workers import checkpoints, decoding, fastpath, sampler
+from workers import checkpoints, decoding, fastpath, sampler, tp
 from workers.decoding import RunningBatch
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
@@ -191,7 +192,11 @@ class Executor:
     def _optim_step(self, job: Job, body: dict[str, Any]) -> Outcome:
         run = self._run(job.model_id)
         params = self.model.adapter_parameters(run.slot)
-        run.adam, metrics = adamw_step(params, run.adam, **body["adam_params"])
+        norm = None
+        if tp.active(self.model.tp):  # shards' squares summed over ranks, replicas once
+            layers = self.model.adapter_layers(run.slot)
+            norm = functools.partial(tp.grad_norm, layers)
+        run.adam, metrics = adamw_step(params, run.adam, **body["adam_params"], norm=norm)
         return Outcome(json={"metrics": metrics, "type": "optim_step"})
 
     def _save_weights(self, job: Job, body: dict[str, Any]) -> Outcome:

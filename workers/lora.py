@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.tp import TP, copy_to, reduce_from, shard_factor
+
 BASE_SLOT = -1  # rows that run on the base model only
 
 # Projection groups a client can switch on: Tinker's train_attn / train_mlp / train_unembed.
@@ -72,6 +74,8 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.router = router
         self.adapters: dict[int, LoraWeights] = {}
+        self.tp: TP | None = None  # set by tp.apply_tp, with tp_style "col" / "row" / "vocab"
+        self.tp_style: str | None = None
 
     @property
     def in_features(self) -> int:
@@ -93,6 +97,7 @@ class MultiLoraLinear(nn.Module):
         routing = self.router.routing
         if routing.segments is not None:
             return self.forward_segments(x, routing.segments, routing.segment_ends)
+        x = self._enter(x)
         y = self.base(x)  # [B, S, out]
         for slot, rows in routing.groups:
             w = self.adapters.get(slot)
@@ -101,7 +106,14 @@ class MultiLoraLinear(nn.Module):
             xs = x if rows is None else x.index_select(0, rows)
             delta = self._delta(w, xs).to(y.dtype)  # [b, S, out]
             y = y + delta if rows is None else y.index_add(0, rows, delta)
-        return y
+        return self._leave(y)
+
+    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to(x, self.tp) if self.tp_style in ("col", "vocab") else x
+
+    def _leave(self, y: torch.Tensor) -> torch.Tensor:
+        """A row layer's partial sums (base and LoRA delta together) summed over ranks."""
+        return reduce_from(y, self.tp) if self.tp_style == "row" else y
 
     def forward_segments(
         self, x: torch.Tensor, segments: list[tuple[int, int, int]],
@@ -114,12 +126,13 @@ class MultiLoraLinear(nn.Module):
         the runs' ends as an int32 device tensor, when the caller made it once for many
         layers (a host-to-device copy per layer would stall the launch queue).
         """
+        x = self._enter(x)
         y = self.base(x)  # [..., T, out]; not saved by its own backward, so adding in place is safe
         live = [seg for seg in segments if seg[0] in self.adapters]
         if not live:
-            return y
+            return self._leave(y)
         if len(segments) > 1 and _groupable(x, self.in_features, self.out_features):
-            return y.add_(self._grouped_delta(x, segments, ends))
+            return self._leave(y.add_(self._grouped_delta(x, segments, ends)))
         for slot, start, end in live:
             w = self.adapters[slot]
             if start == 0 and end == x.shape[-2] and y.dim() == 2:
@@ -130,7 +143,7 @@ class MultiLoraLinear(nn.Module):
                 y.add_(self._delta(w, x).to(y.dtype))
             else:
                 y[..., start:end, :] += self._delta(w, x[..., start:end, :]).to(y.dtype)
-        return y
+        return self._leave(y)
 
     def _grouped_delta(self, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        ends: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,9 +259,12 @@ def init_lora_weights(
     layer: MultiLoraLinear, rank: int, scale: float, generator: torch.Generator,
     device: torch.device,
 ) -> LoraWeights:
-    """peft's default init: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0 (so ΔW = 0)."""
-    bound = 1.0 / math.sqrt(layer.in_features)
-    A = (torch.rand(rank, layer.in_features, generator=generator, dtype=torch.float32) * 2 - 1)
-    A = (A * bound).to(device).requires_grad_(True)
+    """peft's default init: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0 (so ΔW = 0).
+    Under tensor parallelism the full A is drawn (the same numbers as on one GPU) and this
+    rank keeps its part."""
+    full_in, _ = getattr(layer, "full_features", (layer.in_features, layer.out_features))
+    bound = 1.0 / math.sqrt(full_in)
+    A = (torch.rand(rank, full_in, generator=generator, dtype=torch.float32) * 2 - 1)
+    A = shard_factor(layer, "A", A * bound).contiguous().to(device).requires_grad_(True)
     B = torch.zeros(layer.out_features, rank, dtype=torch.float32, device=device)
     return LoraWeights(A=A, B=B.requires_grad_(True), scale=scale)

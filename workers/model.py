@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from workers import fastpath, packed
+from workers import fastpath, packed, tp
 from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
 from workers.lora import wrap_model as _wrap
 
@@ -80,6 +80,7 @@ class LoraModel:
         params = inspect.signature(self.hf.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.fast = fastpath.supported(self.hf)  # packed passes through workers.fastpath
+        self.tp: tp.TP | None = None  # set by tp.apply_tp
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -116,19 +117,33 @@ class LoraModel:
         self.adapters[slot] = spec
 
     def set_adapter_weights(
-        self, slot: int, spec: AdapterSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self, slot: int, spec: AdapterSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        full: bool = True,
     ) -> None:
-        """Install given (A, B) per layer name into `slot` (checkpoint loading)."""
+        """Install given (A, B) per layer name into `slot`: whole matrices (checkpoint
+        loading; under tensor parallelism this rank keeps its part), or with `full` False
+        this rank's parts as `adapter_weights` gave them (moving an adapter)."""
         self.drop_adapter(slot)
         for name, (A, B) in weights.items():
             if name not in self.layers:
                 raise ValueError(f"checkpoint names layer {name!r}, which the model lacks")
-            self.layers[name].adapters[slot] = LoraWeights(
-                A=A.to(self.device, torch.float32).requires_grad_(True),
-                B=B.to(self.device, torch.float32).requires_grad_(True),
-                scale=spec.scale,
-            )
+            layer = self.layers[name]
+            if full:
+                A, B = tp.shard_factor(layer, "A", A), tp.shard_factor(layer, "B", B)
+            layer.adapters[slot] = LoraWeights(
+                A=_leaf(A, self.device), B=_leaf(B, self.device), scale=spec.scale)
         self.adapters[slot] = spec
+
+    def full_adapter(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) per layer name as whole matrices, detached (under tensor parallelism a
+        collective: every rank calls it)."""
+        return {name: (tp.full_factor(self.layers[name], "A", w.A.detach()),
+                       tp.full_factor(self.layers[name], "B", w.B.detach()))
+                for name, w in self.adapter_weights(slot).items()}
+
+    def adapter_layers(self, slot: int) -> list[MultiLoraLinear]:
+        """The layer of each tensor of `adapter_parameters(slot)`, in the same order."""
+        return [self.layers[n] for n in self.adapter_weights(slot) for _ in (0, 1)]
 
     def drop_adapter(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -208,8 +223,11 @@ class LoraModel:
         if body and head.grad_h is not None and h.requires_grad:
             found = torch.autograd.grad(h, body, head.grad_h, allow_unused=True)
             grads.update({id(p): g for p, g in zip(body, found, strict=True) if g is not None})
-        return PassResult(head.logprobs, head.losses, {
-            s: [grads.get(id(p)) for p in self.adapter_parameters(s)] for s in train_slots})
+        per_slot = {s: [grads.get(id(p)) for p in self.adapter_parameters(s)]
+                     for s in train_slots}
+        for s, found in per_slot.items():
+            tp.reduce_grads(self.adapter_layers(s), found)
+        return PassResult(head.logprobs, head.losses, per_slot)
 
     def warm_up(self, slot: int) -> None:
         """A small training pass and a forward-only pass on a scratch adapter in `slot`, so
@@ -245,3 +263,9 @@ class LoraModel:
         logp = torch.log_softmax(logits.float(), dim=-1)
         picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [B, S]
         return [picked[i, :n] for i, n in enumerate(lengths)]
+
+
+def _leaf(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh fp32 leaf on `device`: never a view of the caller's tensor, which may be
+    another model's weights or a slice of a whole matrix."""
+    return t.detach().to(device, torch.float32, copy=True).contiguous().requires_grad_(True)

@@ -9,6 +9,7 @@ torch.nn.utils.clip_grad_norm_'s, so results match `clip_grad_norm_` + `AdamW` t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,19 +69,21 @@ def adamw_step(
     eps: float,
     weight_decay: float,
     grad_clip_norm: float,
+    norm: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> tuple[AdamState, dict[str, float]]:
     """One AdamW step on `params` from their `.grad`, in place; the grads are then cleared.
 
     A parameter without a grad counts as a zero grad (it still decays and its moments still
     move), unlike torch.optim, which skips it: an adapter's step is one step for all of it.
-    Returns the new state and metrics named "name:reduction".
+    Returns the new state and metrics named "name:reduction". `norm`: the global gradient
+    norm's rule when it is not the plain one (tensor parallelism: `tp.grad_norm`).
     """
     _check_hyperparameters(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)
     state = AdamState.zeros(params) if state is None else state
     _match_params(state, params)
     with torch.no_grad():
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        grad_norm = _clip_(grads, grad_clip_norm)
+        grad_norm = _clip_(grads, grad_clip_norm, norm)
         state.step += 1
         _adamw_update(params, grads, state.exp_avg, state.exp_avg_sq, state.step,
                       learning_rate, beta1, beta2, eps, weight_decay)
@@ -132,7 +135,8 @@ def _adamw_update(
     torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - beta1**step))
 
 
-def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
+def _clip_(grads: list[torch.Tensor], max_norm: float,
+           norm: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> float:
     """Global L2 norm of `grads` before clipping; scales them in place if it exceeds max_norm.
 
     clip_grad_norm_'s rule: coef = max_norm / (norm + 1e-6), applied only when < 1.
@@ -140,7 +144,10 @@ def _clip_(grads: list[torch.Tensor], max_norm: float) -> float:
     """
     if not grads:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    if norm is not None:
+        total = norm(grads)
+    else:
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     if max_norm > 0:
         torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return float(total)

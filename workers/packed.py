@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from workers import fastpath
+from workers import fastpath, tp
 from workers.lora import LoraRouter, segment_ends
 
 ATTN_NAME = "tinkerq"
@@ -232,5 +232,9 @@ def fused_head(
 
 
 def chunk_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, segments) -> torch.Tensor:
-    """log p(target) [C] fp32 for C positions: one [C, vocab] logits tensor at a time."""
-    return fastpath.KERNELS.target_logprobs(lm_head.forward_segments(h, segments), targets)
+    """log p(target) [C] fp32 for C positions: one [C, vocab] logits tensor at a time (under
+    tensor parallelism [C, vocab/N] per rank, combined by `tp.vocab_logprobs`)."""
+    logits = lm_head.forward_segments(h, segments)
+    if tp.active(lm_head.tp):
+        return tp.vocab_logprobs(logits, targets, lm_head.tp_span[0], lm_head.tp)
+    return fastpath.KERNELS.target_logprobs(logits, targets)

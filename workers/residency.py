@@ -100,7 +100,8 @@ class Residency:
         saved = self.offloaded.pop(model_id)
         # set_adapter_weights makes fresh leaves on the device; the grads follow them.
         self.model.set_adapter_weights(
-            slot, run.spec, {name: (w.A.detach(), w.B.detach()) for name, w in saved.items()}
+            slot, run.spec, {name: (w.A.detach(), w.B.detach()) for name, w in saved.items()},
+            full=False,
         )
         for name, w in self.model.adapter_weights(slot).items():
             w.A.grad = _grad_to(saved[name].A, w.A.device)

@@ -1,0 +1,132 @@
+"""Tensor parallelism over 2 gloo ranks on CPU against the same model on one rank.
+
+Each rank builds the tiny model twice from one seed, shards one copy (`apply_tp`) and
+checks, against the whole copy, on a batch that mixes three adapters and the base model:
+forward logprobs, losses, every LoRA gradient (a shard against the matching slice), the
+gradient norm, the weights and logprobs after one AdamW step, and greedy sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import tiny_qwen3_config
+from tests.e2e.stack import free_port
+from workers import tp
+from workers.decoding import RunningBatch
+from workers.lora import BASE_SLOT
+from workers.model import AdapterSpec, LoraModel
+from workers.optimizer import adamw_step
+from workers.sampler import SampleSpec, adapter_of
+
+SPECS = {0: AdapterSpec(4, 8.0), 1: AdapterSpec(8, 16.0, train_mlp=False),
+         2: AdapterSpec(4, 4.0, train_unembed=False)}
+ROWS = [([5, 9, 13, 21, 34, 55], 0), ([7, 7, 8, 100, 200], 1), ([300, 2, 3, 4], 2),
+        ([11, 12, 13, 14, 15, 16, 17], 0), ([42, 43, 44], BASE_SLOT)]
+ADAM = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01,
+            grad_clip_norm=0.5)
+
+
+def build(rank: int, size: int) -> tuple[LoraModel, LoraModel]:
+    models = []
+    for sharded in (False, True):
+        m = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32,
+                                  seed=0)
+        if sharded:
+            tp.apply_tp(m, tp.TP(rank, size, dist.group.WORLD))
+        for slot, spec in SPECS.items():
+            m.add_adapter(slot, spec, torch.Generator().manual_seed(slot))
+        models.append(m)
+    whole, part = models
+    for slot in SPECS:  # non-zero B, so every factor matters
+        g = torch.Generator().manual_seed(100 + slot)
+        with torch.no_grad():
+            for w in whole.adapter_weights(slot).values():
+                w.B.copy_(torch.randn(w.B.shape, generator=g) * 0.3)
+        part.set_adapter_weights(slot, SPECS[slot], whole.full_adapter(slot))
+    return whole, part
+
+
+def packed(m: LoraModel):
+    tokens = [r[:-1] for r, _ in ROWS]
+    targets = [r[1:] for r, _ in ROWS]
+    weights = [torch.linspace(0.5, 1.5, len(t)) for t in tokens]
+    return m.packed_pass(tokens, targets, [s for _, s in ROWS], [True] * len(ROWS),
+                         lambda i, off, lp: -lp * weights[i][off : off + len(lp)])
+
+
+def slice_of(layer, factor: str, full: torch.Tensor) -> torch.Tensor:
+    return tp.shard_factor(layer, factor, full)
+
+
+def greedy(m: LoraModel) -> list[list[int]]:
+    batch = RunningBatch(m, lambda ids: "", [], cuda_graphs=False, kv_tokens=2048)
+    for i, (row, slot) in enumerate(ROWS):
+        batch.admit(i, SampleSpec(row, 1, 6, slot, temperature=0.0, stop_at_eos=False),
+                    adapter_of(m, slot))
+    done = {}
+    while batch.busy:
+        done.update(batch.step(4))
+    return [done[i].sequences[0].tokens for i in range(len(ROWS))]
+
+
+def check_rank(rank: int, size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    try:
+        whole, part = build(rank, size)
+        close = dict(atol=2e-5, rtol=1e-4)
+        # fresh adapters: the same A numbers as one GPU draws (this rank's part)
+        fresh_whole, fresh_part = (LoraModel.from_config(
+            tiny_qwen3_config(), torch.device("cpu"), torch.float32, seed=0) for _ in "ab")
+        tp.apply_tp(fresh_part, tp.TP(rank, size, dist.group.WORLD))
+        for m in (fresh_whole, fresh_part):
+            m.add_adapter(0, SPECS[0], torch.Generator().manual_seed(7))
+        for name, w in fresh_part.adapter_weights(0).items():
+            layer, ref = fresh_part.layers[name], fresh_whole.adapter_weights(0)[name]
+            torch.testing.assert_close(w.A, slice_of(layer, "A", ref.A), atol=0, rtol=0)
+
+        a, b = packed(whole), packed(part)
+        for x, y in zip(a.logprobs + a.losses, b.logprobs + b.losses, strict=True):
+            torch.testing.assert_close(y, x, **close)
+        for slot in SPECS:
+            layers = part.adapter_layers(slot)
+            for i, (ga, gb) in enumerate(zip(a.grads[slot], b.grads[slot], strict=True)):
+                torch.testing.assert_close(gb, slice_of(layers[i], "AB"[i % 2], ga), **close)
+        # one AdamW step per adapter, clipped by the global norm
+        for slot in SPECS:
+            for m, res in ((whole, a), (part, b)):
+                params = m.adapter_parameters(slot)
+                for p, g in zip(params, res.grads[slot], strict=True):
+                    p.grad = g
+                norm = functools.partial(tp.grad_norm, m.adapter_layers(slot)) if m is part \
+                    else None
+                _, metrics = adamw_step(params, None, **ADAM, norm=norm)
+                if m is whole:
+                    want = metrics["grad_norm:mean"]
+                else:
+                    assert abs(metrics["grad_norm:mean"] - want) <= 1e-4 * want
+        stepped = dict(atol=2e-4, rtol=0)  # Adam's first step is ±lr where |grad| >> eps;
+        for slot in SPECS:  # a grad near eps moves its weight by a rounding-sensitive amount
+            full = part.full_adapter(slot)
+            for name, w in whole.adapter_weights(slot).items():
+                torch.testing.assert_close(full[name][0], w.A.detach(), **stepped)
+                torch.testing.assert_close(full[name][1], w.B.detach(), **stepped)
+        a, b = packed(whole), packed(part)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            torch.testing.assert_close(y, x, **close)
+        assert greedy(part) == greedy(whole)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2])
+def test_two_gloo_ranks_match_one(size):
+    mp.spawn(check_rank, args=(size, free_port()), nprocs=size, join=True)
