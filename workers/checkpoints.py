@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers import tp
 from workers.jobs import UserError
 from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
 from workers.model import AdapterSpec, LoraModel
@@ -46,7 +47,10 @@ LayerWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A,
 def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str) -> int:
     """Write the adapter in `slot` as a peft LoRA folder; returns the bytes written."""
     spec = _spec_of(model, slot)
-    return _write_atomic(Path(path), lambda d: _write_peft(d, model, slot, spec, base_model))
+    tensors = _peft_tensors(model, slot)
+    if not _writes(model):
+        return 0
+    return _write_atomic(Path(path), lambda d: _write_peft(d, tensors, spec, base_model))
 
 
 def load_sampler_weights(path: Path) -> tuple[AdapterSpec, LayerWeights]:
@@ -71,9 +75,16 @@ def save_training_state(
 ) -> int:
     """Write weights, optimizer moments and the adapter's spec; returns the bytes written."""
     spec = _spec_of(model, slot)
+    tensors = _peft_tensors(model, slot)
+    if optimizer is not None and tp.active(model.tp):  # whole moments, like the weights
+        layers = model.adapter_layers(slot)
+        optimizer = AdamState(optimizer.step, tp.full_tensors(layers, optimizer.exp_avg),
+                              tp.full_tensors(layers, optimizer.exp_avg_sq))
+    if not _writes(model):
+        return 0
 
     def write(folder: Path) -> None:
-        _write_peft(folder, model, slot, spec, base_model)
+        _write_peft(folder, tensors, spec, base_model)
         if optimizer is not None:
             save_file(optimizer.to_tensors(), str(folder / OPTIMIZER_FILE))
         state = {
@@ -120,13 +131,22 @@ def _spec_of(model: LoraModel, slot: int) -> AdapterSpec:
     return spec
 
 
-def _write_peft(
-    folder: Path, model: LoraModel, slot: int, spec: AdapterSpec, base_model: str
-) -> None:
+def _peft_tensors(model: LoraModel, slot: int) -> dict[str, torch.Tensor]:
+    """The adapter's whole A and B under peft's names (a collective under tensor
+    parallelism: every rank calls it, rank 0 writes)."""
     tensors = {}
-    for name, w in model.adapter_weights(slot).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w.A.detach().float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w.B.detach().float().cpu().contiguous()
+    for name, (A, B) in model.full_adapter(slot).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.float().cpu().contiguous()
+    return tensors
+
+
+def _writes(model: LoraModel) -> bool:
+    return model.tp is None or model.tp.rank == 0
+
+
+def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], spec: AdapterSpec,
+                base_model: str) -> None:
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",

@@ -50,7 +50,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import secrets
+import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +64,7 @@ from workers.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
 from workers.sampler import SampledSeq, SampleOutput, _prompt_outputs
+from workers.tp_runtime import agree_min
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,15 @@ def _extend(model: LoraModel, group: str, names: list[str], extra: int
     LoRA table's A, so one matmul gives the base output and x Aᵀ); the Linears follow."""
     weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
     out = weight.shape[0]
-    with torch.no_grad():
+    # (a sampling step runs under inference_mode; these weights must stay usable by training)
+    with torch.inference_mode(False), torch.no_grad():
         wide = torch.zeros(out + extra, weight.shape[1], dtype=weight.dtype,
                            device=weight.device)
         wide[:out] = weight
         _point([model.layers[n].base for n in names], wide, None)
-    model._fused_groups[group] = (wide[:out], bias)  # type: ignore[attr-defined]
-    if bias is not None:
-        bias = torch.cat([bias, bias.new_zeros(extra)])
+        model._fused_groups[group] = (wide[:out], bias)  # type: ignore[attr-defined]
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(extra)])
     return wide, bias
 
 
@@ -439,6 +441,7 @@ class RunningBatch:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Seq] = []
         self.steady: _Steady | None = None  # the running rows' inputs, kept on the device
+        self.rng = random.Random()  # seeds of unseeded requests (the same on every TP rank)
         self.graphs = _Graphs(self) if cuda_graphs and model.device.type == "cuda" else None
 
     @property
@@ -450,7 +453,7 @@ class RunningBatch:
         """Queue a validated request (sampler.SampleSpec) with its adapter's weights."""
         arena = self._arena()
         request = _Request(key, spec, adapter,
-                           secrets.randbits(62) if spec.seed is None else spec.seed,
+                           self.rng.getrandbits(62) if spec.seed is None else spec.seed,
                            None if adapter is None else adapter_key(adapter))
         if spec.num_samples > self.max_num_sequences:
             raise UserError(f"num_samples={spec.num_samples} exceeds the sampler's "
@@ -470,7 +473,7 @@ class RunningBatch:
             dtype = next(m.hf.parameters()).dtype
             per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
                 torch.finfo(dtype).bits // 8)
-            tokens = self._kv_tokens or _auto_kv_tokens(m.device, per_token)
+            tokens = self._kv_tokens or agree_min(_auto_kv_tokens(m.device, per_token), m.tp)
             self.arena = KVArena(c.num_hidden_layers, tokens, kv_heads, head_dim,
                                  dtype, m.device)
             log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from workers.decoding import RunningBatch
 from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
-from workers.optimizer import adamw_step
+from workers.optimizer import AdamState, adamw_step
 from workers.residency import Residency, Run
 from workers.scheduler import Plan
 from workers.trainer import Trainer, TrainJob
@@ -86,16 +85,36 @@ class Executor:
                                      settings.sample_max_num_sequences,
                                      settings.sample_kv_tokens, settings.sample_cuda_graphs)
         self._sample_started: dict[str, float] = {}  # request id -> admission time
+        self.leader: Any = None  # tp_runtime.Leader on rank 0 under tensor parallelism
+        self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Executor:
+        return cls.build(settings)
+
+    @classmethod
+    def build(cls, settings: Settings, rank: int = 0,
+              join: Callable[[torch.device], tp.TP] | None = None) -> Executor:
+        """Load the model (rank `rank`'s shard under tensor parallelism: rank 0 starts the
+        other ranks, a follower joins them with `join`) and make the executor."""
         from workers.default_model import ensure_default_model
 
         folder = model_dir(settings)
-        if settings.base_model == "tinkerq/tiny-qwen3":
+        if rank == 0 and settings.base_model == "tinkerq/tiny-qwen3":
             ensure_default_model(folder)
         device = pick_device(settings.device)
-        model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device))
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+        leader, group = None, None
+        if settings.tensor_parallel_size > 1:
+            from workers.tp_runtime import Leader
+
+            if rank == 0:
+                leader = Leader.start(settings, device)
+                group = leader.tp
+            else:
+                group = join(device)  # type: ignore[misc]
+        model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device), group)
         decode, eos = load_tokenizer(folder, model)
         if device.type == "cuda" and model.fast and settings.compile_kernels:
             fastpath.compile_kernels()
@@ -104,10 +123,19 @@ class Executor:
             model.warm_up(settings.max_lora_adapters + settings.max_sampler_adapters)
             log.info("training kernels compiled in %.1f s", time.monotonic() - started)
         log.info("loaded %s from %s on %s", settings.base_model, folder, device)
-        return cls(model, settings, decode, eos)
+        executor = cls(model, settings, decode, eos)
+        executor.leader = leader
+        return executor
 
     # --- the plan -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> dict[str, Outcome]:
+        """Run the tick's plan; under tensor parallelism every follower runs it too, with
+        the same seed for the tick's random choices."""
+        return self.run_here(plan, None if self.leader is None else self.leader.send(plan))
+
+    def run_here(self, plan: Plan, seed: int | None = None) -> dict[str, Outcome]:
+        if seed is not None:  # the tick's random choices, alike on every rank
+            self.rng.seed(seed)
         outcomes: dict[str, Outcome] = {}
         for job, _ in plan.expired:
             self._parsed.pop(job.request_id, None)
@@ -167,7 +195,7 @@ class Executor:
         model_id = body["model_id"]
         if model_id not in self.runs:  # a redelivered create is answered, not repeated
             seed = body["lora"].get("seed")
-            seed = random.randrange(2**31) if seed is None else int(seed)
+            seed = self.rng.randrange(2**31) if seed is None else int(seed)
             spec = self._spec(body["lora"])
             slot = self.residency.take_slot()
             self.model.add_adapter(slot, spec, torch.Generator().manual_seed(seed))
@@ -184,6 +212,10 @@ class Executor:
             run = Run(self.residency.take_slot(), spec, body["base_model"])
             self.residency.add(model_id, run)
         self.model.set_adapter_weights(run.slot, spec, weights)
+        if adam is not None and tp.active(self.model.tp):  # the file holds whole moments
+            layers = self.model.adapter_layers(run.slot)
+            adam = AdamState(adam.step, tp.shard_tensors(layers, adam.exp_avg),
+                             tp.shard_tensors(layers, adam.exp_avg_sq))
         run.adam = adam if body.get("optimizer") else None
         return Outcome(
             json={"path": body["tinker_path"], "model_id": model_id, "type": "load_weights"}

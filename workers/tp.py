@@ -212,6 +212,19 @@ def full_factor(layer, factor: str, part: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1 if factor == "A" else 0)
 
 
+def full_tensors(layers: list, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole tensors laid out like an adapter's parameters (A, B, A, B, ... with
+    `layers[i]` the layer of `parts[i]`): optimizer moments for a checkpoint."""
+    return [full_factor(layer, "AB"[i % 2], t) for i, (layer, t) in
+            enumerate(zip(layers, parts, strict=True))]
+
+
+def shard_tensors(layers: list, whole: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's parts of whole tensors laid out like an adapter's parameters."""
+    return [shard_factor(layer, "AB"[i % 2], t).contiguous() for i, (layer, t) in
+            enumerate(zip(layers, whole, strict=True))]
+
+
 def reduce_grads(layers: list, grads: list[torch.Tensor | None]) -> None:
     """Sum, over the ranks and in place, the gradients of replicated factors. `layers[i]`
     and `grads[i]` pair up as (layer of A, A's grad), (layer of B, B's grad), ..."""

@@ -21,14 +21,17 @@ alone fails its own job with a clear error.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from app.protocol import FwdBwdRequest, WireDatum
+from workers import tp
 from workers.losses import token_losses
 from workers.model import LoraModel
+from workers.tp_runtime import agree_min
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,8 @@ class Trainer:
         if learned is not None and self.learned_budget == learned:
             # No out-of-memory error this tick: let it regrow, up to the estimate.
             grown = int(learned * 1.25) + 1
-            estimate = estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens,
-                                       reserve)
+            estimate = agree_min(estimate_budget(self.model, self.checkpoint_layers,
+                                                 self.chunk_tokens, reserve), self.model.tp)
             self.learned_budget = grown if grown < estimate else None
         self._commit(jobs, results, staged)
         for i, row in enumerate(rows):
@@ -103,7 +106,8 @@ class Trainer:
             return self.fixed_budget
         if self.learned_budget is not None:
             return self.learned_budget
-        return estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens, reserve)
+        return agree_min(estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens,
+                                         reserve), self.model.tp)
 
     def _run_split(self, micro, jobs, results, staged, per_row, rows) -> None:
         live = [i for i in micro if results[rows[i].job].error is None]
@@ -113,7 +117,10 @@ class Trainer:
             self._forward_backward(live, jobs, rows, staged, per_row)
             return
         except torch.OutOfMemoryError:
-            pass  # handled below: inside `except`, the traceback pins the failed pass's tensors
+            if tp.active(self.model.tp):  # the other ranks wait in a collective: no retry
+                log.critical("out of memory on a tensor-parallel rank; the worker stops")
+                os._exit(70)
+            # handled below: inside `except`, the traceback pins the failed pass's tensors
         _free_memory()
         tokens = sum(rows[i].tokens for i in live)
         if len(live) == 1:

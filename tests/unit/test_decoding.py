@@ -112,6 +112,15 @@ def test_rows_that_end_mid_tick_idle_and_the_rest_match_running_alone(tiny_model
     assert results[5].sequences[0].stop_reason == "stop"
 
 
+def test_the_model_still_trains_after_sampling_with_an_adapter(tiny_model):
+    """Sampling lays LoRA factors beside the base weights (under inference_mode); the base
+    weights it moves must stay usable by a training pass afterwards."""
+    model = with_adapters(tiny_model, 1)
+    run_alone(model, spec(P1, 3, 1))
+    out = model.packed_pass([P1], [P1[1:] + [7]], [1], [True], lambda i, off, lp: -lp)
+    assert all(g is not None and g.abs().sum() > 0 for g in out.grads[1])
+
+
 def test_the_batch_never_exceeds_its_sequence_limit_and_the_rest_wait(tiny_model):
     batch = RunningBatch(tiny_model, decode, [511], max_num_sequences=3, cuda_graphs=False,
                          kv_tokens=4096)

@@ -1,0 +1,157 @@
+"""The worker over N ranks: rank 0 (the Celery worker's engine) leads, ranks 1..N-1 follow.
+
+    leader = Leader.start(settings)   # spawns the followers (one process per GPU) and joins
+                                      # the process group (NCCL on GPUs, gloo on the CPU)
+    seed = leader.send(plan)          # before each tick: every follower gets the plan
+    follow(rank, ...)                 # a follower: build the same sharded executor, then
+                                      # run every plan it is sent, in order
+
+Every rank runs the same plan through the same code, so the ranks meet in the same
+collectives; the tick's seed (for unseeded adapters and samples) travels with the plan so
+their random choices agree too, and memory-dependent sizes (micro-batch budget, KV cache)
+are the minimum over the ranks. Only rank 0 answers: the followers' outcomes are dropped.
+
+Failure: a rank that dies takes the worker down, never into a hang. The leader's watchdog
+sees a follower exit and ends the worker process with a message naming the rank (its
+Celery tasks are acknowledged late, so they run again after the restart); a follower
+exits when the leader's pipe closes or its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from workers.tp import TP
+
+log = logging.getLogger(__name__)
+TIMEOUT = dt.timedelta(minutes=10)  # a collective this late means a rank is stuck
+
+
+@dataclass
+class Leader:
+    tp: TP
+    pipes: list[Any]
+    procs: list[mp.process.BaseProcess]
+    dead: threading.Event = field(default_factory=threading.Event)  # set: closing
+
+    @classmethod
+    def start(cls, settings: Any, device: torch.device) -> Leader:
+        n = settings.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < n:
+            raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")
+        ctx = mp.get_context("spawn")
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        pipes, procs = [], []
+        for rank in range(1, n):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=follow, args=(rank, n, address, settings, theirs),
+                               name=f"tinkerq-tp-rank{rank}", daemon=True)
+            proc.start()
+            pipes.append(mine)
+            procs.append(proc)
+        tp = _join(0, n, address, device)
+        leader = cls(tp, pipes, procs)
+        threading.Thread(target=leader._watch, name="tinkerq-tp-watchdog", daemon=True).start()
+        log.info("tensor parallelism over %d ranks (%s)", n, dist.get_backend(tp.group))
+        return leader
+
+    def send(self, plan: Any) -> int:
+        """Hand the tick's plan to every follower; the tick's seed, the same everywhere."""
+        seed = secrets.randbits(62)
+        for rank, pipe in enumerate(self.pipes, start=1):
+            try:
+                pipe.send((seed, plan))
+            except OSError:  # its end is closed: the follower is gone
+                self._stop(rank)
+        return seed
+
+    def close(self) -> None:
+        """Let the followers go (they exit when their pipe closes) and leave the group."""
+        self.dead.set()  # the watchdog stands down
+        for pipe in self.pipes:
+            pipe.close()
+        for proc in self.procs:
+            proc.join(timeout=30)
+        dist.destroy_process_group()
+
+    def _watch(self) -> None:
+        while not self.dead.is_set():
+            for rank, proc in enumerate(self.procs, start=1):
+                if not proc.is_alive() and not self.dead.is_set():
+                    self._stop(rank)
+            time.sleep(0.5)
+
+    def _stop(self, rank: int) -> None:
+        """A follower died: the ranks can no longer meet, so the whole worker ends (rather
+        than hang in a collective); its unacknowledged tasks run again after the restart."""
+        proc = self.procs[rank - 1]
+        proc.join(timeout=1)
+        log.critical("tensor-parallel rank %d exited (code %s); the worker stops so that it "
+                     "restarts whole", rank, proc.exitcode)
+        logging.shutdown()
+        os._exit(70)
+
+
+def follow(rank: int, size: int, address: str, settings: Any, pipe: Any) -> None:
+    """A follower rank's whole life: join, build the executor, run plans until told off."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()
+    threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
+    from workers.executor import Executor  # torch and the model load here, in the child
+
+    executor = Executor.build(settings, rank=rank, join=lambda device: _join(
+        rank, size, address, device))
+    while True:
+        try:
+            seed, plan = pipe.recv()
+        except (EOFError, OSError):
+            log.info("rank %d: the leader is gone; exiting", rank)
+            os._exit(0)
+        executor.run_here(plan, seed)
+
+
+def _join(rank: int, size: int, address: str, device: torch.device) -> TP:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
+                            timeout=TIMEOUT)
+    return TP(rank, size, dist.group.WORLD)
+
+
+def _orphan_watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)  # the leader died without closing the pipe
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agree_min(value: int, tp: TP | None) -> int:
+    """The smallest of the ranks' values (sizes derived from each GPU's free memory)."""
+    if tp is None or tp.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend(tp.group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(t.item())
