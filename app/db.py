@@ -30,8 +30,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    select,
+    update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -216,6 +219,44 @@ class Store:
             raise
         finally:
             session.close()
+
+    def request_holding(
+        self, model_id: str | None, sampler_id: str | None, seq_id: int
+    ) -> str | None:
+        """The id of the request already holding (model_id | sampler_id, seq_id), if any."""
+        key = RequestRow.model_id == model_id if model_id else RequestRow.sampler_id == sampler_id
+        with self.transaction() as s:
+            return s.scalars(select(RequestRow.id).where(key, RequestRow.seq_id == seq_id)).first()
+
+    def add_request(self, row: RequestRow, *creates: Any) -> str:
+        """Insert `row` and the rows it brings into being (a model, a sampler) in one
+        transaction, and return the id of the request that holds its (model | sampler,
+        seq_id): `row.id`, or the first submission's when the key is taken (the SDK's
+        resubmissions; a batch script run again). Nothing is written in that case.
+
+        Shared by the REST API and batch scripts (tasks/batch.py), so both follow one dedupe
+        rule; the caller enqueues only when the answer is `row.id`.
+        """
+        if row.seq_id is not None and (
+            found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
+        ):
+            return found
+        try:
+            with self.transaction() as s:
+                s.add_all([*creates, row])
+                if row.model_id and not any(isinstance(r, ModelRow) for r in creates):
+                    s.execute(
+                        update(ModelRow)
+                        .where(ModelRow.id == row.model_id)
+                        .values(last_request_time=utcnow())
+                    )
+        except IntegrityError:  # lost a race with an identical submission
+            if row.seq_id is not None and (
+                found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
+            ):
+                return found
+            raise
+        return row.id
 
     def create_schema(self) -> None:
         """Bring the schema to the newest migration (alembic upgrade head)."""

@@ -119,8 +119,8 @@ def run_request(request_id: str) -> str:
             log.warning("request %s is not in the database; dropped", request_id)
             return "missing"
         job = _job_for(row)
-    if job.kind == "skip" and job.seq_id is None:
-        doorbell.ring(request_id)  # nothing to order: just wake any poller
+    if job.kind == "skip" and (job.seq_id is None or job.model_id is None):
+        doorbell.ring(request_id)  # nothing to order (a creation, a sample): wake any poller
         return "already answered"
     outcome = engine.submit(job).result()
     if job.kind != "skip":

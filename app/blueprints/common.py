@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from flask import current_app, g, request
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.db import FAILED, CheckpointRow, ModelRow, RequestRow, utcnow
@@ -109,20 +109,12 @@ def load_model(model_id: Any) -> ModelRow:
 
 def existing_request(model_id: str | None, sampler_id: str | None, seq_id: int) -> str | None:
     """The id of the request already holding this (model|sampler, seq_id), if any."""
-    key = (RequestRow.model_id == model_id) if model_id else (RequestRow.sampler_id == sampler_id)
-    with services().store.transaction() as s:
-        return s.scalars(select(RequestRow.id).where(key, RequestRow.seq_id == seq_id)).first()
+    return services().store.request_holding(model_id, sampler_id, seq_id)
 
 
-def _insert(rows: list[Any], touch_model: str | None) -> None:
+def _insert(rows: list[Any]) -> None:
     with services().store.transaction() as s:
         s.add_all(rows)
-        if touch_model:
-            s.execute(
-                update(ModelRow)
-                .where(ModelRow.id == touch_model)
-                .values(last_request_time=utcnow())
-            )
 
 
 def _enqueue(row: RequestRow, rows: list[Any]) -> None:
@@ -137,25 +129,15 @@ def _enqueue(row: RequestRow, rows: list[Any]) -> None:
 
 
 def submit(row: RequestRow, *creates: Any) -> str:
-    """Insert `row` (with rows it creates) in one transaction, commit, enqueue; dedupe."""
-    if row.seq_id is not None and (
-        found := existing_request(row.model_id, row.sampler_id, row.seq_id)
-    ):
-        return found
-    rows = [*creates, row]
+    """Insert `row` (with rows it creates) in one transaction, commit, enqueue; dedupe
+    (`Store.add_request`: a taken key answers the first request and enqueues nothing)."""
     try:
-        _insert(
-            rows,
-            touch_model=None if any(isinstance(r, ModelRow) for r in creates) else row.model_id,
-        )
-    except IntegrityError as e:  # lost a race with an identical submission
-        if row.seq_id is not None and (
-            found := existing_request(row.model_id, row.sampler_id, row.seq_id)
-        ):
-            return found
+        request_id = services().store.add_request(row, *creates)
+    except IntegrityError as e:
         raise ApiError(400, f"request conflicts with an existing record: {e.orig}") from e
-    _enqueue(row, rows)
-    return row.id
+    if request_id == row.id:
+        _enqueue(row, [*creates, row])
+    return request_id
 
 
 def reject(row: RequestRow, message: str) -> NoReturn:
@@ -166,7 +148,7 @@ def reject(row: RequestRow, message: str) -> NoReturn:
     row.finished_at = utcnow()
     row.payload = b"{}"
     try:
-        _insert([row], touch_model=None)
+        _insert([row])
     except IntegrityError:
         raise ApiError(400, message) from None  # the seq_id is already taken
     _enqueue(row, [row])
