@@ -1,7 +1,8 @@
 """A live tinkerq stack for end-to-end tests: real processes, real Redis, real database.
 
 `Stack.start(tmp, backend)` runs what the Procfile runs (Redis when embedded, gunicorn
-with gevent, the Celery GPU worker) with their own data folder and ports, waits until the
+with gevent, the Celery GPU worker; with `flower=True` also the Procfile's own `flower` line,
+through a shell as honcho runs it) with their own data folder and ports, waits until the
 API answers, and `stop()` ends them all. Logs go to files in the data folder and are
 printed when a test fails.
 """
@@ -36,6 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def procfile_command(name: str) -> str:
+    """The Procfile's command line for process `name`, read with honcho's own parser."""
+    from honcho.environ import parse_procfile
+
+    return parse_procfile((ROOT / "Procfile").read_text()).processes[name]
+
+
 def _create_postgres_db() -> str:
     import sqlalchemy as sa
 
@@ -64,14 +72,20 @@ class Stack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
     pg_db: str | None = None
+    flower: bool = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.env['TINKERQ_PORT']}"
 
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['FLOWER_PORT']}"
+
     @classmethod
-    def start(cls, data_dir: Path, backend: str, **settings: str) -> Stack:
-        stack = cls(data_dir, backend)
+    def start(cls, data_dir: Path, backend: str, *, flower: bool = False,
+              **settings: str) -> Stack:
+        stack = cls(data_dir, backend, flower=flower)
         stack._configure(settings)
         try:
             stack._launch()
@@ -100,6 +114,10 @@ class Stack:
         else:
             env["TINKERQ_EMBEDDED_REDIS_PORT"] = str(free_port())
         env.update({f"TINKERQ_{k.upper()}": str(v) for k, v in settings.items()})
+        if self.flower:  # the Procfile's defaults, not the caller's FLOWER_* settings
+            env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
+            env["FLOWER_PORT"] = str(free_port())
+            env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` of the Procfile
         self.env = env
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -117,6 +135,8 @@ class Stack:
         self._spawn("web", [str(BIN / "gunicorn"), "--config", "app/gunicorn_conf.py",
                             "app.factory:create_app()"])
         self._spawn("worker", [str(BIN / "python"), "-m", "workers"])  # as the Procfile
+        if self.flower:
+            self._spawn("flower", ["/bin/sh", "-c", procfile_command("flower")])
         self._wait_until_ready()
 
     def _wait_until_ready(
@@ -129,7 +149,7 @@ class Stack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited early:\n{self.logs()}")
             worker_log = (self.data_dir / "worker.log").read_bytes()[offset:]
-            if self._api_answers() and b" ready." in worker_log:
+            if self._api_answers() and b" ready." in worker_log and self._flower_answers():
                 return
             time.sleep(0.3)
         raise TimeoutError(f"stack not ready after {timeout} s:\n{self.logs()}")
@@ -137,6 +157,14 @@ class Stack:
     def _api_answers(self) -> bool:
         try:
             return httpx.get(self.url + "/api/v1/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _flower_answers(self) -> bool:
+        if "flower" not in self.procs:
+            return True
+        try:
+            return httpx.get(self.flower_url + "/healthcheck", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
