@@ -21,8 +21,11 @@ code path at N=1 ("1") must cost no more than 5% against it.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import queue
+import sys
+import time
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
@@ -44,7 +47,17 @@ from benchmarks.sampler import run_engine as run_sampler
 
 
 def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: int,
-               repeats: int, out) -> None:
+               repeats: int, graphs: bool, out) -> None:
+    # A rank stuck this long prints every thread's stack (to stderr) and goes on waiting, so
+    # that a hang shows where each rank is instead of ending the run silently.
+    faulthandler.dump_traceback_later(240, repeat=True)
+    begin = time.perf_counter()
+
+    def phase(what: str) -> None:
+        if rank == 0:
+            print(f"  N={size}{' plain' if plain else ''}: {what} at "
+                  f"{time.perf_counter() - begin:.0f} s", file=sys.stderr, flush=True)
+
     from transformers import AutoModelForCausalLM
 
     from workers import fastpath, tp
@@ -67,6 +80,7 @@ def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: 
         tp.apply_tp(model, tp.TP(rank, size, dist.group.WORLD))
         model.tp = model.tp or tp.TP(rank, size, dist.group.WORLD)
     torch.cuda.empty_cache()
+    phase("model built and sharded")
     fastpath.compile_kernels()
     compile_sampling()
     model.add_adapter(0, AdapterSpec(RANK, 32.0, train_unembed=False),
@@ -75,31 +89,39 @@ def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: 
     jobs = engine_jobs(lengths, 1, np.random.default_rng(0))
     trainer = Trainer(model)
     trainer.run(jobs)  # compile + warm-up
+    phase("first training tick done")
     train_s = timed(lambda: trainer.run(jobs), repeats)
+    phase("training timed")
     torch.manual_seed(1)  # a non-zero LoRA delta for the sampler, alike on every rank
     with torch.no_grad():
         for w in model.adapter_weights(0).values():
             w.B.normal_(0, 0.01)
     batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=128,
-                         kv_tokens=128 * 400 + 4096, cuda_graphs=True)
+                         kv_tokens=128 * 400 + 4096, cuda_graphs=graphs)
     run_sampler(model, batch, 128, 128, 1, max_tokens=8)  # graph capture
+    phase("decode graphs captured")
     _, decode = run_sampler(model, batch, 128, 128, 1)
+    phase("sampling timed")
     if rank == 0:
         out.put({"train": sum(lengths) / train_s, "flops": step_flops(cfg, lengths) / train_s,
                  "decode": decode, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     if not plain:
         dist.barrier()
-        dist.destroy_process_group()
+    # No destroy_process_group: after NCCL collectives were captured in CUDA graphs it can
+    # hang in ncclCommDestroy (pytorch/pytorch#115388), which kept this run from ever
+    # printing. The process exits instead; the OS frees the communicators.
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run(size: int, plain: bool, name: str, tokens: int, repeats: int) -> dict:
+def run(size: int, plain: bool, name: str, tokens: int, repeats: int, graphs: bool) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     from workers.tp_runtime import _free_port
 
     port = _free_port()
     procs = [ctx.Process(target=_rank_main,
-                         args=(r, size, plain, port, name, tokens, repeats, out))
+                         args=(r, size, plain, port, name, tokens, repeats, graphs, out))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -114,7 +136,9 @@ def run(size: int, plain: bool, name: str, tokens: int, repeats: int) -> dict:
                     p.kill()
                 raise RuntimeError(f"N={size}: a rank process exited with {dead[0]}") from None
     for p in procs:
-        p.join()
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
     return result
 
 
@@ -127,6 +151,8 @@ def main() -> None:
     parser.add_argument("--no-plain", dest="plain", action="store_false",
                         help="skip the no-process-group row (scaling is then against the "
                              "first N)")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="decode without CUDA graphs (eager steps)")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
     peak = measured_tflops("cuda") * 1e12
@@ -134,7 +160,7 @@ def main() -> None:
         (str(n), n, False) for n in args.sizes if n <= gpus]
     rows, base = [], None
     for label, n, plain in runs:
-        r = run(n, plain, args.model, args.tokens, args.repeats)
+        r = run(n, plain, args.model, args.tokens, args.repeats, args.graphs)
         if base is None:
             base = r
         mfu = r["flops"] / (n * peak)
@@ -144,7 +170,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\ntensor parallelism, Qwen3-{args.model} shapes, {torch.cuda.get_device_name()} "
           f"x{gpus} (matmul {peak / 1e12:.0f} TFLOP/s each); train: ~{args.tokens} tokens "
-          f"per tick, 1 adapter; decode: batch 128, 128-token prompts, 256 new tokens")
+          f"per tick, 1 adapter; decode: batch 128, 128-token prompts, 256 new tokens, "
+          f"{'CUDA graphs' if args.graphs else 'eager'}")
     print(f"{'N':>8}{'train tok/s':>12}{'MFU':>9}{'scaling':>9}{'decode tok/s':>14}"
           f"{'scaling':>9}{'peak GiB':>10}")
     for row in rows:

@@ -84,7 +84,12 @@ class Leader:
             pipe.close()
         for proc in self.procs:
             proc.join(timeout=30)
-        dist.destroy_process_group()
+        # Once NCCL collectives have been captured in CUDA graphs (the decode step), leaving
+        # the group can hang in ncclCommDestroy (pytorch/pytorch#115388): give it a few
+        # seconds, then let the process exit with the group in place.
+        leave = threading.Thread(target=dist.destroy_process_group, daemon=True)
+        leave.start()
+        leave.join(timeout=10)
 
     def _watch(self) -> None:
         while not self.dead.is_set():
