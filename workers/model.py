@@ -86,21 +86,25 @@ class LoraModel:
     @classmethod
     def load(cls, path: str | Path, device: torch.device, dtype: torch.dtype,
              tp_group: tp.TP | None = None) -> LoraModel:
-        """The model from a folder; with `tp_group`, this rank's shard (cut on the CPU, so
-        the GPU only ever holds the shard)."""
+        """The model from a folder; with `tp_group`, this rank's shard: the model is built
+        on the meta device, cut by the plan, and each tensor's part read from the
+        safetensors files straight onto `device` (no rank loads the whole model)."""
         config = AutoConfig.from_pretrained(path)
         arch = (config.architectures or ["?"])[0]
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"architecture {arch!r} of {path} is not one of {SUPPORTED_ARCHS}")
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         if tp_group is None or tp_group.size == 1:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                      attn_implementation="sdpa")
             return cls(hf.to(device), device)
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                  attn_implementation="sdpa")
         model = cls(hf, device)
         if not model.fast:
             raise ValueError("tensor parallelism needs the fast path's layers (Qwen3, Qwen2, "
                              "Llama with SiLU and no sliding window)")
-        tp.apply_tp(model, tp_group)
-        model.hf.to(device)
+        tp.load_shards(model, path, tp.apply_tp(model, tp_group), device)
         return model
 
     @classmethod

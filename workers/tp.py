@@ -21,6 +21,10 @@ New adapters draw the full matrices from the same generator as on one GPU and ke
 shard, and checkpoints hold the full matrices (`full_adapter` / `shard_adapter`), so
 neither depends on N.
 
+Loading (`LoraModel.load` with a group): the model is built on the meta device, `apply_tp`
+cuts the empty shapes and returns which part of each tensor this rank keeps, and
+`load_shards` reads just those parts from the safetensors files onto the rank's device.
+
 N = 1 (or `tp` None) runs exactly the single-GPU code: every helper is then the identity.
 """
 
@@ -142,13 +146,18 @@ class VocabEmbedding(nn.Module):
         return reduce_from(out * mine[..., None].to(out.dtype), self.tp)
 
 
-def apply_tp(model, tp: TP) -> None:
-    """Shard `model` (a LoraModel, before any adapter exists) for this rank, in place."""
+def apply_tp(model, tp: TP) -> dict[int, tuple[int, int, int] | None]:
+    """Shard `model` (a LoraModel, before any adapter exists) for this rank, in place.
+
+    Works on real weights (cut in place) and on the meta device (only the shapes change).
+    Returns, by id() of each parameter it cut, the part of the full tensor this rank keeps:
+    (dim, lo, hi), or None for a tensor this rank holds as zeros (a row layer's bias off
+    rank 0); `load_shards` reads exactly those parts from a checkpoint."""
     if not active(tp):
-        return
+        return {}
     if model.adapters:
         raise RuntimeError("apply_tp runs before adapters are added")
-    body, done = model.hf.model, set()
+    body, done = model.hf.model, {}
     embed = body.embed_tokens
     lo, hi = tp.span(embed.weight.shape[0], "vocab_size")
     _narrow(embed.weight, 0, lo, hi, done)
@@ -162,7 +171,9 @@ def apply_tp(model, tp: TP) -> None:
         _narrow(base.weight, dim, lo, hi, done)
         if base.bias is not None:
             if style == "row":  # added once, after the sum
-                base.bias.data = base.bias.data if tp.rank == 0 else torch.zeros_like(base.bias)
+                if tp.rank:
+                    base.bias.data = torch.zeros_like(base.bias)
+                done[id(base.bias)] = None if tp.rank else (0, 0, base.bias.shape[0])
             else:
                 _narrow(base.bias, 0, lo, hi, done)
         base.in_features, base.out_features = base.weight.shape[1], base.weight.shape[0]
@@ -170,13 +181,74 @@ def apply_tp(model, tp: TP) -> None:
         layer.full_features = (full_in, full_out)
     _check_heads(model, tp)
     model.tp = tp
+    return done
 
 
-def _narrow(p: torch.Tensor, dim: int, lo: int, hi: int, done: set[int]) -> None:
+def _narrow(p: torch.Tensor, dim: int, lo: int, hi: int,
+            done: dict[int, tuple[int, int, int] | None]) -> None:
     if id(p) in done:  # a tied weight, already cut
         return
     p.data = p.data.narrow(dim, lo, hi - lo).contiguous()
-    done.add(id(p))
+    done[id(p)] = (dim, lo, hi)
+
+
+def load_shards(model, folder, parts: dict[int, tuple[int, int, int] | None],
+                device: torch.device) -> None:
+    """Fill a model built on the meta device (and cut by `apply_tp`, which gave `parts`)
+    from the safetensors files in `folder`, reading for each tensor only this rank's part:
+    no rank ever holds the whole model, on the CPU or the GPU. Buffers computed at build
+    time (the rotary frequencies) are computed again on `device`."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            where = dict.fromkeys(f.keys(), "model.safetensors")
+    hf = model.hf
+    names = {id(p): n for n, p in hf.named_parameters()}  # a tied weight: its first name
+    files: dict[str, object] = {}
+
+    def read(param: torch.Tensor) -> torch.Tensor:
+        key = names[id(param)].replace(".base.", ".")  # MultiLoraLinear holds the Linear
+        out = torch.empty(param.shape, dtype=param.dtype, device=device)
+        if id(param) in parts and parts[id(param)] is None:
+            return out.zero_()
+        if key not in where:
+            raise ValueError(f"{folder} holds no tensor {key!r}")
+        if where[key] not in files:
+            files[where[key]] = safe_open(folder / where[key], "pt")
+        f = files[where[key]]
+        if id(param) in parts:
+            dim, lo, hi = parts[id(param)]  # type: ignore[misc]
+            value = f.get_slice(key)[(slice(None),) * dim + (slice(lo, hi),)]  # type: ignore
+        else:  # replicated (norms)
+            value = f.get_tensor(key)  # type: ignore[attr-defined]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{key}: {tuple(value.shape)} in {folder}, but this rank's part "
+                             f"is {tuple(param.shape)}")
+        return out.copy_(value)
+
+    made: dict[int, nn.Parameter] = {}  # one real tensor per meta one, so ties stay tied
+    for module in hf.modules():
+        for pname, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(read(param), requires_grad=False)
+                module._parameters[pname] = made[id(param)]
+    for parent in list(hf.modules()):  # buffers computed at build time: again, for real
+        for child, module in list(parent.named_children()):
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                with torch.device(device):
+                    setattr(parent, child, type(module)(config=hf.config))
+    left = [n for n, b in hf.named_buffers() if b.is_meta]
+    if left:
+        raise ValueError(f"buffers {left} have no rule for a sharded load")
 
 
 def _check_heads(model, tp: TP) -> None:

@@ -130,3 +130,54 @@ def check_rank(rank: int, size: int, port: int) -> None:
 @pytest.mark.parametrize("size", [2])
 def test_two_gloo_ranks_match_one(size):
     mp.spawn(check_rank, args=(size, free_port()), nprocs=size, join=True)
+
+
+def check_sharded_load(rank: int, size: int, port: int, folder: str) -> None:
+    """Each rank loads its part from the folder (meta build, safetensors slices) and holds
+    exactly what cutting the whole model in memory gives, buffers included."""
+    import transformers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    try:
+        group = tp.TP(rank, size, dist.group.WORLD)
+        cut = LoraModel.load(folder, torch.device("cpu"), torch.float32)  # whole, then cut
+        tp.apply_tp(cut, group)
+        whole_load = transformers.AutoModelForCausalLM.from_pretrained
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a tensor-parallel rank loaded the whole model")
+
+        transformers.AutoModelForCausalLM.from_pretrained = refuse
+        try:
+            part = LoraModel.load(folder, torch.device("cpu"), torch.float32, group)
+        finally:
+            transformers.AutoModelForCausalLM.from_pretrained = whole_load
+        want = dict(cut.hf.named_parameters()) | dict(cut.hf.named_buffers())
+        got = dict(part.hf.named_parameters()) | dict(part.hf.named_buffers())
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+        assert part.hf.lm_head.weight.shape[0] == 512 // size  # the head is cut too
+        for slot, spec in SPECS.items():
+            for m in (cut, part):
+                m.add_adapter(slot, spec, torch.Generator().manual_seed(slot))
+        for x, y in zip(packed(cut).logprobs, packed(part).logprobs, strict=True):
+            torch.testing.assert_close(y, x, atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sharded_load_reads_each_ranks_part(tmp_path, tied):
+    """Untied: the LM head has its own tensor to cut; the files are split in several
+    safetensors shards with an index, as large checkpoints are."""
+    config = tiny_qwen3_config()
+    config.tie_word_embeddings = tied
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    mp.spawn(check_sharded_load, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
