@@ -9,7 +9,10 @@ Run it against a running tinkerq (`honcho start`):
 
     python -m examples.sl_cookbook --base-url http://localhost:8000 --log-dir /tmp/sl-count
 
-The log dir must be new or empty: the cookbook resumes from checkpoints it finds there.
+The cookbook loads the tokenizer by model name from the Hugging Face hub; for the built-in
+`tinkerq/tiny-qwen3` this script registers the tokenizer folder the server reports instead
+(see `examples.use_served_tokenizer`). The log dir must be new: the cookbook would resume from
+the checkpoints of an earlier run there.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ def nll_curve(log_dir: Path) -> list[tuple[int, float]]:
 
 def run(args: argparse.Namespace) -> list[tuple[int, float]]:
     """Train and return the per-step training NLL."""
+    if (args.log_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"{args.log_dir} holds an earlier run; pass a new --log-dir")
     os.environ.setdefault("TINKER_API_KEY", args.api_key)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     use_served_tokenizer(args.base_url, args.model, args.tokenizer)

@@ -16,6 +16,7 @@ import math
 import sys
 import types
 from pathlib import Path
+from statistics import mean, median
 
 import pytest
 import tinker
@@ -39,16 +40,11 @@ def api_key(monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", API_KEY)  # the cookbook's ServiceClient reads it
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 # One prompt x 32 samples x 4 tokens per step: the mean reward of the untrained policy (about
 # uniform over 151,936 ids) is 0.5 with a standard deviation of 0.044 over its 128 tokens.
-# Learning shows as a jump to about 1.0, which came at steps 4 to 8 in our trial runs with these
-# settings; spreading the samples over more prompts or lowering the learning rate makes it come
-# later and less predictably (up to step 15), and a higher one can unlearn after the jump.
+# Learning shows as a jump to about 1.0, which came at steps 4 to 10 in 10 trial runs with
+# these settings; spreading the samples over more prompts or lowering the learning rate made it
+# come later and less predictably (up to step 15), and a higher one can unlearn after the jump.
 RL_SMALL = ["--batch-size", "1", "--num-prompts", "1", "--group-size", "32", "--max-tokens",
             "4", "--learning-rate", "7e-2"]
 
@@ -72,8 +68,8 @@ def run_rl(stack: Stack, log_dir: Path, loss_fn: str, steps: int) -> list[float]
 
 def test_rl_importance_sampling_learns_even_tokens(stack, tmp_path):
     rewards = run_rl(stack, tmp_path / "rl", "importance_sampling", steps=18)
-    assert mean(rewards[-4:]) >= 0.85, rewards
-    assert mean(rewards[-4:]) - mean(rewards[:3]) >= 0.3, rewards
+    assert median(rewards[-5:]) >= 0.9, rewards  # a one-step dip after the jump happens
+    assert mean(rewards[-5:]) - mean(rewards[:3]) >= 0.25, rewards
     csv_rows = (tmp_path / "rl" / "reward.csv").read_text().splitlines()
     assert csv_rows[0] == "step,mean_reward" and len(csv_rows) == 19
     assert (tmp_path / "rl" / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -82,7 +78,8 @@ def test_rl_importance_sampling_learns_even_tokens(stack, tmp_path):
 @pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
 def test_rl_clipped_losses_learn_too(stack, tmp_path, loss_fn):
     rewards = run_rl(stack, tmp_path / loss_fn, loss_fn, steps=16)
-    assert mean(rewards[-3:]) >= 0.8, rewards
+    assert median(rewards[-3:]) >= 0.9, rewards
+    assert mean(rewards[-3:]) - mean(rewards[:3]) >= 0.2, rewards
 
 
 def test_sl_cookbook_loop_lowers_the_loss(stack, tmp_path):
@@ -121,7 +118,7 @@ def test_recipe_sl_loop_under_a_hub_name(stack, tmp_path, monkeypatch):
     nll = [r["train_mean_nll"] for r in rows if "train_mean_nll" in r]
     assert len(nll) == 3 and nll[-1] < nll[0], nll
     assert rows[0]["learning_rate:mean"] == pytest.approx(1e-2)  # optim_step's own metric
-    runs = tinker.ServiceClient(base_url=stack.url).create_rest_client()
+    runs = tinker.RestClient(base_url=stack.url, api_key=API_KEY)
     caps = runs.get_server_capabilities().result()
     assert HUB_NAME in [m.model_name for m in caps.supported_models]
     final = json.loads((tmp_path / "checkpoints.jsonl").read_text().splitlines()[-1])
