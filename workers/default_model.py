@@ -10,6 +10,12 @@ Run it (the Procfile does, before the worker starts):
     python -m workers.default_model [FOLDER]    # default: model_dir(load_settings())
 
 With no FOLDER and a base_model other than tinkerq/tiny-qwen3 it does nothing.
+
+`--qwen3 SIZE` writes a random-weight model of a real Qwen3 size instead (0.6b or 4b, the
+shapes of benchmarks.engine_train), in bf16 with the same tokenizer, for benchmarks that serve
+it as `--base-model FOLDER`. Its weights are drawn with torch (on the GPU when there is one):
+
+    python -m workers.default_model --qwen3 4b /tmp/qwen3-4b-random
 """
 
 from __future__ import annotations
@@ -92,8 +98,10 @@ TOKENIZER_CONFIG = {
 }
 
 
-def ensure_default_model(folder: Path) -> Path:
+def ensure_default_model(folder: Path, qwen3_size: str | None = None) -> Path:
     """Write the default model into `folder` unless its config.json exists; return `folder`.
+
+    With `qwen3_size` ("0.6b", "4b") the model is a random bf16 Qwen3 of that size instead.
 
     Safe when several processes race: they serialize on a lock file beside the folder, and the
     files are written into a temporary folder that is renamed into place, so `folder` either
@@ -107,7 +115,7 @@ def ensure_default_model(folder: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (folder / "config.json").exists():  # another process may have just finished
             _clear_empty(folder)
-            _write_atomically(folder)
+            _write_atomically(folder, qwen3_size)
     return folder
 
 
@@ -121,10 +129,10 @@ def _clear_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def _write_atomically(folder: Path) -> None:
+def _write_atomically(folder: Path, qwen3_size: str | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        write_model(tmp)
+        write_model(tmp, qwen3_size)
         _make_readable(tmp)
         os.rename(tmp, folder)
     except BaseException:
@@ -140,11 +148,37 @@ def _make_readable(folder: Path) -> None:
         path.chmod(0o644)
 
 
-def write_model(folder: Path) -> None:
+def write_model(folder: Path, qwen3_size: str | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer into an existing `folder`."""
-    (folder / "config.json").write_text(json.dumps(DEFAULT_MODEL_CONFIG, indent=2) + "\n")
-    write_weights(folder / "model.safetensors", DEFAULT_MODEL_CONFIG)
+    config = DEFAULT_MODEL_CONFIG if qwen3_size is None else qwen3_size_config(qwen3_size)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if qwen3_size is None:
+        write_weights(folder / "model.safetensors", config)
+    else:
+        write_weights_bf16(folder / "model.safetensors", config)
     write_tokenizer(folder)
+
+
+def qwen3_size_config(size: str) -> dict:
+    """The default model's config with the shapes of a real Qwen3 size, in bf16."""
+    from benchmarks.engine_train import HEAD_DIM, SHAPES  # the benchmarks' Qwen3 shapes
+
+    if size not in SHAPES:
+        raise ValueError(f"unknown Qwen3 size {size!r}; known: {', '.join(SHAPES)}")
+    hidden, inter, layers, heads, kv_heads = SHAPES[size]
+    return DEFAULT_MODEL_CONFIG | {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": HEAD_DIM,
+        "max_position_embeddings": 40960,  # as Qwen3's own configs
+        "max_window_layers": layers,
+        "layer_types": ["full_attention"] * layers,
+        "dtype": "bfloat16",
+        "torch_dtype": "bfloat16",
+    }
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -187,6 +221,27 @@ def write_weights(path: Path, config: dict) -> None:
         else:
             tensors[name] = rng.normal(0.0, WEIGHT_STD, size=shape).astype(np.float32)
     save_file(tensors, str(path), metadata={"format": "pt"})  # "pt": transformers expects it
+
+
+def write_weights_bf16(path: Path, config: dict) -> None:
+    """As write_weights, but bf16 tensors drawn by torch: seconds for a 4B model (8 GB).
+
+    Drawn on the GPU when there is one (then copied to CPU memory for the file), else on
+    the CPU; the numbers differ between the two, the statistics do not.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(WEIGHT_SEED)
+    tensors = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            tensors[name] = t.normal_(0.0, WEIGHT_STD, generator=generator).cpu()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -272,8 +327,16 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Create the default model in argv[0], or where the settings serve it from."""
+    """Create the default model in argv[0], or where the settings serve it from.
+
+    `--qwen3 SIZE FOLDER` writes a random Qwen3 of that size into FOLDER instead.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--qwen3":
+        if len(argv) != 3:
+            sys.exit("usage: python -m workers.default_model --qwen3 {0.6b,4b} FOLDER")
+        print(ensure_default_model(Path(argv[2]), qwen3_size=argv[1]))
+        return
     if argv:
         print(ensure_default_model(Path(argv[0])))
         return

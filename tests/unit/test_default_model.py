@@ -6,6 +6,7 @@ The model is written once per module into a temporary folder (a few seconds, no 
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,3 +148,19 @@ def test_tokenizer_special_tokens(folder):
     assert tok.decode(ids, skip_special_tokens=True) == "<think>ok</think>"
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.parametrize(("size", "billions"), [("0.6b", 0.596), ("4b", 4.02)])
+def test_qwen3_size_config_has_the_real_parameter_count(size, billions):
+    """--qwen3 SIZE (benchmark models): Qwen3's published sizes, tied embeddings counted once,
+    and a config transformers reads as that architecture."""
+    from transformers import Qwen3Config
+
+    from workers.default_model import qwen3_size_config
+
+    config = qwen3_size_config(size)
+    total = sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    assert abs(total / 1e9 - billions) < 0.01, total
+    assert Qwen3Config(**config).num_hidden_layers == config["num_hidden_layers"]
+    with pytest.raises(ValueError, match="unknown Qwen3 size '7b'"):
+        qwen3_size_config("7b")
