@@ -359,6 +359,11 @@ def _layer_names(model: LoraModel) -> list[str]:
 
 
 # --- sampling --------------------------------------------------------------------------------
+# Decode steps of at least this many rows pack a GQA group's query heads into one sequence
+# of `group` rows for the attention kernel (see _decode_forward); smaller steps are
+# latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
+PACK_GQA_ROWS = 16
+
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -647,16 +652,33 @@ class RunningBatch:
         if not x.tokens.is_cuda:  # the per-row CPU attention reads where each row is now
             rows_at, rows_used = x.starts[:-1].tolist(), x.used.tolist()
 
+        n = x.tokens.shape[0]
+        heads, kv_heads = self.model.config.num_attention_heads, arena.k[0].shape[1]
+        group = heads // kv_heads // (self.model.tp.size if self.model.tp else 1)
+        packed = group > 1 and n >= PACK_GQA_ROWS
+        cu_q = x.cu_q * group if packed else x.cu_q
+
         def attend(i, q, k, v, scale):
             arena.k[i].index_copy_(0, x.write, k)
             arena.v[i].index_copy_(0, x.write, v)
             if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-                return torch.ops.aten._flash_attention_forward(
-                    q, arena.k[i], arena.v[i], x.cu_q, x.starts, 1, x.max_len, 0.0, True,
-                    False, scale=scale, seqused_k=x.used)[0]
+                if not packed:
+                    return torch.ops.aten._flash_attention_forward(
+                        q, arena.k[i], arena.v[i], cu_q, x.starts, 1, x.max_len, 0.0, True,
+                        False, scale=scale, seqused_k=x.used)[0]
+                # The query heads sharing a KV head ride as `group` query rows of one
+                # sequence over that KV head, so each tile of the kernel (rows of queries)
+                # holds `group` live rows instead of 1: the same keys, `group` times less
+                # wasted work. Not causal: every row is the newest token and sees all keys.
+                d, kv = q.shape[-1], k.shape[1]
+                rows = q.view(n, kv, group, d).transpose(1, 2).reshape(n * group, kv, d)
+                out = torch.ops.aten._flash_attention_forward(
+                    rows, arena.k[i], arena.v[i], cu_q, x.starts, group, x.max_len, 0.0,
+                    False, False, scale=scale, seqused_k=x.used)[0]
+                return out.view(n, group, kv, d).transpose(1, 2).reshape(n, kv * group, d)
             out = []
-            for b, (s, n) in enumerate(zip(rows_at, rows_used, strict=True)):
-                kk, vv = arena.k[i][s : s + n], arena.v[i][s : s + n]
+            for b, (s, m) in enumerate(zip(rows_at, rows_used, strict=True)):
+                kk, vv = arena.k[i][s : s + m], arena.v[i][s : s + m]
                 groups = q.shape[1] // kk.shape[1]
                 kk, vv = kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1)
                 out.append(F.scaled_dot_product_attention(
