@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.tp import TP, copy_to, reduce_from, shard_factor
+from workers.tp import active as tp_active
 
 BASE_SLOT = -1  # rows that run on the base model only
 
@@ -49,6 +50,10 @@ class LoraRouting:
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
     segments: list[tuple[int, int, int]] | None = None
     segment_ends: torch.Tensor | None = None  # int32 ends of the runs on the device, if made
+    # Under tensor parallelism: the last input that entered a col layer, and what copy_to
+    # made of it, so that q/k/v (and gate/up), which read one tensor, share one copy_to and
+    # their input gradients are summed over the ranks once instead of once per projection.
+    entered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_slots(cls, slots: list[int], device: torch.device) -> LoraRouting:
@@ -109,7 +114,14 @@ class MultiLoraLinear(nn.Module):
         return self._leave(y)
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to(x, self.tp) if self.tp_style in ("col", "vocab") else x
+        if self.tp_style not in ("col", "vocab") or not tp_active(self.tp):
+            return x
+        routing = self.router.routing
+        if routing.entered is not None and routing.entered[0] is x:
+            return routing.entered[1]
+        entered = copy_to(x, self.tp)
+        routing.entered = (x, entered)
+        return entered
 
     def _leave(self, y: torch.Tensor) -> torch.Tensor:
         """A row layer's partial sums (base and LoRA delta together) summed over ranks."""

@@ -93,7 +93,21 @@ def check_rank(rank: int, size: int, port: int) -> None:
             layer, ref = fresh_part.layers[name], fresh_whole.adapter_weights(0)[name]
             torch.testing.assert_close(w.A, slice_of(layer, "A", ref.A), atol=0, rtol=0)
 
-        a, b = packed(whole), packed(part)
+        a = packed(whole)
+        backward, calls = tp._CopyTo.backward, []
+
+        def counted(ctx, grad):
+            calls.append(grad.shape)
+            return backward(ctx, grad)
+
+        tp._CopyTo.backward = staticmethod(counted)
+        try:
+            b = packed(part)
+        finally:
+            tp._CopyTo.backward = staticmethod(backward)
+        # one all-reduce per decoder layer's col input: q/k/v share one, gate/up another
+        # (the LM head's chunked loss sums its input gradient itself)
+        assert len(calls) == 2 * len(part.hf.model.layers), calls
         for x, y in zip(a.logprobs + a.losses, b.logprobs + b.losses, strict=True):
             torch.testing.assert_close(y, x, **close)
         for slot in SPECS:
