@@ -16,7 +16,9 @@
 # Run from the repository root with the packages importable (PYTHONPATH may point at them).
 # Environment overrides: PYTHON, PORT (8000), REDIS_PORT (6390), DEADLINE, READY_TIMEOUT
 # (240 s after the script started), MICRO_BATCH (--train-micro-batch-size, in tokens;
-# default 8), WORKER_ARGS (more `python -m workers` flags).
+# default 8704: the reference configuration's "8" counts sequences, here 8 of 64 + 1024
+# tokens), WORKER_ARGS (more `python -m workers` flags, e.g. "--sample-max-num-sequences 512
+# --sample-kv-tokens 520000" as in the README's figures).
 set -u
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -24,7 +26,7 @@ DEADLINE=${DEADLINE:-550}
 READY_TIMEOUT=${READY_TIMEOUT:-240}
 PORT=${PORT:-8000}
 REDIS_PORT=${REDIS_PORT:-6390}
-MICRO_BATCH=${MICRO_BATCH:-8}
+MICRO_BATCH=${MICRO_BATCH:-8704}
 LOGS=${OUT:-/tmp/tinkerq-rl-logs}
 DATA=/tmp/tinkerq-rl-data
 
