@@ -111,6 +111,41 @@ def test_two_ranks_answer_like_one_and_checkpoints_cross_over(tmp_path):
         two.leader.close()
 
 
+def test_a_state_saved_at_two_ranks_loads_at_four_and_one(tmp_path):
+    """Checkpoints do not depend on N: trained and saved at N=2, loaded at N=4 and at N=1,
+    the same logprobs. (A model with 4 KV heads, so that N=4 divides them.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from workers.default_model import DEFAULT_MODEL_CONFIG, write_tokenizer
+
+    folder = tmp_path / "kv4"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen3Config(**(
+        DEFAULT_MODEL_CONFIG | {"num_key_value_heads": 4}))).save_pretrained(folder)
+    write_tokenizer(folder)
+
+    def build(n: int) -> Executor:
+        return Executor.build(load_settings(
+            env={}, data_dir=str(tmp_path / f"data{n}"), base_model=str(folder),
+            max_lora_adapters=2, max_models=4, max_sampler_adapters=2, tensor_parallel_size=n))
+
+    two = build(2)
+    try:
+        saved = script(two, tmp_path / "n2")
+    finally:
+        two.leader.close()
+    four = build(4)
+    try:
+        assert four.model.tp.size == 4 and len(four.leader.procs) == 3
+        at_four = load(four, "from2", tmp_path / "n2" / "state")
+    finally:
+        four.leader.close()
+    at_one = load(build(1), "from2", tmp_path / "n2" / "state")
+    np.testing.assert_allclose(at_four, saved["after"], atol=1e-5)
+    np.testing.assert_allclose(at_one, saved["after"], atol=1e-5)
+
+
 LEADER = textwrap.dedent("""
     import sys, time
     from config import load_settings
