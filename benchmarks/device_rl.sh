@@ -13,7 +13,8 @@
 # stops the stack. Logs go to $OUT (else /tmp/tinkerq-rl-logs); on failure the worker log's
 # tail is printed. Everything is bounded: the RL loop is sent SIGTERM (it then prints the
 # summary of its finished steps) at DEADLINE seconds after the script started (default 550).
-# Run from the repository root with the packages importable (PYTHONPATH may point at them).
+# Run from the repository root with the packages importable (PYTHONPATH may point at them;
+# on a GPU machine without the web stack: benchmarks/device_wheels.sh lists and fetches them).
 # Environment overrides: PYTHON, PORT (8000), REDIS_PORT (6390), DEADLINE, READY_TIMEOUT
 # (240 s after the script started), MICRO_BATCH (--train-micro-batch-size, in tokens;
 # default 8704: the reference configuration's "8" counts sequences, here 8 of 64 + 1024
