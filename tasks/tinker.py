@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -48,11 +49,45 @@ class _WorkerContext:
 context = _WorkerContext()
 
 
+STARTED = time.time()  # this worker process's start: what it was handed later is its own
+
+
 @signals.worker_ready.connect
 def _warm_up(sender: Any = None, **_: Any) -> None:
-    """Load the model as soon as the GPU worker is up, not on the first call."""
-    if celery_app.conf.tinkerq_settings.queue in _consumed_queues(sender):
+    """Take back what a dead predecessor held, then load the model as soon as the GPU
+    worker is up, not on the first call."""
+    queue = celery_app.conf.tinkerq_settings.queue
+    if queue in _consumed_queues(sender):
+        restored = restore_orphans(queue, STARTED)
+        if restored:
+            log.warning("put back %d call(s) that a previous worker of queue %s had taken "
+                        "and not finished", restored, queue)
         context.get()
+
+
+def restore_orphans(queue: str, before: float) -> int:
+    """Requeue the messages of `queue` that were delivered before `before` and never
+    acknowledged: the calls an earlier process of this worker held when it died (killed,
+    out of memory, a tensor-parallel rank lost). Late acknowledgement keeps them in Redis,
+    but its transport hands them out again only after the visibility timeout (hours); at
+    start-up they can only be orphans, because a queue has one GPU worker. Each is then run
+    or, if its row is already finished, skipped. Returns how many were put back."""
+    restored = 0
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        qos = channel.qos
+        if not hasattr(qos, "restore_by_tag"):  # not the Redis transport
+            return 0
+        with channel.conn_or_acquire() as client:
+            for tag in client.zrangebyscore(qos.unacked_index_key, "-inf", before):
+                raw = client.hget(qos.unacked_key, tag)
+                if raw is None:
+                    continue
+                _, exchange, routing_key = json.loads(raw)
+                if queue in (exchange, routing_key):
+                    qos.restore_by_tag(tag, client)
+                    restored += 1
+    return restored
 
 
 def _consumed_queues(consumer: Any) -> set[str]:

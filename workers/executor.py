@@ -131,7 +131,15 @@ class Executor:
     def run(self, plan: Plan) -> dict[str, Outcome]:
         """Run the tick's plan; under tensor parallelism every follower runs it too, with
         the same seed for the tick's random choices."""
-        return self.run_here(plan, None if self.leader is None else self.leader.send(plan))
+        if self.leader is None:
+            return self.run_here(plan)
+        outcomes = self.run_here(plan, self.leader.send(plan))
+        if any(not o.ok and o.category == "server" for o in outcomes.values()):
+            # A collective whose peer died fails with an error (gloo) before the watchdog
+            # sees the death: those calls must run again after the restart, not be answered
+            # with the error, so a lost rank stops the worker here, before any answer.
+            self.leader.check(grace=2.0)
+        return outcomes
 
     def run_here(self, plan: Plan, seed: int | None = None) -> dict[str, Outcome]:
         if seed is not None:  # the tick's random choices, alike on every rank

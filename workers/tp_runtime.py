@@ -91,6 +91,15 @@ class Leader:
         leave.start()
         leave.join(timeout=10)
 
+    def check(self, grace: float = 0.0) -> None:
+        """Stop the worker (as the watchdog would) if a follower has exited or exits within
+        `grace` seconds."""
+        deadline = time.monotonic() + grace
+        for rank, proc in enumerate(self.procs, start=1):
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not proc.is_alive() and not self.dead.is_set():
+                self._stop(rank)
+
     def _watch(self) -> None:
         while not self.dead.is_set():
             for rank, proc in enumerate(self.procs, start=1):

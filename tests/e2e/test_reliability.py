@@ -7,6 +7,7 @@ Also the bad-input rule end to end: a user error fails its own future with categ
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
@@ -50,6 +51,29 @@ def test_call_made_while_the_worker_is_down_is_answered_after_restart(service, s
     stack.restart("worker")
     thread.join(120)
     assert len(result["logprobs"]) == len(DATA), stack.logs()
+
+
+def test_call_held_by_a_killed_worker_is_answered_after_restart(service, stack):
+    """SIGKILL while the worker holds a call: the call is in Redis's unacknowledged set, which
+    the Redis transport would only hand out again after its visibility timeout (hours). The
+    restarted worker takes it back at start-up and answers it."""
+    tc = service.create_lora_training_client(BASE, rank=4).result()
+    path = tc.save_weights_for_sampler("held").result().path
+    sampler = service.create_sampling_client(model_path=path)
+    log = stack.data_dir / "worker.log"
+    taken = log.read_text().count("tinker.sample[")
+    future = sampler.sample(types.ModelInput.from_ints([9707, 11, 1879]), 8,
+                            types.SamplingParams(max_tokens=400, temperature=1.0, seed=3))
+    deadline = time.monotonic() + 60
+    while log.read_text().count("tinker.sample[") == taken:
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    stack.kill("worker", signal.SIGKILL)
+    stack.restart("worker")
+    out = future.result(timeout=180)
+    assert [len(s.tokens) for s in out.sequences] == [400] * 8
+    assert "put back 1 call(s)" in log.read_text()
 
 
 def test_future_outlives_an_api_restart(service, stack):
