@@ -152,10 +152,7 @@ def write_model(folder: Path, qwen3_size: str | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer into an existing `folder`."""
     config = DEFAULT_MODEL_CONFIG if qwen3_size is None else qwen3_size_config(qwen3_size)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if qwen3_size is None:
-        write_weights(folder / "model.safetensors", config)
-    else:
-        write_weights_bf16(folder / "model.safetensors", config)
+    write_weights(folder / "model.safetensors", config, bf16=qwen3_size is not None)
     write_tokenizer(folder)
 
 
@@ -209,39 +206,38 @@ def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_weights(path: Path, config: dict) -> None:
-    """Random normal(0, 0.02) matrices from a fixed seed, norms at 1, as float32 safetensors."""
-    from safetensors.numpy import save_file
+def write_weights(path: Path, config: dict, bf16: bool = False) -> None:
+    """Random normal(0, 0.02) matrices from a fixed seed, norms at 1, as safetensors: float32
+    drawn by NumPy (the default model, always the same numbers), or with `bf16` bf16 drawn by
+    torch, on the GPU when there is one (seconds for a 4B model; the numbers then depend on
+    the device, the statistics do not)."""
+    if bf16:
+        import torch
+        from safetensors.torch import save_file
 
-    rng = np.random.default_rng(WEIGHT_SEED)
-    tensors = {}
-    for name, shape in parameter_shapes(config).items():
-        if name.endswith("norm.weight"):
-            tensors[name] = np.ones(shape, dtype=np.float32)
-        else:
-            tensors[name] = rng.normal(0.0, WEIGHT_STD, size=shape).astype(np.float32)
-    save_file(tensors, str(path), metadata={"format": "pt"})  # "pt": transformers expects it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generator = torch.Generator(device).manual_seed(WEIGHT_SEED)
 
+        def ones(shape):
+            return torch.ones(shape, dtype=torch.bfloat16)
 
-def write_weights_bf16(path: Path, config: dict) -> None:
-    """As write_weights, but bf16 tensors drawn by torch: seconds for a 4B model (8 GB).
-
-    Drawn on the GPU when there is one (then copied to CPU memory for the file), else on
-    the CPU; the numbers differ between the two, the statistics do not.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator(device).manual_seed(WEIGHT_SEED)
-    tensors = {}
-    for name, shape in parameter_shapes(config).items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
+        def normal(shape):
             t = torch.empty(shape, dtype=torch.bfloat16, device=device)
-            tensors[name] = t.normal_(0.0, WEIGHT_STD, generator=generator).cpu()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+            return t.normal_(0.0, WEIGHT_STD, generator=generator).cpu()
+    else:
+        from safetensors.numpy import save_file
+
+        rng = np.random.default_rng(WEIGHT_SEED)
+
+        def ones(shape):
+            return np.ones(shape, dtype=np.float32)
+
+        def normal(shape):
+            return rng.normal(0.0, WEIGHT_STD, size=shape).astype(np.float32)
+
+    tensors = {name: (ones if name.endswith("norm.weight") else normal)(shape)
+               for name, shape in parameter_shapes(config).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})  # "pt": transformers expects it
 
 
 # --- tokenizer --------------------------------------------------------------------------------
