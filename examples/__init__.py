@@ -3,12 +3,35 @@ examples.<name>`; each module's docstring says how).
 
 `use_served_tokenizer` is what the tinker-cookbook examples need beyond the SDK: the cookbook
 loads a tokenizer by model name from the Hugging Face hub, and `tinkerq/tiny-qwen3` is not
-there. Imports happen inside it, so importing this package costs nothing.
+there. `add_server_args` and `prepare_log_dir` are the cookbook examples' shared command line
+and set-up. Imports happen inside the functions, so importing this package costs nothing.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
+
+
+def add_server_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    """--base-url, --api-key, --model and --tokenizer, as the cookbook examples take them."""
+    p.add_argument("--base-url", default="http://localhost:8000")
+    p.add_argument("--api-key", default="tml-local",
+                   help="used when TINKER_API_KEY is not set")
+    p.add_argument("--model", default=default_model)
+    p.add_argument("--tokenizer", default=None,
+                   help="local tokenizer folder; default: the one the server reports")
+
+
+def prepare_log_dir(args: argparse.Namespace) -> None:
+    """Before a cookbook run: refuse a log dir holding an earlier run (the cookbook would
+    resume from its checkpoints), set the API key, make the dir, register the tokenizer."""
+    if (args.log_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"{args.log_dir} holds an earlier run; pass a new --log-dir")
+    os.environ.setdefault("TINKER_API_KEY", args.api_key)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    use_served_tokenizer(args.base_url, args.model, args.tokenizer)
 
 
 def use_served_tokenizer(base_url: str, model_name: str, path: str | None = None) -> Any:

@@ -31,7 +31,6 @@ import asyncio
 import csv
 import json
 import logging
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from tinker_cookbook.rl.types import (
     StepResult,
 )
 
-from examples import use_served_tokenizer
+from examples import add_server_args, prepare_log_dir
 
 DEFAULT_MODEL = "tinkerq/tiny-qwen3"
 LOSS_FNS = ("importance_sampling", "ppo", "cispo")
@@ -187,11 +186,7 @@ def write_curve(curve: list[tuple[int, float]], log_dir: Path, title: str) -> No
 
 def run(args: argparse.Namespace) -> list[tuple[int, float]]:
     """Train, write reward.csv / reward.png into args.log_dir, return the reward curve."""
-    if (args.log_dir / "metrics.jsonl").exists():
-        raise SystemExit(f"{args.log_dir} holds an earlier run; pass a new --log-dir")
-    os.environ.setdefault("TINKER_API_KEY", args.api_key)
-    args.log_dir.mkdir(parents=True, exist_ok=True)
-    use_served_tokenizer(args.base_url, args.model, args.tokenizer)
+    prepare_log_dir(args)
     asyncio.run(train.main(build_config(args)))
     curve = reward_curve(args.log_dir)
     title = (f"{args.model}, {args.loss_fn}: {args.batch_size} prompts x {args.group_size} "
@@ -202,12 +197,7 @@ def run(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default="http://localhost:8000")
-    p.add_argument("--api-key", default="tml-local",
-                   help="used when TINKER_API_KEY is not set")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--tokenizer", default=None,
-                   help="local tokenizer folder; default: the one the server reports")
+    add_server_args(p, DEFAULT_MODEL)
     p.add_argument("--loss-fn", choices=LOSS_FNS, default="importance_sampling")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8, help="groups (prompts) per step")

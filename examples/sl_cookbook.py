@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from tinker_cookbook.supervised.types import (
     SupervisedDataset,
 )
 
-from examples import use_served_tokenizer
+from examples import add_server_args, prepare_log_dir
 
 DEFAULT_MODEL = "tinkerq/tiny-qwen3"
 RENDERER = "qwen3_disable_thinking"
@@ -119,23 +118,14 @@ def nll_curve(log_dir: Path) -> list[tuple[int, float]]:
 
 def run(args: argparse.Namespace) -> list[tuple[int, float]]:
     """Train and return the per-step training NLL."""
-    if (args.log_dir / "metrics.jsonl").exists():
-        raise SystemExit(f"{args.log_dir} holds an earlier run; pass a new --log-dir")
-    os.environ.setdefault("TINKER_API_KEY", args.api_key)
-    args.log_dir.mkdir(parents=True, exist_ok=True)
-    use_served_tokenizer(args.base_url, args.model, args.tokenizer)
+    prepare_log_dir(args)
     asyncio.run(train.main(build_config(args)))
     return nll_curve(args.log_dir)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default="http://localhost:8000")
-    p.add_argument("--api-key", default="tml-local",
-                   help="used when TINKER_API_KEY is not set")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--tokenizer", default=None,
-                   help="local tokenizer folder; default: the one the server reports")
+    add_server_args(p, DEFAULT_MODEL)
     p.add_argument("--num-examples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=4)
