@@ -655,7 +655,7 @@ class RunningBatch:
         n = x.tokens.shape[0]
         heads, kv_heads = self.model.config.num_attention_heads, arena.k[0].shape[1]
         group = heads // kv_heads // (self.model.tp.size if self.model.tp else 1)
-        packed = group > 1 and n >= PACK_GQA_ROWS
+        packed = x.tokens.is_cuda and group > 1 and n >= PACK_GQA_ROWS  # the flash path
         cu_q = x.cu_q * group if packed else x.cu_q
 
         def attend(i, q, k, v, scale):
