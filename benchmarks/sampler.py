@@ -11,6 +11,10 @@ projections). All in one process, one table:
   floor tok/s   batch / (bytes a decode step must read / copy bandwidth measured here):
                 bytes = projection + LM-head weights + the adapters' LoRA factors + the
                 batch's K/V at the mean context (prompt + 128)
+  flash / unfused  decode tok/s of the same requests with the fused step's attention done
+                by flash attention instead of the Triton kernel, and with the unfused step
+                (eager glue between the matmuls, as before decode_kernels); 1 adapter and
+                the first prompt length only
   hf generate   transformers `generate` of the base model, same prompts, batch 1/32/128
                 (128-token prompts), sampling on, no cache tricks
 
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.engine_train import RANK, VOCAB, matmul_params, qwen3_config
-from workers import fastpath
+from workers import decoding, fastpath
 from workers.decoding import RunningBatch, compile_sampling
 from workers.model import AdapterSpec, LoraModel
 from workers.sampler import SampleSpec, adapter_of
@@ -55,6 +59,40 @@ def kv_bytes_per_token(cfg) -> int:
 
 def adapter_bytes(model: LoraModel, slot: int) -> int:
     return sum(2 * t.numel() for t in model.adapter_parameters(slot))  # read as bf16
+
+
+def run_variant(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int,
+                fused: bool, flash_rows: int | None) -> float:
+    """Decode tok/s of `b` one-adapter requests with the step switched as asked."""
+    saved = batch.fused, batch.flash_rows
+    batch.fused, batch.flash_rows = fused, flash_rows
+    try:
+        run_engine(model, batch, b, prompt_len, 1, max_tokens=8)  # capture
+        return run_engine(model, batch, b, prompt_len, 1)[1]
+    finally:
+        batch.fused, batch.flash_rows = saved
+
+
+def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len: int,
+                   batches: list[int]) -> list[str]:
+    """Decode tok/s with LoRA B added inside the fused kernels (a GEMV per row) against one
+    addmm per projection group, at 1 and 8 adapters: where decoding.LORA_GEMV_ROWS sits."""
+    rows, saved = [], decoding.LORA_GEMV_ROWS
+    try:
+        for b in batches:
+            for adapters in (1, 8):
+                rates = []
+                for gemv_rows in (1 << 30, 0):
+                    decoding.LORA_GEMV_ROWS = gemv_rows
+                    batch.graphs.graphs.clear()  # (they bake the placement in)
+                    run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)
+                    rates.append(run_engine(model, batch, b, prompt_len, adapters)[1])
+                rows.append(f"{name:>5}{b:>7}{adapters:>9}{rates[0]:>12.0f}{rates[1]:>9.0f}")
+                print(rows[-1], flush=True)
+    finally:
+        decoding.LORA_GEMV_ROWS = saved
+        batch.graphs.graphs.clear()
+    return rows
 
 
 def run_engine(model: LoraModel, batch: RunningBatch, batch_size: int, prompt_len: int,
@@ -94,38 +132,51 @@ def run_hf(model: LoraModel, batch_size: int, prompt_len: int, device) -> float:
 
 
 def check(model: LoraModel, batch: RunningBatch) -> str:
-    """Greedy tokens with CUDA graphs = without; sampled logprobs = training-forward ones.
-    18 sequences of 3 adapters and the base model, so that the decode steps take the packed
-    GQA attention (at least PACK_GQA_ROWS rows) as large batches do."""
+    """Greedy tokens with CUDA graphs = without = the unfused step; sampled logprobs =
+    training-forward ones. 18 sequences of 3 adapters and the base model, long enough that
+    the decode steps split their keys (the Triton attention's combine step)."""
     rng = np.random.default_rng(7)
     shapes = [(20 + 13 * j % 97, (0, 1, -1)[j % 3]) for j in range(18)]
     specs = [SampleSpec(rng.integers(0, VOCAB, n).tolist(), 1, 16, slot, temperature=0.0,
                         stop_at_eos=False) for n, slot in shapes]
     eager = RunningBatch(model, lambda ids: "", [], kv_tokens=4096, cuda_graphs=False)
     outs = []
-    for b in (batch, eager):
+    for b, fused in ((batch, True), (eager, True), (eager, False)):
+        b.fused = fused
         for i, s in enumerate(specs):
             b.admit(i, s, adapter_of(model, s.slot))
         done = []
         while b.busy:
             done += b.step(64)
         outs.append(dict(done))
-    pairs = [zip(outs[0][i].sequences[0].tokens, outs[1][i].sequences[0].tokens, strict=True)
-             for i in range(len(specs))]
-    agree = [next((j for j, (a, b) in enumerate(p) if a != b), 16) for p in pairs]
-    seqs = [s.prompt + outs[0][i].sequences[0].tokens for i, s in enumerate(specs)]
-    with torch.no_grad():
-        ref = model.packed_pass([q[:-1] for q in seqs], [q[1:] for q in seqs],
-                                [s.slot for s in specs], [False] * len(specs), lambda r, o, lp: -lp)
-    diff = max(float((torch.tensor(outs[0][i].sequences[0].logprobs)
-                      - ref.logprobs[i][-16:].cpu()).abs().max()) for i in range(len(specs)))
-    same = "identical" if min(agree) == 16 else f"agree for {agree} of 16 tokens (bf16 ties?)"
-    return (f"graphs vs eager greedy tokens {same}; "
-            f"max |sampled logprob - training forward| {diff:.4f} (bf16)")
+
+    def agree(other: dict) -> str:
+        first = [next((j for j, (a, b) in enumerate(zip(outs[0][i].sequences[0].tokens,
+                                                       other[i].sequences[0].tokens,
+                                                       strict=True)) if a != b), 16)
+                 for i in range(len(specs))]
+        return "identical" if min(first) == 16 else f"agree for {first} of 16 (bf16 ties?)"
+
+    def diff(out: dict) -> float:
+        seqs = [s.prompt + out[i].sequences[0].tokens for i, s in enumerate(specs)]
+        with torch.no_grad():
+            ref = model.packed_pass([q[:-1] for q in seqs], [q[1:] for q in seqs],
+                                    [s.slot for s in specs], [False] * len(specs),
+                                    lambda r, o, lp: -lp)
+        return max(float((torch.tensor(out[i].sequences[0].logprobs)
+                          - ref.logprobs[i][-16:].cpu()).abs().max()) for i in range(len(specs)))
+
+    return (f"greedy tokens: graphs vs eager {agree(outs[1])}, fused vs unfused "
+            f"{agree(outs[2])}; max |sampled logprob - training forward| fused "
+            f"{diff(outs[0]):.4f}, unfused {diff(outs[2]):.4f} (bf16)")
+
+
+PLACEMENT: list[str] = []  # rows of the LoRA-placement table
 
 
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
-          device, hf_batches: list[int], profile: list[int]) -> list[str]:
+          device, hf_batches: list[int], profile: list[int], placement: list[int]
+          ) -> list[str]:
     cfg = qwen3_config(name)
     torch.manual_seed(0)
     with torch.device(device):
@@ -155,6 +206,8 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
             print(f"profile, batch {b}, 32 steps, by {key}:")
             print(prof.key_averages().table(sort_by=key, row_limit=12,
                                             max_name_column_width=50), flush=True)
+    if placement:
+        PLACEMENT.extend(lora_placement(name, model, batch, prompts[0], placement))
     hf_rate = {}
     for prompt_len in prompts:
         for adapters in (1, 8):
@@ -165,7 +218,10 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                 step_bytes = (weights + min(adapters, b) * per_adapter
                               + b * context * kv_bytes_per_token(cfg))
                 floor = b * bandwidth / step_bytes
-                hf_col = ""
+                hf_col, flash_col, unfused_col = "", "", ""
+                if adapters == 1 and prompt_len == prompts[0]:
+                    flash_col = f"{run_variant(model, batch, b, prompt_len, True, 1):.0f}"
+                    unfused_col = f"{run_variant(model, batch, b, prompt_len, False, None):.0f}"
                 if adapters == 1 and prompt_len == prompts[0] and b in hf_batches:
                     try:
                         hf_rate[b] = run_hf(model, b, prompt_len, device)
@@ -176,7 +232,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                     torch.cuda.empty_cache()
                 line = (f"{name:>5}{prompt_len:>7}{adapters:>9}{b:>7}{rate:>10.0f}"
                         f"{decode_rate:>13.0f}{floor:>12.0f}{100 * decode_rate / floor:>9.1f}%"
-                        f"{hf_col:>12}")
+                        f"{flash_col:>8}{unfused_col:>9}{hf_col:>12}")
                 print(line, flush=True)
                 rows.append(line)
     del batch, model, hf
@@ -193,6 +249,9 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[1, 32, 128])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="print the top ops of 32 decode steps at these batch sizes")
+    parser.add_argument("--lora-placement", type=int, nargs="*", default=[],
+                        metavar="BATCH", help="also time LoRA B in the kernels against "
+                        "addmm at these batch sizes (first prompt length)")
     args = parser.parse_args()
     device = "cuda"
     fastpath.compile_kernels()
@@ -201,13 +260,19 @@ def main() -> None:
     rows = []
     for name in args.model:
         rows += bench(name, args.batch, args.prompt, bandwidth, device, args.hf_batch,
-                      args.profile)
+                      args.profile, args.lora_placement)
     print(f"\nsampling, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s,"
-          f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs")
+          f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs,"
+          f" fused decode step (Triton)")
     print(f"{'model':>5}{'prompt':>7}{'adapters':>9}{'batch':>7}{'tok/s':>10}{'decode tok/s':>13}"
-          f"{'floor tok/s':>12}{'of floor':>10}{'hf generate':>12}")
+          f"{'floor tok/s':>12}{'of floor':>10}{'flash':>8}{'unfused':>9}{'hf generate':>12}")
     for r in rows:
         print(r)
+    if PLACEMENT:
+        print(f"\nLoRA B placement in the fused step, decode tok/s, prompt {args.prompt[0]}")
+        print(f"{'model':>5}{'batch':>7}{'adapters':>9}{'in kernels':>12}{'addmm':>9}")
+        for r in PLACEMENT:
+            print(r)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,14 @@ KV cache: one arena per layer, [capacity tokens, kv heads, head dim]. A sequence
 contiguous region of prompt + max_tokens tokens (known at admission, so nothing is padded
 or moved); regions are first-fit allocated and freed when the sequence ends. A request's
 prompt is prefilled once, into its first sample's region, and copied to the others'.
-Attention reads the arena in place: on CUDA one flash-attention call per layer for the whole
-batch (`cu_seqlens_k` = region starts, `seqused_k` = lengths), on the CPU one SDPA per row.
+Attention reads the arena in place: prefill (and the unfused decode step) with one
+flash-attention call per layer for the whole batch (`cu_seqlens_k` = region starts,
+`seqused_k` = lengths), on the CPU one SDPA per row.
+
+The decode step on CUDA is fused (`_decode_fused`, kernels in decode_kernels): per layer 4
+matmuls and 4 Triton kernels that carry LoRA B (at small batches), the norms, RoPE, the K/V
+write into the arena, grouped-query attention over the arena and SiLU. `fused=False` (and
+the CPU by default) runs the unfused step, `_forward` with eager glue, the same arithmetic.
 
 Projections that read the same input run as one matmul: q/k/v and gate/up per layer
 (`fuse_base_weights` lays their base weights side by side once; the Linears keep views).
@@ -29,9 +35,11 @@ y = base(x) + ((x Aᵀ) ⊙ mask) Bᵀ. A fixed number of dense matmuls whatever
 adapters (no mask when every row uses the only adapter), and nothing that depends on the
 batch's order.
 
-Decode steps run as CUDA graphs on CUDA (`cuda_graphs`), one per batch-size bucket (powers
-of two) and LoRA width, captured on first use; padded rows of a bucket write to a scratch
-token of the arena. Elsewhere, or with graphs off, the same function runs eagerly.
+Decode steps run as CUDA graphs on CUDA (`cuda_graphs`; torch.compile only fuses the
+element-wise pieces of the unfused step and the sampling), one per batch-size bucket
+(powers of two), LoRA width and kind of step, captured on first use; padded rows of a
+bucket write to a scratch token of the arena. Elsewhere, or with graphs off, the same
+function runs eagerly.
 Between steps the host builds nothing while the rows stay the same (`_Steady`): the chosen
 tokens are fed back and positions advance on the device, and the host reads each step's
 tokens one step late, while the next step runs, so stop checks overlap the GPU's work. A
@@ -59,7 +67,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers import fastpath, tp
+from workers import decode_kernels, fastpath, tp
 from workers.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
@@ -358,11 +366,101 @@ def _layer_names(model: LoraModel) -> list[str]:
     return [f"{prefix}{i}." for i in range(len(model.hf.model.layers))]
 
 
+def _matmul(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
+            masks: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection group's output for the fused step, and the B its kernel still has to
+    apply. y = [base output | x Aᵀ] (summed over ranks when the group is row-parallel);
+    with `masks` (the rows' column masks, {} for one adapter) LoRA B is added here, as
+    one addmm, and None returned; without, the kernel applies it (None: no LoRA)."""
+    if group not in lora.wide:
+        weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
+        y = F.linear(x, weight, bias)
+        return (tp.reduce_from(y, model.tp) if lora.styles[group] == "row" else y), None
+    (weight, bias), B = lora.wide[group], lora.B[group]
+    y = F.linear(x, weight, bias)
+    if lora.styles[group] == "row":
+        y = tp.reduce_from(y, model.tp)
+    if masks is None:
+        return y, B
+    out, low = y[:, : B.shape[0]], y[:, B.shape[0] :]
+    if masks:
+        low = low * masks[len(lora.groups[group])]
+    return out.addmm_(low, B.T), None
+
+
+def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  x: _DecodeInputs, scale: float) -> torch.Tensor:
+    """Decode attention with one flash-attention call over the arena: q [N, Hq, D] ->
+    [N, Hq, D] (`cu_seqlens_k` = region starts, `seqused_k` = lengths)."""
+    n, heads, d = q.shape
+    kv = k_cache.shape[1]
+    group = heads // kv
+    if group == 1 or n < PACK_GQA_ROWS:
+        return torch.ops.aten._flash_attention_forward(
+            q, k_cache, v_cache, x.cu_q, x.starts, 1, x.max_len, 0.0, True, False,
+            scale=scale, seqused_k=x.used)[0]
+    # The query heads sharing a KV head ride as `group` query rows of one sequence over that
+    # KV head, so each tile of the kernel (rows of queries) holds `group` live rows instead
+    # of 1: the same keys, `group` times less wasted work. Not causal: every row is the
+    # newest token and sees all keys.
+    rows = q.view(n, kv, group, d).transpose(1, 2).reshape(n * group, kv, d)
+    out = torch.ops.aten._flash_attention_forward(
+        rows, k_cache, v_cache, x.cu_q * group, x.starts, group, x.max_len, 0.0, False, False,
+        scale=scale, seqused_k=x.used)[0]
+    return out.view(n, group, kv, d).transpose(1, 2).reshape(n, heads, d)
+
+
+def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: KVArena,
+                  flash: bool = False) -> torch.Tensor:
+    """One decode step, tokens [N] -> logits [N, V], as 4 matmuls and 4 Triton kernels per
+    layer (decode_kernels): LoRA B, norms, RoPE, the K/V write and SiLU ride in the kernels
+    between the matmuls. The same arithmetic as `_forward`, fewer launches."""
+    dk, body = decode_kernels, model.hf.model
+    h = body.embed_tokens(x.tokens)  # [N, hidden], the residual stream (updated in place)
+    cos, sin = body.rotary_emb(h[None], x.positions[None])
+    cos, sin, n = cos[0], sin[0], h.shape[0]
+    layers, kv_heads = body.layers, arena.k[0].shape[1]
+    splits = dk.splits(n, kv_heads, x.max_len, h.device)
+    masks = None  # small steps: LoRA B inside the kernels, a GEMV per row
+    if n > LORA_GEMV_ROWS and lora.width:  # larger: one addmm per group, B read once
+        masks = {} if x.uniform else {m: x.mask.repeat(1, m) for m in (1, 2, 3)}
+    ln = layers[0].input_layernorm
+    xin = fastpath.KERNELS.rms_norm(h, ln.weight, ln.variance_epsilon)
+    for i, layer in enumerate(layers):
+        attn, p = layer.self_attn, lora.prefixes[i]
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        y, B = _matmul(model, lora, p + "qkv", xin, masks)
+        q = dk.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
+                            None if kn is None else kn.weight,
+                            0.0 if qn is None else qn.variance_epsilon, cos, sin, arena.k[i],
+                            arena.v[i], x.write, attn.q_proj.out_features // attn.head_dim)
+        if flash:
+            o = _flash_decode(q, arena.k[i], arena.v[i], x, attn.scaling)
+        else:
+            o = dk.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
+        y, B = _matmul(model, lora, p + "o", o.view(n, -1), masks)
+        ln = layer.post_attention_layernorm
+        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
+        y, B = _matmul(model, lora, p + "gate_up", xin, masks)
+        act = dk.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features)
+        y, B = _matmul(model, lora, p + "down", act, masks)
+        ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
+        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
+    return _group(model, lora, "lm_head", xin,
+                  None if not lora.width else {} if x.uniform else {1: x.mask})
+
+
 # --- sampling --------------------------------------------------------------------------------
 # Decode steps of at least this many rows pack a GQA group's query heads into one sequence
 # of `group` rows for the attention kernel (see _decode_forward); smaller steps are
 # latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
 PACK_GQA_ROWS = 16
+# The fused step's attention: flash attention for steps of at least this many rows, the
+# Triton kernel below (None: always the Triton kernel).
+FLASH_ROWS: int | None = None
+# Fused steps of at most this many rows add LoRA B inside the kernels (each row reads its
+# adapter's B); larger ones add it with one matmul per projection group (B read once).
+LORA_GEMV_ROWS = 8
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -434,8 +532,12 @@ def _stream(seed: int, index: int) -> int:
 class RunningBatch:
     def __init__(self, model: LoraModel, decode: Callable[[list[int]], str],
                  eos_token_ids: list[int], max_num_sequences: int = 256, kv_tokens: int = 0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, fused: bool | None = None):
         self.model = model
+        # decode steps through decode_kernels (default: on CUDA, when Triton is there)
+        self.fused = (model.device.type == "cuda" and decode_kernels.available(model.device)
+                      and fastpath.supported(model.hf)) if fused is None else fused
+        self.flash_rows = FLASH_ROWS
         self.decode = decode
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
@@ -649,33 +751,16 @@ class RunningBatch:
 
     def _decode_forward(self, x: _DecodeInputs) -> torch.Tensor:
         arena = self._arena()
+        if self.fused:
+            return _decode_fused(self.model, self.lora, x, arena, self._flash(len(x.tokens)))
         if not x.tokens.is_cuda:  # the per-row CPU attention reads where each row is now
             rows_at, rows_used = x.starts[:-1].tolist(), x.used.tolist()
-
-        n = x.tokens.shape[0]
-        heads, kv_heads = self.model.config.num_attention_heads, arena.k[0].shape[1]
-        group = heads // kv_heads // (self.model.tp.size if self.model.tp else 1)
-        packed = x.tokens.is_cuda and group > 1 and n >= PACK_GQA_ROWS  # the flash path
-        cu_q = x.cu_q * group if packed else x.cu_q
 
         def attend(i, q, k, v, scale):
             arena.k[i].index_copy_(0, x.write, k)
             arena.v[i].index_copy_(0, x.write, v)
             if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-                if not packed:
-                    return torch.ops.aten._flash_attention_forward(
-                        q, arena.k[i], arena.v[i], cu_q, x.starts, 1, x.max_len, 0.0, True,
-                        False, scale=scale, seqused_k=x.used)[0]
-                # The query heads sharing a KV head ride as `group` query rows of one
-                # sequence over that KV head, so each tile of the kernel (rows of queries)
-                # holds `group` live rows instead of 1: the same keys, `group` times less
-                # wasted work. Not causal: every row is the newest token and sees all keys.
-                d, kv = q.shape[-1], k.shape[1]
-                rows = q.view(n, kv, group, d).transpose(1, 2).reshape(n * group, kv, d)
-                out = torch.ops.aten._flash_attention_forward(
-                    rows, arena.k[i], arena.v[i], cu_q, x.starts, group, x.max_len, 0.0,
-                    False, False, scale=scale, seqused_k=x.used)[0]
-                return out.view(n, group, kv, d).transpose(1, 2).reshape(n, kv * group, d)
+                return _flash_decode(q, arena.k[i], arena.v[i], x, scale)
             out = []
             for b, (s, m) in enumerate(zip(rows_at, rows_used, strict=True)):
                 kk, vv = arena.k[i][s : s + m], arena.v[i][s : s + m]
@@ -688,6 +773,11 @@ class RunningBatch:
 
         return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend,
                         uniform=x.uniform)
+
+    def _flash(self, rows: int) -> bool:
+        """Whether the fused step of this many rows takes flash attention."""
+        return (self.model.device.type == "cuda" and self.flash_rows is not None
+                and rows >= self.flash_rows)
 
     def _sampling(self, seqs: list[_Seq]) -> _Sampling | None:
         """Per-row sampling tensors; None when every row is greedy."""
@@ -773,6 +863,7 @@ class _DecodeInputs:
     mask: torch.Tensor | None  # [B, R]; None: no LoRA, or `uniform`
     uniform: bool  # every row on one adapter (no mask needed)
     max_len: int
+    cols: torch.Tensor  # [B, 2] int32: each row's LoRA columns [lo, hi) (the fused step's mask)
 
     @classmethod
     def build(cls, seqs: list[_Seq], batch: RunningBatch) -> _DecodeInputs:
@@ -790,6 +881,8 @@ class _DecodeInputs:
             cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
             mask=batch._mask(keys), uniform=batch._uniform(keys),
             max_len=max(s.req.region for s in seqs),
+            cols=torch.tensor([batch.lora.columns(k) for k in keys], dtype=torch.int32,
+                              device=device),
         )
 
 
@@ -853,19 +946,19 @@ def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple:
 
 
 class _Graphs:
-    """One CUDA graph per (batch bucket, LoRA width, one-adapter batch): static inputs,
-    replayed per step."""
+    """One CUDA graph per (batch bucket, LoRA width, one-adapter batch, kind of step):
+    static inputs, replayed per step."""
 
     def __init__(self, batch: RunningBatch):
         self.batch = batch
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, _DecodeInputs,
-                                                       torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _DecodeInputs, torch.Tensor]] = {}
         self.max_len = 0
 
     def run(self, x: _DecodeInputs) -> torch.Tensor:
         b = x.tokens.shape[0]
         bucket = 1 << max(0, (b - 1).bit_length())
-        key = (bucket, self.batch.lora.width, x.uniform)
+        key = (bucket, self.batch.lora.width, x.uniform, self.batch.fused,
+               self.batch.fused and self.batch._flash(bucket))
         if key not in self.graphs or x.max_len > self.max_len:
             if x.max_len > self.max_len:  # graphs bake the longest region in: recapture all
                 self.max_len = max(x.max_len, 2 * self.max_len, 1024)
@@ -882,6 +975,8 @@ class _Graphs:
         static.starts[b:].fill_(scratch)
         static.used[:b].copy_(x.used)
         static.used[b:].fill_(1)
+        static.cols[:b].copy_(x.cols)
+        static.cols[b:].zero_()
         if static.mask is not None and x.mask is not None:
             static.mask[:b].copy_(x.mask)
             static.mask[b:].zero_()
@@ -905,6 +1000,7 @@ class _Graphs:
                   if width and not uniform else None),
             uniform=uniform,
             max_len=self.max_len,
+            cols=torch.zeros(bucket, 2, dtype=torch.int32, device=device),
         )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

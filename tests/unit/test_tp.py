@@ -65,8 +65,9 @@ def slice_of(layer, factor: str, full: torch.Tensor) -> torch.Tensor:
     return tp.shard_factor(layer, factor, full)
 
 
-def greedy(m: LoraModel) -> list[list[int]]:
-    batch = RunningBatch(m, lambda ids: "", [], cuda_graphs=False, kv_tokens=2048)
+def greedy(m: LoraModel, fused: bool = False) -> list[list[int]]:
+    batch = RunningBatch(m, lambda ids: "", [], cuda_graphs=False, kv_tokens=2048,
+                         fused=fused)
     for i, (row, slot) in enumerate(ROWS):
         batch.admit(i, SampleSpec(row, 1, 6, slot, temperature=0.0, stop_at_eos=False),
                     adapter_of(m, slot))
@@ -137,6 +138,7 @@ def check_rank(rank: int, size: int, port: int) -> None:
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             torch.testing.assert_close(y, x, **close)
         assert greedy(part) == greedy(whole)
+        assert greedy(part, fused=True) == greedy(whole)  # (Triton's interpreter, conftest)
     finally:
         dist.destroy_process_group()
 
