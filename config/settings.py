@@ -83,6 +83,9 @@ class Settings:
     sample_cuda_graphs: bool = _opt(
         True, "Run decode steps as CUDA graphs, one per batch-size bucket (CUDA only)."
     )
+    sample_fused_step: bool = _opt(
+        True, "Decode with the fused Triton kernels (CUDA with Triton only); off: eager glue."
+    )
     max_tokens_per_tick: int = _opt(
         65536, "Token budget of one forward/backward pass across all models in a tick."
     )

@@ -83,7 +83,8 @@ class Executor:
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
         self.sampling = RunningBatch(model, decode, eos_token_ids,
                                      settings.sample_max_num_sequences,
-                                     settings.sample_kv_tokens, settings.sample_cuda_graphs)
+                                     settings.sample_kv_tokens, settings.sample_cuda_graphs,
+                                     fused=None if settings.sample_fused_step else False)
         self._sample_started: dict[str, float] = {}  # request id -> admission time
         self.leader: Any = None  # tp_runtime.Leader on rank 0 under tensor parallelism
         self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
