@@ -326,16 +326,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
     """Per-row tickets of `add_norm`'s last-block pattern: zeros, and left at zero by every
-    call, so one buffer serves every call (and every captured graph) on the device."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return have
+    call, so one buffer serves every call (and every captured graph) on the device. A
+    larger one is added when needed; none is ever freed (a captured graph may use it)."""
+    have = _COUNTERS.setdefault(device, [])
+    if not have or have[-1].numel() < n:
+        have.append(torch.zeros(max(n, 256), dtype=torch.int32, device=device))
+    return have[-1]
 
 
 def add_norm(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor, h: torch.Tensor,
