@@ -45,19 +45,20 @@ def eager_lora(y, B, mask, out, members):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lora", [True, False])
-def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora):
+@pytest.mark.parametrize("n", [3, 20])
+def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n):
     g = torch.Generator().manual_seed(0)
-    n, hq, hk, d, width = 3, 4, 2, 16, 24
+    hq, hk, d, width = 4, 2, 16, 24
     out = (hq + 2 * hk) * d
     y = torch.randn(n, out + (3 * width if lora else 0), generator=g).to(dtype)
     B, cols, mask = lora_table(n, [hq * d, hk * d, hk * d], width, dtype, g)
     qw, kw = ((torch.rand(d, generator=g) + 0.5).to(dtype) for _ in range(2))
-    pos = torch.tensor([0, 7, 30])
+    pos = torch.arange(n) * 7 % 31
     inv = 1.0 / (1e4 ** (torch.arange(0, d, 2).float() / d))
     ang = pos[:, None].float() * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     kc, vc = torch.zeros(40, hk, d, dtype=dtype), torch.zeros(40, hk, d, dtype=dtype)
-    write = torch.tensor([5, 39, 12])
+    write = torch.randperm(40, generator=g)[:n]
     q = dk.qkv_epilogue(y, B if lora else None, cols, qw, kw, 1e-6, cos, sin, kc, vc, write, hq)
 
     full = eager_lora(y, B, mask, out, 3) if lora else y
@@ -95,9 +96,10 @@ def test_attention_reads_each_rows_region_with_grouped_heads(dtype, n_splits):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lora", [True, False])
-def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora):
+@pytest.mark.parametrize("n", [3, 20])
+def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n):
     g = torch.Generator().manual_seed(2)
-    n, hidden, width = 3, 300, 24  # 3 column blocks with LoRA, a masked tail
+    hidden, width = 300, 24  # 3 column blocks with LoRA, a masked tail
     y = torch.randn(n, hidden + (width if lora else 0), generator=g).to(dtype)
     B, cols, mask = lora_table(n, [hidden], width, dtype, g)
     h = torch.randn(n, hidden, generator=g).to(dtype)
@@ -114,9 +116,10 @@ def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_adds_each_members_lora(dtype):
+@pytest.mark.parametrize("n", [3, 20])
+def test_silu_mul_adds_each_members_lora(dtype, n):
     g = torch.Generator().manual_seed(3)
-    n, inter, width = 3, 300, 24
+    inter, width = 300, 24
     y = torch.randn(n, 2 * inter + 2 * width, generator=g).to(dtype)
     B, cols, mask = lora_table(n, [inter, inter], width, dtype, g)
     full = eager_lora(y, B, mask, 2 * inter, 2)
