@@ -42,8 +42,13 @@ BW = 32  # LoRA columns per inner step (a rank-32 adapter: one step)
 
 
 def available(device: torch.device) -> bool:
-    """Whether the fused decode step can run on this device."""
-    return triton is not None and (device.type == "cuda" or INTERPRET)
+    """Whether the fused decode step can run on this device: Triton, and on CUDA a GPU
+    with bf16 tensor cores (compute capability 8.0, Ampere, or newer)."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return INTERPRET
 
 
 def _pow2(n: int) -> int:

@@ -452,7 +452,7 @@ def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: K
 
 # --- sampling --------------------------------------------------------------------------------
 # Decode steps of at least this many rows pack a GQA group's query heads into one sequence
-# of `group` rows for the attention kernel (see _decode_forward); smaller steps are
+# of `group` rows for the attention kernel (see _flash_decode); smaller steps are
 # latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
 PACK_GQA_ROWS = 16
 # The fused step's attention: flash attention for steps of at least this many rows, the
