@@ -320,11 +320,7 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
     `attend(layer_index, q, k, v, scale)` stores k/v and returns attention output [N, H, D].
     `mask` [N, R]: each row's adapter columns; `uniform`: every row uses the one adapter."""
     kern, body, names = fastpath.KERNELS, model.hf.model, lora.prefixes
-    masks: dict[int, torch.Tensor] | None = None
-    if uniform and lora.width:
-        masks = {}
-    elif mask is not None:
-        masks = {n: mask.repeat(1, n) for n in (1, 2, 3)}
+    masks = _row_masks(lora, mask, uniform)
     h = body.embed_tokens(tokens)
     cos, sin = body.rotary_emb(h[None], positions[None])
     cos, sin = cos[0], sin[0]
@@ -361,6 +357,15 @@ def _forward(model: LoraModel, lora: _LoraTable, tokens: torch.Tensor, positions
     return _group(model, lora, "lm_head", h, masks)
 
 
+def _row_masks(lora: _LoraTable, mask: torch.Tensor | None, uniform: bool,
+               members: tuple[int, ...] = (1, 2, 3)) -> dict[int, torch.Tensor] | None:
+    """`_group`'s masks: per number of group members n, the rows' [N, n·R] column masks;
+    {} when every row uses the table's one adapter; None without LoRA."""
+    if uniform and lora.width:
+        return {}
+    return None if mask is None else {n: mask.repeat(1, n) for n in members}
+
+
 def _layer_names(model: LoraModel) -> list[str]:
     prefix = next(n for n in model.layers if n.endswith("self_attn.q_proj")).split("0.self_attn")[0]
     return [f"{prefix}{i}." for i in range(len(model.hf.model.layers))]
@@ -369,23 +374,14 @@ def _layer_names(model: LoraModel) -> list[str]:
 def _matmul(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
             masks: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A projection group's output for the fused step, and the B its kernel still has to
-    apply. y = [base output | x Aᵀ] (summed over ranks when the group is row-parallel);
-    with `masks` (the rows' column masks, {} for one adapter) LoRA B is added here, as
-    one addmm, and None returned; without, the kernel applies it (None: no LoRA)."""
-    if group not in lora.wide:
-        weight, bias = model._fused_groups[group]  # type: ignore[attr-defined]
-        y = F.linear(x, weight, bias)
-        return (tp.reduce_from(y, model.tp) if lora.styles[group] == "row" else y), None
-    (weight, bias), B = lora.wide[group], lora.B[group]
+    apply (None: nothing left). With `masks`, or without LoRA, that is `_group`'s output;
+    else y = [base output | x Aᵀ] (summed over ranks when the group is row-parallel) and
+    the kernel adds LoRA B."""
+    if masks is not None or group not in lora.wide:
+        return _group(model, lora, group, x, masks), None
+    weight, bias = lora.wide[group]
     y = F.linear(x, weight, bias)
-    if lora.styles[group] == "row":
-        y = tp.reduce_from(y, model.tp)
-    if masks is None:
-        return y, B
-    out, low = y[:, : B.shape[0]], y[:, B.shape[0] :]
-    if masks:
-        low = low * masks[len(lora.groups[group])]
-    return out.addmm_(low, B.T), None
+    return (tp.reduce_from(y, model.tp) if lora.styles[group] == "row" else y), lora.B[group]
 
 
 def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -421,15 +417,17 @@ def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: K
     cos, sin, n = cos[0], sin[0], h.shape[0]
     layers, kv_heads = body.layers, arena.k[0].shape[1]
     splits = dk.splits(n, kv_heads, x.max_len, h.device)
-    masks = None  # small steps: LoRA B inside the kernels, a GEMV per row
-    if n > LORA_GEMV_ROWS and lora.width:  # larger: one addmm per group, B read once
-        masks = {} if x.uniform else {m: x.mask.repeat(1, m) for m in (1, 2, 3)}
+    # small steps: LoRA B inside the kernels, a GEMV per row (only the LM head takes
+    # masks); larger: one addmm per group
+    addmm = n > LORA_GEMV_ROWS
+    masks = _row_masks(lora, x.mask, x.uniform, (1, 2, 3) if addmm else (1,))
+    layer_masks = masks if addmm else None
     ln = layers[0].input_layernorm
     xin = fastpath.KERNELS.rms_norm(h, ln.weight, ln.variance_epsilon)
     for i, layer in enumerate(layers):
         attn, p = layer.self_attn, lora.prefixes[i]
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        y, B = _matmul(model, lora, p + "qkv", xin, masks)
+        y, B = _matmul(model, lora, p + "qkv", xin, layer_masks)
         q = dk.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
                             0.0 if qn is None else qn.variance_epsilon, cos, sin, arena.k[i],
@@ -438,16 +436,15 @@ def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: K
             o = _flash_decode(q, arena.k[i], arena.v[i], x, attn.scaling)
         else:
             o = dk.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
-        y, B = _matmul(model, lora, p + "o", o.view(n, -1), masks)
+        y, B = _matmul(model, lora, p + "o", o.view(n, -1), layer_masks)
         ln = layer.post_attention_layernorm
         xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
-        y, B = _matmul(model, lora, p + "gate_up", xin, masks)
+        y, B = _matmul(model, lora, p + "gate_up", xin, layer_masks)
         act = dk.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features)
-        y, B = _matmul(model, lora, p + "down", act, masks)
+        y, B = _matmul(model, lora, p + "down", act, layer_masks)
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
         xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
-    return _group(model, lora, "lm_head", xin,
-                  None if not lora.width else {} if x.uniform else {1: x.mask})
+    return _group(model, lora, "lm_head", xin, masks)
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -455,9 +452,6 @@ def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: K
 # of `group` rows for the attention kernel (see _flash_decode); smaller steps are
 # latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
 PACK_GQA_ROWS = 16
-# The fused step's attention: flash attention for steps of at least this many rows, the
-# Triton kernel below (None: always the Triton kernel).
-FLASH_ROWS: int | None = None
 # Fused steps of at most this many rows add LoRA B inside the kernels (each row reads its
 # adapter's B); larger ones add it with one matmul per projection group (B read once).
 LORA_GEMV_ROWS = 8
@@ -537,7 +531,9 @@ class RunningBatch:
         # decode steps through decode_kernels (default: on CUDA, when Triton is there)
         self.fused = (model.device.type == "cuda" and decode_kernels.available(model.device)
                       and fastpath.supported(model.hf)) if fused is None else fused
-        self.flash_rows = FLASH_ROWS
+        # the fused step's attention: flash attention for steps of at least this many rows,
+        # else (None: always) the Triton kernel, which measured faster at every size
+        self.flash_rows: int | None = None
         self.decode = decode
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
@@ -644,19 +640,28 @@ class RunningBatch:
         return (len(self.lora.adapters) == 1 and keys[0] in self.lora.adapters
                 and len(set(keys)) == 1)
 
-    def _mask(self, keys: list[tuple[int, ...] | None], repeats: list[int] | None = None):
+    def _columns(self, keys: list[tuple[int, ...] | None], repeats: list[int] | None = None
+                 ) -> torch.Tensor:
+        """Each row's LoRA columns [lo, hi) in the table, [rows, 2] int32 (lo = hi: none);
+        with `repeats`, key i stands for repeats[i] rows."""
+        device = self.model.device
+        cols = torch.tensor([self.lora.columns(k) for k in keys], dtype=torch.int32,
+                            device=device)
+        if repeats is None:
+            return cols
+        return cols.repeat_interleave(torch.tensor(repeats, device=device), dim=0)
+
+    def _mask(self, keys: list[tuple[int, ...] | None], repeats: list[int] | None = None,
+              cols: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rows' 0/1 masks over the table's columns [rows, R] (None: no LoRA, or every
+        row on the one adapter); from `cols` when the caller has them."""
         if not self.lora.width or self._uniform(keys):
             return None
-        cols = [self.lora.columns(k) for k in keys]
-        device = self.model.device
-        lo = torch.tensor([c[0] for c in cols], device=device)
-        hi = torch.tensor([c[1] for c in cols], device=device)
-        if repeats is not None:
-            counts = torch.tensor(repeats, device=device)
-            lo, hi = lo.repeat_interleave(counts), hi.repeat_interleave(counts)
-        col = torch.arange(self.lora.width, device=device)
+        if cols is None:
+            cols = self._columns(keys, repeats)
+        col = torch.arange(self.lora.width, device=cols.device)
         dtype = next(self.model.hf.parameters()).dtype
-        return ((col[None] >= lo[:, None]) & (col[None] < hi[:, None])).to(dtype)
+        return ((col[None] >= cols[:, :1]) & (col[None] < cols[:, 1:])).to(dtype)
 
     def _prefill(self, joined: list[_Request], done: list[_Request]) -> None:
         model, arena, device = self.model, self._arena(), self.model.device
@@ -869,6 +874,7 @@ class _DecodeInputs:
     def build(cls, seqs: list[_Seq], batch: RunningBatch) -> _DecodeInputs:
         device = batch.model.device
         keys = [s.req.key_of_adapter for s in seqs]
+        cols = batch._columns(keys)
         starts = [s.start for s in seqs]
         used = [s.length + 1 for s in seqs]
         host = torch.tensor([[s.tokens[-1], s.length, s.start + s.length] for s in seqs])
@@ -879,10 +885,8 @@ class _DecodeInputs:
                                 device=device),
             used=torch.tensor(used, dtype=torch.int32, device=device),
             cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
-            mask=batch._mask(keys), uniform=batch._uniform(keys),
-            max_len=max(s.req.region for s in seqs),
-            cols=torch.tensor([batch.lora.columns(k) for k in keys], dtype=torch.int32,
-                              device=device),
+            mask=batch._mask(keys, cols=cols), uniform=batch._uniform(keys),
+            max_len=max(s.req.region for s in seqs), cols=cols,
         )
 
 
