@@ -10,13 +10,16 @@ base weight, so each also gives x Aᵀ) and these 4 kernels:
                  K and V straight into the KV arena (no separate cache write)
   attention      per (row, KV head[, split]): the group's query heads against the row's
                  keys in the arena, each key read once for the whole group; with splits,
-                 `attention_combine` merges the partial softmaxes
-  add_norm       per row: residual + (o or down output + LoRA B), then the next RMSNorm
+                 a combine kernel merges the partial softmaxes
+  add_norm       residual + (o or down output + LoRA B), then the next RMSNorm: per row
+                 without LoRA B; with it per (row, column block), and the row's last
+                 block to finish normalises the row
   silu_mul       per (row, column block): (gate + LoRA B) · SiLU times (up + LoRA B)
 
-LoRA B per row: `cols` [N, 2] int32 holds the row's column range [lo, hi) in the LoRA
-table (lo = hi: no adapter), so each row reads only its own adapter's block of B, and a
-batch of 8 adapters reads no more B per row than a batch of one.
+LoRA B per row (small steps; `decoding` adds it with an addmm in larger ones): `cols`
+[N, 2] int32 holds the row's column range [lo, hi) in the LoRA table (lo = hi: no
+adapter), so each row reads only its own adapter's block of B, and a batch of 8 adapters
+reads no more B per row than a batch of one.
 
 Rounding follows the eager path (`decoding._forward`): the LoRA sum and the residual are
 rounded to the model's dtype where the eager path rounds them, the arithmetic in between is
