@@ -67,8 +67,7 @@ def run_variant(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int,
     saved = batch.fused, batch.flash_rows
     batch.fused, batch.flash_rows = fused, flash_rows
     try:
-        run_engine(model, batch, b, prompt_len, 1, max_tokens=8)  # capture
-        return run_engine(model, batch, b, prompt_len, 1)[1]
+        return timed(model, batch, b, prompt_len, 1)[1]
     finally:
         batch.fused, batch.flash_rows = saved
 
@@ -85,14 +84,20 @@ def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len:
                 for gemv_rows in (1 << 30, 0):
                     decoding.LORA_GEMV_ROWS = gemv_rows
                     batch.graphs.graphs.clear()  # (they bake the placement in)
-                    run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)
-                    rates.append(run_engine(model, batch, b, prompt_len, adapters)[1])
+                    rates.append(timed(model, batch, b, prompt_len, adapters)[1])
                 rows.append(f"{name:>5}{b:>7}{adapters:>9}{rates[0]:>12.0f}{rates[1]:>9.0f}")
                 print(rows[-1], flush=True)
     finally:
         decoding.LORA_GEMV_ROWS = saved
         batch.graphs.graphs.clear()
     return rows
+
+
+def timed(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int, adapters: int
+          ) -> tuple[float, float]:
+    """run_engine after a short untimed run of the same shape (graph capture, tuning)."""
+    run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)
+    return run_engine(model, batch, b, prompt_len, adapters)
 
 
 def run_engine(model: LoraModel, batch: RunningBatch, batch_size: int, prompt_len: int,
@@ -171,12 +176,10 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
             f"{diff(outs[0]):.4f}, unfused {diff(outs[2]):.4f} (bf16)")
 
 
-PLACEMENT: list[str] = []  # rows of the LoRA-placement table
-
-
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
           device, hf_batches: list[int], profile: list[int], placement: list[int]
-          ) -> list[str]:
+          ) -> tuple[list[str], list[str]]:
+    """Rows of the main table and of the LoRA-placement table for one model."""
     cfg = qwen3_config(name)
     torch.manual_seed(0)
     with torch.device(device):
@@ -206,14 +209,12 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
             print(f"profile, batch {b}, 32 steps, by {key}:")
             print(prof.key_averages().table(sort_by=key, row_limit=12,
                                             max_name_column_width=50), flush=True)
-    if placement:
-        PLACEMENT.extend(lora_placement(name, model, batch, prompts[0], placement))
+    placed = lora_placement(name, model, batch, prompts[0], placement) if placement else []
     hf_rate = {}
     for prompt_len in prompts:
         for adapters in (1, 8):
             for b in batches:
-                run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)  # capture
-                rate, decode_rate = run_engine(model, batch, b, prompt_len, adapters)
+                rate, decode_rate = timed(model, batch, b, prompt_len, adapters)
                 context = prompt_len + NEW_TOKENS // 2
                 step_bytes = (weights + min(adapters, b) * per_adapter
                               + b * context * kv_bytes_per_token(cfg))
@@ -238,7 +239,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
     del batch, model, hf
     gc.collect()
     torch.cuda.empty_cache()
-    return rows
+    return rows, placed
 
 
 def main() -> None:
@@ -257,10 +258,12 @@ def main() -> None:
     fastpath.compile_kernels()
     compile_sampling()
     bandwidth = copy_bandwidth(device)
-    rows = []
+    rows, placed = [], []
     for name in args.model:
-        rows += bench(name, args.batch, args.prompt, bandwidth, device, args.hf_batch,
-                      args.profile, args.lora_placement)
+        main_rows, placement_rows = bench(name, args.batch, args.prompt, bandwidth, device,
+                                          args.hf_batch, args.profile, args.lora_placement)
+        rows += main_rows
+        placed += placement_rows
     print(f"\nsampling, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s,"
           f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs,"
           f" fused decode step (Triton)")
@@ -268,10 +271,10 @@ def main() -> None:
           f"{'floor tok/s':>12}{'of floor':>10}{'flash':>8}{'unfused':>9}{'hf generate':>12}")
     for r in rows:
         print(r)
-    if PLACEMENT:
+    if placed:
         print(f"\nLoRA B placement in the fused step, decode tok/s, prompt {args.prompt[0]}")
         print(f"{'model':>5}{'batch':>7}{'adapters':>9}{'in kernels':>12}{'addmm':>9}")
-        for r in PLACEMENT:
+        for r in placed:
             print(r)
 
 
