@@ -476,7 +476,9 @@ def gumbel_noise(streams: torch.Tensor, steps: torch.Tensor, vocab: int) -> torc
     base = _mix(streams * _GOLDEN + steps)  # [B]
     ids = torch.arange(vocab, device=streams.device, dtype=torch.int64)
     bits = _mix(base[:, None] ^ ids[None, :])  # (no int64 literal times the index: Triton)
-    u = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+    # 23 bits: k + 0.5 is exact in float32, so u < 1 (with 24, the top k rounds u to 1 and
+    # the noise to +inf: that id would win whatever its logit)
+    u = (((bits >> 41) & ((1 << 23) - 1)).float() + 0.5) * (1.0 / (1 << 23))  # (0, 1)
     return -torch.log(-torch.log(u))
 
 

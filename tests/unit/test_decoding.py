@@ -12,6 +12,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 from tests.unit.test_engine import create_body, start_engine
 from tests.unit.test_executor import fwdbwd_body, job
 from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
+from workers import decoding
 from workers.decoding import KVArena, RunningBatch
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
@@ -54,6 +55,22 @@ def test_arena_allocates_first_fit_and_merges_freed_regions():
     arena.release(0, 60)
     arena.release(c, 30)
     assert arena.free_tokens == 100 and arena.alloc(100) == 0
+
+
+def test_gumbel_noise_is_finite_where_the_hash_is_all_ones():
+    """Stream 7098 at step 0 hashes id 279 to all ones in the bits the uniform is drawn
+    from. A 24-bit uniform rounded to 1 there in float32, and the noise to +inf: the id won
+    whatever its logit (about one sampled step in 110 at a 150k vocabulary). The 23-bit
+    one stays below 1: the noise is -log(-log(1 - 2^-24)) ≈ 16.6, and a logit of -20 loses."""
+    base = decoding._mix(torch.tensor([7098]) * decoding._GOLDEN)
+    assert (decoding._mix(base ^ 279) >> 40) & ((1 << 24) - 1) == (1 << 24) - 1
+    noise = decoding.gumbel_noise(torch.tensor([7098]), torch.tensor([0]), 1000)
+    assert torch.isfinite(noise).all() and 16.5 < noise[0, 279] < 16.7
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(5))
+    logits[0, 279] = -20.0
+    token, _ = decoding.choose(logits, torch.ones(1), torch.tensor([7098]),
+                               torch.zeros(1, dtype=torch.long))
+    assert token.item() != 279
 
 
 def test_requests_join_mid_generation_and_get_what_they_get_alone(tiny_model):
