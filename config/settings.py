@@ -84,7 +84,8 @@ class Settings:
         True, "Run decode steps as CUDA graphs, one per batch-size bucket (CUDA only)."
     )
     sample_fused_step: bool = _opt(
-        True, "Decode with the fused Triton kernels (CUDA with Triton only); off: eager glue."
+        True, "Decode and sample with the fused Triton kernels (CUDA with Triton only); off: "
+        "eager glue and the compiled sampling."
     )
     max_tokens_per_tick: int = _opt(
         65536, "Token budget of one forward/backward pass across all models in a tick."

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers import decode_kernels, fastpath, tp
+from workers import decode_kernels, fastpath, sample_kernels, tp
 from workers.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
@@ -530,8 +530,10 @@ class RunningBatch:
                  eos_token_ids: list[int], max_num_sequences: int = 256, kv_tokens: int = 0,
                  cuda_graphs: bool = True, fused: bool | None = None):
         self.model = model
-        # decode steps through decode_kernels (default: on CUDA, when Triton is there)
+        # decode steps through decode_kernels and their sampling (without top-k / top-p)
+        # through sample_kernels (default: on CUDA, when Triton is there)
         self.fused = (model.device.type == "cuda" and decode_kernels.available(model.device)
+                      and sample_kernels.available(model.device)
                       and fastpath.supported(model.hf)) if fused is None else fused
         # the fused step's attention: flash attention for steps of at least this many rows,
         # else (None: always) the Triton kernel, which measured faster at every size
@@ -804,6 +806,14 @@ class RunningBatch:
 
     def _choose(self, logits: torch.Tensor, sampling: _Sampling | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused and (sampling is None or sampling.top_k is None):
+            # the sampling kernels (each row's vocabulary over many programs); with top-k /
+            # top-p, the compiled `choose` (its sort-based filter)
+            if sampling is None:  # all greedy
+                zeros = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+                return sample_kernels.choose(logits, zeros.float(), zeros, zeros)
+            return sample_kernels.choose(logits, sampling.temps, sampling.streams,
+                                         sampling.steps)
         if sampling is None:  # all greedy
             logp = torch.log_softmax(logits.float(), dim=-1)
             tokens = logp.argmax(-1)
