@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from benchmarks.engine_train import RANK, VOCAB, matmul_params, qwen3_config
-from workers import decoding, fastpath
+from workers import decoding, fastpath, sample_kernels
 from workers.decoding import RunningBatch, compile_sampling
 from workers.model import AdapterSpec, LoraModel
 from workers.sampler import SampleSpec, adapter_of
 
 NEW_TOKENS = 256
+PATHS = ("gemv", "dots", "addmm")  # where the fused step adds LoRA B (--lora-placement)
 
 
 def copy_bandwidth(device) -> float:
@@ -74,22 +75,23 @@ def run_variant(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int,
 
 def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len: int,
                    batches: list[int]) -> list[str]:
-    """Decode tok/s with LoRA B added inside the fused kernels (a GEMV per row) against one
-    addmm per projection group, at 1 and 8 adapters: where decoding.LORA_GEMV_ROWS sits."""
-    rows, saved = [], decoding.LORA_GEMV_ROWS
+    """Decode tok/s with LoRA B added in the fused kernels a row per program ("gemv"), in
+    them 16 rows per program ("dots") and by one addmm per projection group ("addmm"), at
+    1 and 8 adapters: where RunningBatch._lora_path's thresholds sit."""
+    rows = []
     try:
         for b in batches:
             for adapters in (1, 8):
                 rates = []
-                for gemv_rows in (1 << 30, 0):
-                    decoding.LORA_GEMV_ROWS = gemv_rows
-                    batch.graphs.graphs.clear()  # (they bake the placement in)
+                for path in PATHS:
+                    batch.lora_path = path
                     rates.append(timed(model, batch, b, prompt_len, adapters)[1])
-                rows.append(f"{name:>5}{b:>7}{adapters:>9}{rates[0]:>12.0f}{rates[1]:>9.0f}")
+                    batch.graphs.graphs.clear()  # (their memory: one pool per graph)
+                rows.append(f"{name:>5}{b:>7}{adapters:>9}"
+                            + "".join(f"{r:>9.0f}" for r in rates))
                 print(rows[-1], flush=True)
     finally:
-        decoding.LORA_GEMV_ROWS = saved
-        batch.graphs.graphs.clear()
+        batch.lora_path = None
     return rows
 
 
@@ -171,9 +173,18 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
         return max(float((torch.tensor(out[i].sequences[0].logprobs)
                           - ref.logprobs[i][-16:].cpu()).abs().max()) for i in range(len(specs)))
 
+    # the sampling kernels against the eager `choose` on one batch of logits
+    logits = torch.randn(256, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.5], device="cuda").repeat(64)
+    streams = torch.arange(256, device="cuda") * 7919
+    steps = torch.arange(256, device="cuda") % 50
+    got = sample_kernels.choose(logits, temps, streams, steps)
+    want = decoding.choose(logits, temps, streams, steps)
+    kernels = (f"sampling kernels vs eager choose: {int((got[0] != want[0]).sum())} of 256 "
+               f"tokens differ, max |logprob diff| {float((got[1] - want[1]).abs().max()):.1e}")
     return (f"greedy tokens: graphs vs eager {agree(outs[1])}, fused vs unfused "
             f"{agree(outs[2])}; max |sampled logprob - training forward| fused "
-            f"{diff(outs[0]):.4f}, unfused {diff(outs[2]):.4f} (bf16)")
+            f"{diff(outs[0]):.4f}, unfused {diff(outs[2]):.4f} (bf16); {kernels}")
 
 
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
@@ -193,8 +204,9 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                 w.B.normal_(0, 0.01)
     weights = 2 * matmul_params(cfg)
     per_adapter = adapter_bytes(model, 0)
-    kv_tokens = max(batches) * (max(prompts) + NEW_TOKENS) + 4096
-    batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=max(batches),
+    most = max(batches + placement)
+    kv_tokens = most * (max(prompts) + NEW_TOKENS) + 4096
+    batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=most,
                          kv_tokens=kv_tokens, cuda_graphs=True)
     rows = [f"{name:>5} {check(model, batch)}"]
     print(rows[0], flush=True)
@@ -202,13 +214,13 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        run_engine(model, batch, b, prompts[0], 1, max_tokens=8)
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_engine(model, batch, b, prompts[0], 1, max_tokens=32)
-        for key in ("cuda_time_total", "cpu_time_total"):
-            print(f"profile, batch {b}, 32 steps, by {key}:")
-            print(prof.key_averages().table(sort_by=key, row_limit=12,
-                                            max_name_column_width=50), flush=True)
+        for adapters in (1, 8):
+            run_engine(model, batch, b, prompts[0], adapters, max_tokens=8)
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run_engine(model, batch, b, prompts[0], adapters, max_tokens=32)
+            print(f"profile, batch {b}, {adapters} adapters, 32 steps, by GPU time:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                            max_name_column_width=60), flush=True)
     placed = lora_placement(name, model, batch, prompts[0], placement) if placement else []
     hf_rate = {}
     for prompt_len in prompts:
@@ -251,8 +263,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="print the top ops of 32 decode steps at these batch sizes")
     parser.add_argument("--lora-placement", type=int, nargs="*", default=[],
-                        metavar="BATCH", help="also time LoRA B in the kernels against "
-                        "addmm at these batch sizes (first prompt length)")
+                        metavar="BATCH", help="also time each place the fused step can "
+                        "add LoRA B at these batch sizes (first prompt length)")
     args = parser.parse_args()
     device = "cuda"
     fastpath.compile_kernels()
@@ -272,8 +284,8 @@ def main() -> None:
     for r in rows:
         print(r)
     if placed:
-        print(f"\nLoRA B placement in the fused step, decode tok/s, prompt {args.prompt[0]}")
-        print(f"{'model':>5}{'batch':>7}{'adapters':>9}{'in kernels':>12}{'addmm':>9}")
+        print(f"\nWhere the fused step adds LoRA B, decode tok/s, prompt {args.prompt[0]}")
+        print(f"{'model':>5}{'batch':>7}{'adapters':>9}" + "".join(f"{p:>9}" for p in PATHS))
         for r in placed:
             print(r)
 

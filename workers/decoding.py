@@ -22,9 +22,11 @@ flash-attention call per layer for the whole batch (`cu_seqlens_k` = region star
 `seqused_k` = lengths), on the CPU one SDPA per row.
 
 The decode step on CUDA is fused (`_decode_fused`, kernels in decode_kernels): per layer 4
-matmuls and 4 Triton kernels that carry LoRA B (at small batches), the norms, RoPE, the K/V
-write into the arena, grouped-query attention over the arena and SiLU. `fused=False` (and
-the CPU by default) runs the unfused step, `_forward` with eager glue, the same arithmetic.
+matmuls and 4 Triton kernels that carry LoRA B (where `_lora_path` puts it), the norms,
+RoPE, the K/V write into the arena, grouped-query attention over the arena and SiLU; steps
+of a few rows do their large projections with decode_kernels.gemv. Its sampling (without
+top-k / top-p) runs in sample_kernels. `fused=False` (and the CPU by default) runs the
+unfused step, `_forward` with eager glue, and the compiled `choose`: the same arithmetic.
 
 Projections that read the same input run as one matmul: q/k/v and gate/up per layer
 (`fuse_base_weights` lays their base weights side by side once; the Linears keep views).
@@ -33,7 +35,9 @@ group, A stacks the members' [R, in] blocks and scale·B is block-diagonal [Σ o
 per-row 0/1 mask keeps each row to its own adapter's columns:
 y = base(x) + ((x Aᵀ) ⊙ mask) Bᵀ. A fixed number of dense matmuls whatever the mix of
 adapters (no mask when every row uses the only adapter), and nothing that depends on the
-batch's order.
+batch's order. The fused step can instead add (x Aᵀ) Bᵀ inside its kernels, each row over
+its own adapter's column range (`_DecodeInputs.cols`): no mask, and no other adapter's B
+read; the running batch orders its rows by adapter so that blocks of rows span few.
 
 Decode steps run as CUDA graphs on CUDA (`cuda_graphs`; torch.compile only fuses the
 element-wise pieces of the unfused step and the sampling), one per batch-size bucket
@@ -372,16 +376,26 @@ def _layer_names(model: LoraModel) -> list[str]:
 
 
 def _matmul(model: LoraModel, lora: _LoraTable, group: str, x: torch.Tensor,
-            masks: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            masks: dict[int, torch.Tensor] | None, gemv: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A projection group's output for the fused step, and the B its kernel still has to
-    apply (None: nothing left). With `masks`, or without LoRA, that is `_group`'s output;
-    else y = [base output | x Aᵀ] (summed over ranks when the group is row-parallel) and
-    the kernel adds LoRA B."""
-    if masks is not None or group not in lora.wide:
+    apply (None: nothing left). With `masks` that is `_group`'s output (LoRA B added by an
+    addmm); else y = [base output | x Aᵀ] (summed over ranks when the group is
+    row-parallel) and the group's B (None without LoRA). `gemv`: the matmul by
+    decode_kernels.gemv (steps of a few rows)."""
+    if masks is not None:
         return _group(model, lora, group, x, masks), None
-    weight, bias = lora.wide[group]
-    y = F.linear(x, weight, bias)
-    return (tp.reduce_from(y, model.tp) if lora.styles[group] == "row" else y), lora.B[group]
+    wide = group in lora.wide
+    weight, bias = (lora.wide[group] if wide
+                    else model._fused_groups[group])  # type: ignore[attr-defined]
+    gemv = gemv and bias is None and (weight.numel() * weight.element_size() >= GEMV_MIN_BYTES
+                                      and weight.shape[1] <= GEMV_MAX_K)
+    y = decode_kernels.gemv(x, weight) if gemv else None
+    if y is None:
+        y = F.linear(x, weight, bias)
+    if lora.styles[group] == "row":
+        y = tp.reduce_from(y, model.tp)
+    return y, lora.B[group] if wide else None
 
 
 def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -407,43 +421,44 @@ def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: KVArena,
-                  flash: bool = False) -> torch.Tensor:
+                  flash: bool = False, path: str = "gemv") -> torch.Tensor:
     """One decode step, tokens [N] -> logits [N, V], as 4 matmuls and 4 Triton kernels per
     layer (decode_kernels): LoRA B, norms, RoPE, the K/V write and SiLU ride in the kernels
-    between the matmuls. The same arithmetic as `_forward`, fewer launches."""
+    between the matmuls. The same arithmetic as `_forward`, fewer launches. `path`: where
+    LoRA B is added (`RunningBatch._lora_path`)."""
     dk, body = decode_kernels, model.hf.model
     h = body.embed_tokens(x.tokens)  # [N, hidden], the residual stream (updated in place)
     cos, sin = body.rotary_emb(h[None], x.positions[None])
     cos, sin, n = cos[0], sin[0], h.shape[0]
     layers, kv_heads = body.layers, arena.k[0].shape[1]
     splits = dk.splits(n, kv_heads, x.max_len, h.device)
-    # small steps: LoRA B inside the kernels, a GEMV per row (only the LM head takes
-    # masks); larger: one addmm per group
-    addmm = n > LORA_GEMV_ROWS
-    masks = _row_masks(lora, x.mask, x.uniform, (1, 2, 3) if addmm else (1,))
-    layer_masks = masks if addmm else None
+    rows = 16 if path == "dots" else 1  # rows per program of the kernels
+    gemv = n <= GEMV_ROWS
+    masks = _row_masks(lora, x.mask, x.uniform, (1, 2, 3) if path == "addmm" else (1,))
+    layer_masks = masks if path == "addmm" else None  # (else only the LM head takes them)
     ln = layers[0].input_layernorm
     xin = fastpath.KERNELS.rms_norm(h, ln.weight, ln.variance_epsilon)
     for i, layer in enumerate(layers):
         attn, p = layer.self_attn, lora.prefixes[i]
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        y, B = _matmul(model, lora, p + "qkv", xin, layer_masks)
+        y, B = _matmul(model, lora, p + "qkv", xin, layer_masks, gemv)
         q = dk.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
                             0.0 if qn is None else qn.variance_epsilon, cos, sin, arena.k[i],
-                            arena.v[i], x.write, attn.q_proj.out_features // attn.head_dim)
+                            arena.v[i], x.write, attn.q_proj.out_features // attn.head_dim,
+                            rows)
         if flash:
             o = _flash_decode(q, arena.k[i], arena.v[i], x, attn.scaling)
         else:
             o = dk.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
-        y, B = _matmul(model, lora, p + "o", o.view(n, -1), layer_masks)
+        y, B = _matmul(model, lora, p + "o", o.view(n, -1), layer_masks, gemv)
         ln = layer.post_attention_layernorm
-        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
-        y, B = _matmul(model, lora, p + "gate_up", xin, layer_masks)
-        act = dk.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features)
-        y, B = _matmul(model, lora, p + "down", act, layer_masks)
+        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
+        y, B = _matmul(model, lora, p + "gate_up", xin, layer_masks, gemv)
+        act = dk.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features, rows)
+        y, B = _matmul(model, lora, p + "down", act, layer_masks, gemv)
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
-        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon)
+        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
     return _group(model, lora, "lm_head", xin, masks)
 
 
@@ -452,9 +467,25 @@ def _decode_fused(model: LoraModel, lora: _LoraTable, x: _DecodeInputs, arena: K
 # of `group` rows for the attention kernel (see _flash_decode); smaller steps are
 # latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
 PACK_GQA_ROWS = 16
-# Fused steps of at most this many rows add LoRA B inside the kernels (each row reads its
-# adapter's B); larger ones add it with one matmul per projection group (B read once).
+# Where the fused step adds LoRA B (RunningBatch._lora_path; measured on an H100 with
+# `benchmarks.sampler --lora-placement`): inside the kernels a row per program ("gemv":
+# each row reads only its adapter's B) in steps of at most LORA_GEMV_ROWS rows, or of at
+# most MIXED_GEMV_ROWS when the rows use several adapters; larger steps of one adapter
+# with an addmm per projection group ("addmm": B read once); larger mixed ones inside the
+# kernels 16 rows per program ("dots": tensor-core dots over the adapters of each block of
+# rows, which the running batch groups by adapter), where the addmm would read every
+# adapter's B and mask the rows first.
 LORA_GEMV_ROWS = 8
+MIXED_GEMV_ROWS = 32
+# Fused steps of at most this many rows do their large projections (weights of at least
+# GEMV_MIN_BYTES, K at most GEMV_MAX_K) with decode_kernels.gemv, which read them faster
+# than cuBLAS (4B's q/k/v, o and gate/up on an H100: 13.7 / 11.0 / 36.1 µs against
+# 14.4 / 11.7 / 39.5, `benchmarks.decode_kernels`). Not 0.6B's, where both take about
+# 5.5 µs, a launch's worth, nor a long K (4B's down: a program per 32 columns streams all of
+# K alone; cuBLAS splits K), 23.4 against 21.7.
+GEMV_ROWS = 8
+GEMV_MIN_BYTES = 16 << 20
+GEMV_MAX_K = 4096
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -538,6 +569,9 @@ class RunningBatch:
         # the fused step's attention: flash attention for steps of at least this many rows,
         # else (None: always) the Triton kernel, which measured faster at every size
         self.flash_rows: int | None = None
+        # where the fused step adds LoRA B: "gemv", "dots" or "addmm"; None: by the step's
+        # rows and adapters (_lora_path)
+        self.lora_path: str | None = None
         self.decode = decode
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
@@ -723,6 +757,9 @@ class RunningBatch:
         st = self.steady
         if st is None or st.stale:
             self._flush(done)
+            # rows grouped by adapter (a stable sort): a block of rows in the fused kernels
+            # then spans few adapters' columns
+            self.running.sort(key=lambda s: self.lora.columns(s.req.key_of_adapter))
             st = self.steady = _Steady.build(self)
         logits = self.graphs.run(st.x) if self.graphs is not None else self._decode_forward(st.x)
         for s in self.running:
@@ -761,7 +798,9 @@ class RunningBatch:
     def _decode_forward(self, x: _DecodeInputs) -> torch.Tensor:
         arena = self._arena()
         if self.fused:
-            return _decode_fused(self.model, self.lora, x, arena, self._flash(len(x.tokens)))
+            rows = len(x.tokens)
+            return _decode_fused(self.model, self.lora, x, arena, self._flash(rows),
+                                 self._lora_path(rows, x.mask is not None))
         if not x.tokens.is_cuda:  # the per-row CPU attention reads where each row is now
             rows_at, rows_used = x.starts[:-1].tolist(), x.used.tolist()
 
@@ -782,6 +821,15 @@ class RunningBatch:
 
         return _forward(self.model, self.lora, x.tokens, x.positions, x.mask, attend,
                         uniform=x.uniform)
+
+    def _lora_path(self, rows: int, several: bool) -> str:
+        """Where a fused step of `rows` rows adds LoRA B; `several`: its rows use more than
+        one adapter (or some none). See LORA_GEMV_ROWS."""
+        if self.lora_path is not None:
+            return self.lora_path
+        if rows <= LORA_GEMV_ROWS or (several and rows <= MIXED_GEMV_ROWS):
+            return "gemv"
+        return "dots" if several else "addmm"
 
     def _flash(self, rows: int) -> bool:
         """Whether the fused step of this many rows takes flash attention."""
@@ -973,8 +1021,9 @@ class _Graphs:
     def run(self, x: _DecodeInputs) -> torch.Tensor:
         b = x.tokens.shape[0]
         bucket = 1 << max(0, (b - 1).bit_length())
-        key = (bucket, self.batch.lora.width, x.uniform, self.batch.fused,
-               self.batch.fused and self.batch._flash(bucket))
+        width, fused = self.batch.lora.width, self.batch.fused
+        key = (bucket, width, x.uniform, fused, fused and self.batch._flash(bucket),
+               fused and self.batch._lora_path(bucket, bool(width) and not x.uniform))
         if key not in self.graphs or x.max_len > self.max_len:
             if x.max_len > self.max_len:  # graphs bake the longest region in: recapture all
                 self.max_len = max(x.max_len, 2 * self.max_len, 1024)

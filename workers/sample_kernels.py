@@ -51,7 +51,7 @@ BLOCK = 2048  # ids per block on the GPU (8 warps: 8 ids per thread)
 PROGRAMS_PER_SM = 3
 
 # decoding's splitmix64 multipliers and golden-ratio increment, as signed int64 (copied, not
-# imported: decoding will import this module)
+# imported: decoding imports this module)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)

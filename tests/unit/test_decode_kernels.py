@@ -17,7 +17,11 @@ def test_the_interpreter_is_on():
     assert dk.triton is not None and dk.available(torch.device("cpu"))
 
 DTYPES = [torch.float32, torch.bfloat16]
+gemv_kernel = dk.gemv
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # bf16: a few roundings apart
+# rows per program: one (LoRA B as a GEMV per row) and a block of 16 (tensor-core dots over
+# the block's adapters, rows past the batch masked)
+ROWS = [1, 16]
 
 
 def lora_table(rows: int, sizes: list[int], width: int, dtype, g):
@@ -46,7 +50,8 @@ def eager_lora(y, B, mask, out, members):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("n", [3, 20])
-def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n):
+@pytest.mark.parametrize("rows", ROWS)
+def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n, rows):
     g = torch.Generator().manual_seed(0)
     hq, hk, d, width = 4, 2, 16, 24
     out = (hq + 2 * hk) * d
@@ -59,7 +64,8 @@ def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     kc, vc = torch.zeros(40, hk, d, dtype=dtype), torch.zeros(40, hk, d, dtype=dtype)
     write = torch.randperm(40, generator=g)[:n]
-    q = dk.qkv_epilogue(y, B if lora else None, cols, qw, kw, 1e-6, cos, sin, kc, vc, write, hq)
+    q = dk.qkv_epilogue(y, B if lora else None, cols, qw, kw, 1e-6, cos, sin, kc, vc, write, hq,
+                        rows)
 
     full = eager_lora(y, B, mask, out, 3) if lora else y
     rq, rk = fastpath.qk_rope(full[:, : hq * d].view(n, hq, d),
@@ -97,7 +103,8 @@ def test_attention_reads_each_rows_region_with_grouped_heads(dtype, n_splits):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("n", [3, 20])
-def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n):
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n, rows):
     g = torch.Generator().manual_seed(2)
     hidden, width = 300, 24  # 3 column blocks with LoRA, a masked tail
     y = torch.randn(n, hidden + (width if lora else 0), generator=g).to(dtype)
@@ -107,8 +114,8 @@ def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n):
     ref_h, ref_x = fastpath.add_rms_norm(h, eager_lora(y, B, mask, hidden, 1) if lora else y,
                                          w, 1e-6)
     tol = TOL[dtype]
-    for _ in range(2):  # again: the LoRA kernel's per-row tickets were reset by the first
-        x = dk.add_norm(y, B if lora else None, cols, h, w, 1e-6)
+    for _ in range(2):  # again: the LoRA kernel's tickets were reset by the first
+        x = dk.add_norm(y, B if lora else None, cols, h, w, 1e-6, rows)
         torch.testing.assert_close(h.float(), ref_h.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(x.float(), ref_x.float(), atol=tol * 4, rtol=tol)
         ref_h, ref_x = fastpath.add_rms_norm(
@@ -117,39 +124,70 @@ def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [3, 20])
-def test_silu_mul_adds_each_members_lora(dtype, n):
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_mul_adds_each_members_lora(dtype, n, rows):
     g = torch.Generator().manual_seed(3)
     inter, width = 300, 24
     y = torch.randn(n, 2 * inter + 2 * width, generator=g).to(dtype)
     B, cols, mask = lora_table(n, [inter, inter], width, dtype, g)
     full = eager_lora(y, B, mask, 2 * inter, 2)
     ref = fastpath.silu_mul(full[:, :inter], full[:, inter:])
-    got = dk.silu_mul(y, B, cols, inter)
+    got = dk.silu_mul(y, B, cols, inter, rows)
     torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("gemv_rows", [8, 0])  # LoRA B in the kernels / by addmm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 100, 512), (5, 64, 96), (16, 33, 256)])
+def test_gemv_matches_linear(dtype, m, n, k):
+    """Rows padded to 16, a last block of columns cut short, K in one or several steps
+    (96: steps of 32, its largest power-of-two divisor)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    got = dk.gemv(x, w)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_gemv_declines_what_it_cannot_do():
+    x, w = torch.randn(17, 64), torch.randn(8, 64)
+    assert dk.gemv(x, w) is None  # more than 16 rows
+    assert dk.gemv(x[:4, :40], w[:, :40]) is None  # K's power-of-two divisor 8 < 16
+    assert dk.gemv(x[:4, ::2], w[:, :32]) is None  # a strided row
+
+
+@pytest.mark.parametrize(("path", "top_k", "gemv"),
+                         [("gemv", 20, False), ("dots", 20, False), ("addmm", 20, False),
+                          (None, 0, True)])
 def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
-        tiny_model, monkeypatch, gemv_rows):
+        tiny_model, monkeypatch, path, top_k, gemv):
     """A mixed batch (two adapters of different ranks, the base model, greedy and seeded
-    sampling, rows ending at different steps) through the fused step and the eager one."""
+    sampling, rows ending at different steps) through the fused step and the eager one:
+    LoRA B in the kernels a row per program, in blocks of 16 rows, or by addmm, and by the
+    step's own choice; sampling with a top-k row (the compiled `choose` for the batch) and
+    without (the sampling kernels); the projections by F.linear, or (`gemv`: every weight
+    counts as large) by decode_kernels.gemv."""
+    from workers import decoding
+
+    if gemv:
+        monkeypatch.setattr(decoding, "GEMV_MIN_BYTES", 0)
+        calls = []
+        monkeypatch.setattr(dk, "gemv", lambda *a: calls.append(1) or gemv_kernel(*a))
     from tests.unit.test_decoding import spec, with_adapters
     from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
-    from workers import decoding
     from workers.decoding import RunningBatch
-
-    monkeypatch.setattr(decoding, "LORA_GEMV_ROWS", gemv_rows)
     from workers.lora import BASE_SLOT
     from workers.sampler import adapter_of
 
     model = with_adapters(tiny_model, 1, 2)
     specs = {"a": spec(P1, 9, 1), "b": spec(P2, 5, BASE_SLOT),
-             "c": spec(P3, 7, 2, temperature=0.8, top_k=20, seed=5, num_samples=3),
+             "c": spec(P3, 7, 2, temperature=0.8, top_k=top_k, seed=5, num_samples=3),
              "d": spec(P2, 6, 1, temperature=1.0, seed=9, num_samples=2)}
     outs = []
     for fused in (True, False):
         batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096,
                              fused=fused)
+        batch.lora_path = path
         for key, s in specs.items():
             batch.admit(key, s, adapter_of(model, s.slot))
         results = {}
@@ -162,3 +200,5 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
                                        atol=1e-4, rtol=0)
     assert outs[0]["a"].sequences[0].tokens == reference_greedy(model, P1, 9, slot=1)
+    if gemv:
+        assert calls  # (7 rows, at most GEMV_ROWS: the matmuls went through gemv)

@@ -23,7 +23,7 @@ def test_the_interpreter_is_on():
 
 
 def test_the_hash_constants_are_decodings():
-    """Copied, not imported (decoding is to import sample_kernels): they must not drift."""
+    """Copied, not imported (decoding imports sample_kernels): they must not drift."""
     assert (sk._M1, sk._M2, sk._GOLDEN) == (decoding._M1, decoding._M2, decoding._GOLDEN)
 
 
