@@ -564,7 +564,6 @@ class RunningBatch:
         # decode steps through decode_kernels and their sampling (without top-k / top-p)
         # through sample_kernels (default: on CUDA, when Triton is there)
         self.fused = (model.device.type == "cuda" and decode_kernels.available(model.device)
-                      and sample_kernels.available(model.device)
                       and fastpath.supported(model.hf)) if fused is None else fused
         # the fused step's attention: flash attention for steps of at least this many rows,
         # else (None: always) the Triton kernel, which measured faster at every size

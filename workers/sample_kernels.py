@@ -35,9 +35,12 @@ NaN logits are not handled as torch's argmax handles them (it returns the first 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+# `available`: the same requirements as the fused decode step (Triton; on CUDA, compute
+# capability 8.0 or newer; on the CPU only under Triton's interpreter)
+from workers.decode_kernels import _pow2
+from workers.decode_kernels import available as available
 
 try:
     import triton
@@ -46,7 +49,6 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 2048  # ids per block on the GPU (8 warps: 8 ids per thread)
 PROGRAMS_PER_SM = 3
 
@@ -55,21 +57,6 @@ PROGRAMS_PER_SM = 3
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-
-
-def available(device: torch.device) -> bool:
-    """Whether these kernels can run on this device: Triton, and on CUDA the GPUs the fused
-    decode step runs on (compute capability 8.0, Ampere, or newer); elsewhere only under
-    Triton's interpreter."""
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    return INTERPRET
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 if triton is not None:
