@@ -34,7 +34,6 @@ from benchmarks.sampler import copy_bandwidth
 from workers import decode_kernels as dk
 
 LAYERS = 4
-GEMV_DEFAULT = (32, 4, 4)  # decode_kernels.gemv's (columns per program, warps, stages)
 
 
 class Layer:
@@ -143,7 +142,7 @@ def projection(n: int, k: int, rows: int, bandwidth: float) -> str:
     def rate(t: float) -> str:
         return f"{t * 1e6:>8.1f}{100 * 2 * n * k / t / bandwidth:>6.0f}%"
 
-    return f"{rate(times['linear'])}{rate(times[GEMV_DEFAULT])}{rate(times[best])}  {best}"
+    return f"{rate(times['linear'])}{rate(times[dk.GEMV_CONFIG])}{rate(times[best])}  {best}"
 
 
 def gemv_rows(model: str, rows: int, bandwidth: float) -> list[str]:

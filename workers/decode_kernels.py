@@ -342,12 +342,6 @@ if triton is not None:
 
 
 # --- launchers ----------------------------------------------------------------------------
-def _launch(config: tuple[int, int] | None, warps: int) -> dict:
-    """Launch options from a (warps, pipeline stages) override, else these warps."""
-    return dict(num_warps=warps) if config is None else dict(num_warps=config[0],
-                                                               num_stages=config[1])
-
-
 def _dots(rows: int, dtype: torch.dtype) -> dict:
     """The LoRA arguments of a launch with `rows` rows per program: tensor-core dots from
     16 rows up (fp32 operands under the interpreter, or for an fp32 model)."""
@@ -368,16 +362,18 @@ def qkv_epilogue(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor,
     q = torch.empty(n, heads, dim, dtype=k_cache.dtype, device=y.device)
     width = B.shape[1] // 3 if B is not None else 0
     norm = q_norm is not None and k_norm is not None
+    warps, stages = config or (4, 3)
     _qkv_kernel[(math.ceil(n / rows), heads + 2 * kv_heads)](
         y, y.stride(0), B if B is not None else y, B.stride(0) if B is not None else 0, cols,
         q_norm if norm else y, k_norm if norm else y, eps, cos, sin, cos.stride(0), q,
         k_cache, v_cache, write, write.stride(0), n, HQ=heads, HK=kv_heads, D=dim, OUT=out,
         WIDTH=width, LORA=B is not None, NORM=norm, BWC=BW, **_dots(rows, y.dtype),
-        **_launch(config, 4))
+        num_warps=warps, num_stages=stages)
     return q
 
 
 GEMV_BK = 256  # K per inner step of gemv (at most: the largest power of two dividing K)
+GEMV_CONFIG = (32, 4, 4)  # gemv's (columns per program, warps, pipeline stages)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor,
@@ -390,7 +386,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor,
     if m > 16 or bk < 16 or x.stride(1) != 1 or weight.stride(1) != 1:
         return None
     n = weight.shape[0]
-    bn, warps, stages = config or (32, 4, 4)
+    bn, warps, stages = config or GEMV_CONFIG
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(math.ceil(n / bn),)](
         x, x.stride(0), weight, weight.stride(0), out, m, n, k, BM=16, BN=bn, BK=bk,
@@ -466,14 +462,14 @@ def add_norm(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor, h: tor
         return x
     if config is None:  # (blocks of rows: the best of benchmarks.decode_kernels's sweep)
         config = (128, 4, 3) if rows == 1 else (128, 8, 2)
-    bc = config[0]
+    bc, warps, stages = config
     blocks = math.ceil(hidden / bc)
     part = torch.empty(n, blocks, dtype=torch.float32, device=h.device)
     _add_norm_lora_kernel[(math.ceil(n / rows), blocks)](
         y, y.stride(0), B, B.stride(0), cols, h, weight, x, eps, part,
         _counters(n, h.device), n, H=hidden, NB=blocks, NBP=max(2, _pow2(blocks)), BC=bc,
         BH=min(_pow2(hidden), 1024 if rows == 1 else 256), BWC=BW, **_dots(rows, y.dtype),
-        **_launch(config[1:], 4))
+        num_warps=warps, num_stages=stages)
     return x
 
 
@@ -487,9 +483,9 @@ def silu_mul(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor, inter:
     if config is None:  # with LoRA: more programs, each a smaller block of B; blocks of
         # rows: the best of benchmarks.decode_kernels's sweep
         config = (512 if B is None else 64, 4, 3) if rows == 1 else (32, 4, 2)
-    bc = config[0]
+    bc, warps, stages = config
     _silu_mul_kernel[(math.ceil(n / rows), math.ceil(inter / bc))](
         y, y.stride(0), B if B is not None else y, B.stride(0) if B is not None else 0, cols,
         out, n, INTER=inter, WIDTH=width, LORA=B is not None, BC=bc, BWC=BW,
-        **_dots(rows, y.dtype), **_launch(config[1:], 4))
+        **_dots(rows, y.dtype), num_warps=warps, num_stages=stages)
     return out

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import torch
 
-# `available`: the same requirements as the fused decode step (Triton; on CUDA, compute
-# capability 8.0 or newer; on the CPU only under Triton's interpreter)
+# (where these kernels run: decode_kernels.available, as the fused step they belong to)
 from workers.decode_kernels import _pow2
-from workers.decode_kernels import available as available
 
 try:
     import triton

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import decoding
+from workers import decode_kernels, decoding
 from workers import sample_kernels as sk
 
 # vocab -> block: 3 pieces of 3, 3, 2 blocks (1000) or 7, 7, 6 blocks (5003), a short last one
@@ -19,7 +19,7 @@ BLOCKS = {1000: 128, 5003: 256}
 
 def test_the_interpreter_is_on():
     """conftest turns it on before any import; without it every test here would need a GPU."""
-    assert sk.triton is not None and sk.available(torch.device("cpu"))
+    assert sk.triton is not None and decode_kernels.available(torch.device("cpu"))
 
 
 def test_the_hash_constants_are_decodings():
