@@ -2,10 +2,11 @@
 constants, side by side in one process: the first setting is the baseline of the others.
 
 A setting is a comma-separated list of NAME=VALUE, each NAME a constant of
-workers.decoding or workers.decode_kernels (integers; 0/1 for switches); "-" is the code as
-it stands. Each setting gets fresh CUDA graphs; with --repeat the settings take turns and
-each figure is the median of its runs. Same requests as benchmarks.sampler (real
-Qwen3 shapes, random bf16 weights, rank-32 adapters, 256 new tokens, temperature 1).
+workers.decoding or workers.decode_kernels (integers; 0/1 for switches), or BLAS=cublaslt
+(the library PyTorch's matmuls take); "-" is the code as it stands. Each setting gets
+fresh CUDA graphs; with --repeat the settings take turns and each figure is the median of
+its runs. Same requests as benchmarks.sampler (real Qwen3 shapes, random bf16 weights,
+rank-32 adapters, 256 new tokens, temperature 1).
 
     python -m benchmarks.decode_settings --model 0.6b 4b --batch 1 8 \\
         --setting GEMV_ROWS=0 - --repeat 3
@@ -14,6 +15,7 @@ Qwen3 shapes, random bf16 weights, rank-32 adapters, 256 new tokens, temperature
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 
@@ -26,18 +28,43 @@ from workers.decoding import RunningBatch, compile_sampling
 from workers.model import AdapterSpec, LoraModel
 
 
-def parse(setting: str) -> dict[tuple[object, str], int]:
-    """'A=1,B=0' -> {(module, name): value}; '-' -> {}."""
-    out = {}
+def parse(setting: str) -> dict[tuple[object, str], int | str]:
+    """'A=1,B=0' -> {(module, name): value}; '-' -> {}. BLAS=cublaslt (or cublas): the
+    library PyTorch's matmuls take (torch.backends.cuda.preferred_blas_library)."""
+    out: dict[tuple[object, str], int | str] = {}
     for item in filter(None, setting.split(",")):
         if item == "-":
             continue
         name, value = item.split("=")
+        if name == "BLAS":
+            out[(torch.backends.cuda, "preferred_blas_library")] = value
+            continue
         module = next((m for m in (decoding, decode_kernels) if hasattr(m, name)), None)
         if module is None:
             raise SystemExit(f"no constant {name!r} in workers.decoding or decode_kernels")
         out[(module, name)] = int(value)
     return out
+
+
+@contextlib.contextmanager
+def applied(setting: str):
+    """The setting in force inside the block; what it changed is restored after."""
+    saved = {}
+    try:
+        for (module, attr), value in parse(setting).items():
+            if module is torch.backends.cuda:
+                saved[(module, attr)] = torch.backends.cuda.preferred_blas_library()
+                torch.backends.cuda.preferred_blas_library(value)
+            else:
+                saved[(module, attr)] = getattr(module, attr)
+                setattr(module, attr, value)
+        yield
+    finally:
+        for (module, attr), value in saved.items():
+            if module is torch.backends.cuda:
+                torch.backends.cuda.preferred_blas_library(value)
+            else:
+                setattr(module, attr, value)
 
 
 def run(name: str, batches: list[int], adapters: list[int], prompt: int,
@@ -61,16 +88,9 @@ def run(name: str, batches: list[int], adapters: list[int], prompt: int,
             runs: list[list[float]] = [[] for _ in settings]
             for _ in range(repeat):  # (rounds interleave the settings: drift hits all)
                 for setting, got in zip(settings, runs, strict=True):
-                    saved = {}
-                    try:
-                        for (module, attr), value in parse(setting).items():
-                            saved[(module, attr)] = getattr(module, attr)
-                            setattr(module, attr, value)
+                    with applied(setting):
                         batch.graphs.graphs.clear()
                         got.append(timed(model, batch, b, prompt, a)[1])
-                    finally:
-                        for (module, attr), value in saved.items():
-                            setattr(module, attr, value)
             rates = [statistics.median(r) for r in runs]
             base = rates[0]
             rows.append(f"{name:>5}{b:>7}{a:>9}" + "".join(
