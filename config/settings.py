@@ -114,6 +114,11 @@ class Settings:
         256, "Celery threads in the GPU worker: calls that can wait on the engine at once."
     )
     tensor_parallel_size: int = _opt(1, "GPUs the worker spreads the model over (1 = no TP).")
+    random_seed: int = _opt(
+        -1, "Seed of the worker's own random choices: the LoRA init of a create call without a "
+        "seed and the sampling seed of a request without one, in the order they come; -1 = a "
+        "fresh seed at each start. Set it to replay a run."
+    )
 
     # --- derived --------------------------------------------------------------------------
     @property
@@ -150,6 +155,8 @@ class Settings:
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")
+        if self.random_seed < -1:
+            raise SettingsError(f"random_seed={self.random_seed} must be -1 (fresh) or at least 0")
         if not 0 < self.long_poll_seconds < 45:
             raise SettingsError(
                 f"long_poll_seconds={self.long_poll_seconds} must be in (0, 45): the SDK gives "

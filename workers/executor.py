@@ -88,6 +88,8 @@ class Executor:
         self._sample_started: dict[str, float] = {}  # request id -> admission time
         self.leader: Any = None  # tp_runtime.Leader on rank 0 under tensor parallelism
         self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
+        if settings.random_seed >= 0:
+            self.rng.seed(settings.random_seed)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Executor:

@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import multiprocessing as mp
 import os
-import secrets
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +44,8 @@ class Leader:
     pipes: list[Any]
     procs: list[mp.process.BaseProcess]
     dead: threading.Event = field(default_factory=threading.Event)  # set: closing
+    # the ticks' seeds: from settings.random_seed when set (a replayable run), else the OS's
+    seeds: random.Random = field(default_factory=random.SystemRandom)
 
     @classmethod
     def start(cls, settings: Any, device: torch.device) -> Leader:
@@ -63,13 +65,15 @@ class Leader:
             procs.append(proc)
         tp = _join(0, n, address, device)
         leader = cls(tp, pipes, procs)
+        if settings.random_seed >= 0:
+            leader.seeds = random.Random(settings.random_seed)
         threading.Thread(target=leader._watch, name="tinkerq-tp-watchdog", daemon=True).start()
         log.info("tensor parallelism over %d ranks (%s)", n, dist.get_backend(tp.group))
         return leader
 
     def send(self, plan: Any) -> int:
         """Hand the tick's plan to every follower; the tick's seed, the same everywhere."""
-        seed = secrets.randbits(62)
+        seed = self.seeds.getrandbits(62)
         for rank, pipe in enumerate(self.pipes, start=1):
             try:
                 pipe.send((seed, plan))

@@ -30,7 +30,14 @@ HUB_NAME = "Qwen/Qwen3-8B"  # a model the cookbook knows (renderer "qwen3"), ser
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack.start(tmp_path_factory.mktemp("stack-cookbook"), "sqlite", model_aliases=HUB_NAME)
+    # random_seed: the RL runs below seed neither their adapters nor their samples. At their
+    # learning rate one run in about 18 seen collapsed onto an odd token (reward 0 from then
+    # on: no signal left to climb back), failing the suite. Seeded, every run starts from the
+    # same adapter and draws the same sampling seeds; only the order in which a group's 32
+    # concurrent sample calls arrive still varies (the same samples, in another order), which
+    # can part two runs in float rounding a few steps in
+    s = Stack.start(tmp_path_factory.mktemp("stack-cookbook"), "sqlite", model_aliases=HUB_NAME,
+                    random_seed=20261127)
     yield s
     s.stop()
 

@@ -119,3 +119,43 @@ def test_train_save_load_and_sample(executor, tmp_path):
                                                [executor.runs["a"].slot])[0]
     assert first[1].item() == pytest.approx(decoded.sequences[0].logprobs[0], abs=1e-5)
     assert decoded.prompt_logprobs[0] is None  # the SDK turns the leading NaN into None
+
+
+def test_random_seed_replays_unseeded_inits_and_samples(tmp_path):
+    """With random_seed set, a create without a seed and a sample without one come out the
+    same in a second worker; a different seed gives another adapter and other samples."""
+    from tests.conftest import tiny_qwen3_config
+    from workers.model import LoraModel
+
+    def run(seed: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+        model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32,
+                                      seed=0)
+        settings = load_settings(env={}, data_dir=str(tmp_path / str(seed)), random_seed=seed)
+        ex = Executor(model, settings, decode=lambda ids: "", eos_token_ids=[511])
+        body = {"model_id": "a", "base_model": "tiny",
+                "lora": {"rank": 4, "train_attn": True, "train_mlp": True,
+                         "train_unembed": True}}  # (no seed)
+        assert ex.run(Plan(barriers=[job("create_model", body, "a")]))[
+            "create_model-a-None"].ok
+        weights = [t.detach().clone() for t in model.adapter_parameters(ex.runs["a"].slot)]
+        sample = {"prompt": [5, 6], "num_samples": 3, "max_tokens": 4, "temperature": 1.0,
+                  "top_k": -1, "top_p": 1.0, "seed": None, "stop_strings": [],
+                  "stop_token_ids": [], "stop_at_eos": False, "prompt_logprobs": False,
+                  "topk_prompt_logprobs": 0}  # (the base model)
+        out = ex.run(Plan(samples=[job("sample", sample, rid="s")]))["s"]
+        assert out.ok, out
+        return weights, [s.tokens for s in deserialize_sample_response(out.proto).sequences]
+
+    first, again, other = run(11), run(11), run(12)
+    assert all(torch.equal(a, b) for a, b in zip(first[0], again[0], strict=True))
+    assert first[1] == again[1]
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], other[0], strict=True))
+    assert first[1] != other[1]
+
+
+def test_random_seed_below_minus_one_is_refused(tmp_path):
+    from config import SettingsError
+
+    with pytest.raises(SettingsError, match="random_seed=-2"):
+        load_settings(env={}, data_dir=str(tmp_path), random_seed=-2)
+    assert load_settings(env={"TINKERQ_RANDOM_SEED": "7"}, data_dir=str(tmp_path)).random_seed == 7
