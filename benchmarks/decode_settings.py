@@ -16,70 +16,56 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from benchmarks.engine_train import RANK, qwen3_config
-from benchmarks.sampler import timed
+from benchmarks.sampler import build_model, timed
 from workers import decode_kernels, decoding, fastpath
 from workers.decoding import RunningBatch, compile_sampling
-from workers.model import AdapterSpec, LoraModel
 
 
-def parse(setting: str) -> dict[tuple[object, str], int | str]:
-    """'A=1,B=0' -> {(module, name): value}; '-' -> {}. BLAS=cublaslt (or cublas): the
+def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], Any]]:
+    """'A=1,B=0' -> [(get, set, value)] per NAME; '-' -> []. BLAS=cublaslt (or cublas): the
     library PyTorch's matmuls take (torch.backends.cuda.preferred_blas_library)."""
-    out: dict[tuple[object, str], int | str] = {}
+    out = []
     for item in filter(None, setting.split(",")):
         if item == "-":
             continue
         name, value = item.split("=")
         if name == "BLAS":
-            out[(torch.backends.cuda, "preferred_blas_library")] = value
+            blas = torch.backends.cuda.preferred_blas_library
+            out.append((blas, blas, value))
             continue
         module = next((m for m in (decoding, decode_kernels) if hasattr(m, name)), None)
         if module is None:
             raise SystemExit(f"no constant {name!r} in workers.decoding or decode_kernels")
-        out[(module, name)] = int(value)
+        out.append((functools.partial(getattr, module, name),
+                    functools.partial(setattr, module, name), int(value)))
     return out
 
 
 @contextlib.contextmanager
 def applied(setting: str):
     """The setting in force inside the block; what it changed is restored after."""
-    saved = {}
+    saved = []
     try:
-        for (module, attr), value in parse(setting).items():
-            if module is torch.backends.cuda:
-                saved[(module, attr)] = torch.backends.cuda.preferred_blas_library()
-                torch.backends.cuda.preferred_blas_library(value)
-            else:
-                saved[(module, attr)] = getattr(module, attr)
-                setattr(module, attr, value)
+        for get, put, value in parse(setting):
+            saved.append((put, get()))
+            put(value)
         yield
     finally:
-        for (module, attr), value in saved.items():
-            if module is torch.backends.cuda:
-                torch.backends.cuda.preferred_blas_library(value)
-            else:
-                setattr(module, attr, value)
+        for put, value in reversed(saved):
+            put(value)
 
 
 def run(name: str, batches: list[int], adapters: list[int], prompt: int,
         settings: list[str], repeat: int) -> list[str]:
-    cfg = qwen3_config(name)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = __import__("transformers").AutoModelForCausalLM.from_config(
-            cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = LoraModel(hf, torch.device("cuda"))
-    for slot in range(max(adapters)):
-        model.add_adapter(slot, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(slot))
-        with torch.no_grad():
-            for w in model.adapter_weights(slot).values():
-                w.B.normal_(0, 0.01)
+    model = build_model(name, "cuda", max(adapters))
     batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=max(batches),
                          kv_tokens=max(batches) * (prompt + 256) + 4096, cuda_graphs=True)
     rows = []
@@ -97,7 +83,7 @@ def run(name: str, batches: list[int], adapters: list[int], prompt: int,
                 f"{r:>9.0f} {r / base:>5.2f}x" for r in rates))
             print(rows[-1], flush=True)
     batch.graphs.graphs.clear()
-    del batch, model, hf
+    del batch, model
     gc.collect()
     torch.cuda.empty_cache()
     return rows

@@ -187,21 +187,28 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
             f"{diff(outs[0]):.4f}, unfused {diff(outs[2]):.4f} (bf16); {kernels}")
 
 
+def build_model(name: str, device, adapters: int) -> LoraModel:
+    """A Qwen3 shape (`qwen3_config`) with random bf16 weights and `adapters` rank-RANK
+    adapters in slots 0.., their B random too (a new adapter's B is zero)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = __import__("transformers").AutoModelForCausalLM.from_config(
+            qwen3_config(name), dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = LoraModel(hf, torch.device(device))
+    for slot in range(adapters):
+        model.add_adapter(slot, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(slot))
+        with torch.no_grad():
+            for w in model.adapter_weights(slot).values():
+                w.B.normal_(0, 0.01)
+    return model
+
+
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
           device, hf_batches: list[int], profile: list[int], placement: list[int]
           ) -> tuple[list[str], list[str]]:
     """Rows of the main table and of the LoRA-placement table for one model."""
     cfg = qwen3_config(name)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = __import__("transformers").AutoModelForCausalLM.from_config(
-            cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = LoraModel(hf, torch.device(device))
-    for slot in range(8):
-        model.add_adapter(slot, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(slot))
-        with torch.no_grad():
-            for w in model.adapter_weights(slot).values():
-                w.B.normal_(0, 0.01)
+    model = build_model(name, device, 8)
     weights = 2 * matmul_params(cfg)
     per_adapter = adapter_bytes(model, 0)
     most = max(batches + placement)
@@ -248,7 +255,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                         f"{flash_col:>8}{unfused_col:>9}{hf_col:>12}")
                 print(line, flush=True)
                 rows.append(line)
-    del batch, model, hf
+    del batch, model
     gc.collect()
     torch.cuda.empty_cache()
     return rows, placed

@@ -64,9 +64,8 @@ class Leader:
             pipes.append(mine)
             procs.append(proc)
         tp = _join(0, n, address, device)
-        leader = cls(tp, pipes, procs)
-        if settings.random_seed >= 0:
-            leader.seeds = random.Random(settings.random_seed)
+        leader = cls(tp, pipes, procs, seeds=random.Random(settings.random_seed)
+                     if settings.random_seed >= 0 else random.SystemRandom())
         threading.Thread(target=leader._watch, name="tinkerq-tp-watchdog", daemon=True).start()
         log.info("tensor parallelism over %d ranks (%s)", n, dist.get_backend(tp.group))
         return leader
