@@ -16,7 +16,7 @@ import math
 import sys
 import types
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean
 
 import pytest
 import tinker
@@ -49,44 +49,66 @@ def api_key(monkeypatch):
 
 # One prompt x 32 samples x 4 tokens per step: the mean reward of the untrained policy (about
 # uniform over 151,936 ids) is 0.5 with a standard deviation of 0.044 over its 128 tokens.
-# Learning shows as a jump to about 1.0, which came at steps 4 to 10 in 10 trial runs with
-# these settings; spreading the samples over more prompts or lowering the learning rate made it
-# come later and less predictably (up to step 15), and a higher one can unlearn after the jump.
+# Learning shows as a jump to about 1.0. In 7 trial runs of 24 steps with these settings it
+# came at steps 6 to 8 and held to the end; earlier trials saw it from step 4 to 10. What the
+# tests ask is that the jump comes and holds for three steps. They do not ask that it lasts
+# to the last step: once every sample earns 1.0 the gradient is zero, but Adam's momentum
+# keeps moving the adapter at this learning rate, and a run can drift off the even ids
+# again (seen in a CI run and in runs that shared their ticks with others). That is the
+# optimizer's doing, not the server's, and a loss that does not learn never gets there.
 RL_SMALL = ["--batch-size", "1", "--num-prompts", "1", "--group-size", "32", "--max-tokens",
             "4", "--learning-rate", "7e-2"]
+RL_STEPS = 24
 
 
-def run_rl(stack: Stack, log_dir: Path, loss_fn: str, steps: int) -> list[float]:
+def run_rl(stack: Stack, log_dir: Path, loss_fn: str) -> list[float]:
     args = rl_cookbook.parser().parse_args([
         "--base-url", stack.url, "--log-dir", str(log_dir), "--loss-fn", loss_fn,
-        "--steps", str(steps), *RL_SMALL,
+        "--steps", str(RL_STEPS), *RL_SMALL,
     ])
     curve = rl_cookbook.run(args)
-    assert [step for step, _ in curve] == list(range(steps)), stack.logs()
+    assert [step for step, _ in curve] == list(range(RL_STEPS)), stack.logs()
     rewards = [reward for _, reward in curve]
-    assert 0.3 <= rewards[0] <= 0.7, rewards  # step 0 samples the untrained adapter
+    assert 0.3 <= rewards[0] <= 0.7, curve_text(rewards)  # step 0 samples the untrained adapter
     # The sampler's logprobs are the trainer's on the same weights: the loop's importance
     # ratio starts at 1 (a sampler on stale weights or tempered logprobs would break this).
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     kl = [r["optim/kl_sample_train_v1"] for r in rows if "optim/kl_sample_train_v1" in r]
-    assert len(kl) == steps and max(map(abs, kl)) < 1e-3, kl
+    assert len(kl) == RL_STEPS and max(map(abs, kl)) < 1e-3, kl
     return rewards
 
 
+def curve_text(rewards: list[float]) -> str:
+    """The whole reward curve as the failure message (pytest would cut a list short)."""
+    return "rewards by step: " + " ".join(f"{r:.2f}" for r in rewards)
+
+
+def learned_at(rewards: list[float], level: float = 0.9, hold: int = 3) -> int | None:
+    """The first step from which `hold` consecutive rewards are all at least `level`."""
+    for i in range(len(rewards) - hold + 1):
+        if min(rewards[i:i + hold]) >= level:
+            return i
+    return None
+
+
+def test_learned_at_needs_the_level_held():
+    assert learned_at([0.5, 0.95, 0.5, 0.9, 1.0, 1.0, 0.2]) == 3
+    assert learned_at([0.5, 0.95, 0.89, 0.95, 1.0]) is None
+    assert learned_at([0.5, 0.52, 0.48] * 8) is None  # an untrained policy's curve
+
+
 def test_rl_importance_sampling_learns_even_tokens(stack, tmp_path):
-    rewards = run_rl(stack, tmp_path / "rl", "importance_sampling", steps=18)
-    assert median(rewards[-5:]) >= 0.9, rewards  # a one-step dip after the jump happens
-    assert mean(rewards[-5:]) - mean(rewards[:3]) >= 0.25, rewards
+    rewards = run_rl(stack, tmp_path / "rl", "importance_sampling")
+    assert learned_at(rewards) is not None, curve_text(rewards)
     csv_rows = (tmp_path / "rl" / "reward.csv").read_text().splitlines()
-    assert csv_rows[0] == "step,mean_reward" and len(csv_rows) == 19
+    assert csv_rows[0] == "step,mean_reward" and len(csv_rows) == RL_STEPS + 1
     assert (tmp_path / "rl" / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
 def test_rl_clipped_losses_learn_too(stack, tmp_path, loss_fn):
-    rewards = run_rl(stack, tmp_path / loss_fn, loss_fn, steps=16)
-    assert median(rewards[-3:]) >= 0.9, rewards
-    assert mean(rewards[-3:]) - mean(rewards[:3]) >= 0.2, rewards
+    rewards = run_rl(stack, tmp_path / loss_fn, loss_fn)
+    assert learned_at(rewards) is not None, curve_text(rewards)
 
 
 def test_sl_cookbook_loop_lowers_the_loss(stack, tmp_path):

@@ -159,3 +159,47 @@ def test_random_seed_below_minus_one_is_refused(tmp_path):
     with pytest.raises(SettingsError, match="random_seed=-2"):
         load_settings(env={}, data_dir=str(tmp_path), random_seed=-2)
     assert load_settings(env={"TINKERQ_RANDOM_SEED": "7"}, data_dir=str(tmp_path)).random_seed == 7
+
+
+def test_a_models_training_does_not_depend_on_who_shares_its_ticks(tiny_model, tmp_path):
+    """Model a takes an RL-style step (an importance-sampling loss with per-token advantages,
+    Adam at a high learning rate) alone, then in a fresh worker beside model b, whose
+    forward_backward and optim_step run in the same ticks: a's logprobs afterwards agree up
+    to float rounding (the packed pass sums in another order). Had b's datum reached a's
+    gradient, they would move by far more (a trained on both datums, checked below)."""
+    adam = {"learning_rate": 0.07, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
+            "weight_decay": 0.0, "grad_clip_norm": 0.0}
+    mine, theirs = [5, 6, 7, 8, 9, 10], [40, 41, 300, 2, 9]
+
+    def is_body(model_id: str, seq_id: int, sequences: list[list[int]]) -> bytes:
+        data = [types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
+                            "logprobs": np.full(len(tokens) - 1, -6.0, dtype=np.float32),
+                            "advantages": np.linspace(-1.0, 1.0, len(tokens) - 1,
+                                                      dtype=np.float32)})
+            for tokens in sequences]
+        return forward_backward_request_to_proto(types.ForwardBackwardRequest(
+            model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(
+                data=data, loss_fn="importance_sampling"))).SerializeToString()
+
+    def logprobs_of_a_after(batches: dict[str, list[list[int]]], folder: str) -> np.ndarray:
+        settings = load_settings(env={}, data_dir=str(tmp_path / folder), max_lora_adapters=2,
+                                 max_models=2)
+        ex = Executor(tiny_model, settings, decode=lambda ids: "", eos_token_ids=[511])
+        for m in batches:
+            create(ex, m, seed=3)
+        ex.run(Plan(train=[job("forward_backward", is_body(m, 1, batches[m]), m, 1)
+                           for m in batches]))
+        for m in batches:  # one barrier per model and tick, as the scheduler plans them
+            ex.run(Plan(barriers=[job("optim_step", {"adam_params": adam}, m, 2)]))
+        out = ex.run(Plan(train=[job("forward", fwdbwd_body("a", 3, mine, forward_only=True),
+                                     "a", 3)]))
+        return np.array(deserialize_forward_backward_output(out["forward-a-3"].proto)
+                        .loss_fn_outputs[0]["logprobs"].data)
+
+    alone = logprobs_of_a_after({"a": [mine]}, "alone")
+    shared = logprobs_of_a_after({"a": [mine], "b": [theirs]}, "shared")
+    leaked = logprobs_of_a_after({"a": [mine, theirs]}, "leaked")
+    np.testing.assert_allclose(shared, alone, atol=1e-4, rtol=0)
+    assert np.abs(leaked - alone).max() > 0.1, np.abs(leaked - alone).max()
