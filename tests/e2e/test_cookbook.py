@@ -50,7 +50,7 @@ def api_key(monkeypatch):
 # One prompt x 32 samples x 4 tokens per step: the mean reward of the untrained policy (about
 # uniform over 151,936 ids) is 0.5 with a standard deviation of 0.044 over its 128 tokens.
 # Learning shows as a jump to about 1.0. In 7 trial runs of 24 steps with these settings it
-# came at steps 6 to 8 and held to the end; earlier trials saw it from step 4 to 10. What the
+# came at steps 5 to 8 and held to the end; earlier trials saw it from step 4 to 10. What the
 # tests ask is that the jump comes and holds for three steps. They do not ask that it lasts
 # to the last step: once every sample earns 1.0 the gradient is zero, but Adam's momentum
 # keeps moving the adapter at this learning rate, and a run can drift off the even ids
