@@ -26,20 +26,26 @@ def executor(tiny_model, tmp_path):
     return Executor(tiny_model, settings, decode=lambda ids: "", eos_token_ids=[511])
 
 
+def request_body(model_id: str, seq_id: int, data: list[types.Datum],
+                 loss_fn="cross_entropy", forward_only=False) -> bytes:
+    """A forward_backward (or, with forward_only, forward) request as the API enqueues it."""
+    request = types.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id,
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn),
+    )
+    msg = forward_backward_request_to_proto(request)
+    msg.forward_only = forward_only
+    return msg.SerializeToString()
+
+
 def fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], loss_fn="cross_entropy",
-                forward_only=False, vocab_ok=True) -> bytes:
+                forward_only=False) -> bytes:
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
                         "weights": np.ones(len(tokens) - 1, dtype=np.float32)},
     )
-    request = types.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq_id,
-        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),
-    )
-    msg = forward_backward_request_to_proto(request)
-    msg.forward_only = forward_only
-    return msg.SerializeToString()
+    return request_body(model_id, seq_id, [datum], loss_fn, forward_only)
 
 
 def job(kind: str, body, model_id=None, seq_id=None, rid=None) -> Job:
@@ -179,9 +185,7 @@ def test_a_models_training_does_not_depend_on_who_shares_its_ticks(tiny_model, t
                             "advantages": np.linspace(-1.0, 1.0, len(tokens) - 1,
                                                       dtype=np.float32)})
             for tokens in sequences]
-        return forward_backward_request_to_proto(types.ForwardBackwardRequest(
-            model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(
-                data=data, loss_fn="importance_sampling"))).SerializeToString()
+        return request_body(model_id, seq_id, data, "importance_sampling")
 
     def logprobs_of_a_after(batches: dict[str, list[list[int]]], folder: str) -> np.ndarray:
         settings = load_settings(env={}, data_dir=str(tmp_path / folder), max_lora_adapters=2,
