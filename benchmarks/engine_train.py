@@ -37,7 +37,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 
-from app.protocol import FwdBwdRequest, WireDatum
+from protocol.wire import FwdBwdRequest, WireDatum
 from workers import fastpath
 from workers.model import AdapterSpec, LoraModel
 from workers.optimizer import adamw_step

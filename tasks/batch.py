@@ -87,8 +87,8 @@ from app.db import (
 )
 from app.errors import ApiError
 from app.model_info import ModelInfo
-from app.wire import WireError, decode_forward_backward
 from config import Settings
+from protocol.wire import WireError, decode_forward_backward
 from tasks import celery_app
 from tasks.enqueue import task_name
 

@@ -20,9 +20,9 @@ from celery import signals
 
 from app.db import DONE, FAILED, CheckpointRow, RequestRow, Store, utcnow
 from app.doorbell import Doorbell
+from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
 from tasks import celery_app
 from tasks.enqueue import task_name
-from workers.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from protocol.jobs import UserError
 from workers import tp
-from workers.jobs import UserError
 from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
 from workers.model import AdapterSpec, LoraModel
 from workers.optimizer import AdamState

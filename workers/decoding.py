@@ -71,8 +71,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from protocol.jobs import UserError
 from workers import decode_kernels, fastpath, sample_kernels, tp
-from workers.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
 from workers.sampler import SampledSeq, SampleOutput, _prompt_outputs

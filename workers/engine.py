@@ -24,8 +24,8 @@ import time
 from concurrent.futures import Future
 
 from config import Settings
+from protocol.jobs import CREATION_KINDS, Job, Outcome
 from workers.executor import Executor
-from workers.jobs import CREATION_KINDS, Job, Outcome
 from workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
-from app.protocol import ProtocolError, check_loss_inputs, resolve_loss_config
-from app.wire import (
+from config import Settings, model_dir
+from protocol.jobs import Job, Outcome, UserError
+from protocol.losses import ProtocolError, check_loss_inputs, resolve_loss_config
+from protocol.wire import (
     FwdBwdRequest,
     WireError,
     WireSequence,
@@ -35,10 +37,8 @@ from app.wire import (
     encode_forward_backward_output,
     encode_sample_response,
 )
-from config import Settings, model_dir
 from workers import checkpoints, decoding, fastpath, sampler, tp
 from workers.decoding import RunningBatch
-from workers.jobs import Job, Outcome, UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
 from workers.optimizer import AdamState, adamw_step

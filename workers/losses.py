@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 
 Inputs = dict[str, torch.Tensor]
 Config = dict[str, float]

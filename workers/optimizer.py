@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import AdapterSpec, LoraModel
 from workers.optimizer import AdamState

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 from workers.lora import BASE_SLOT
 from workers.model import LoraModel
 

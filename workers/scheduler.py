@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from workers.jobs import BARRIER_KINDS, CREATION_KINDS, SAMPLE_KINDS, Job, Outcome
+from protocol.jobs import BARRIER_KINDS, CREATION_KINDS, SAMPLE_KINDS, Job, Outcome
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from app.protocol import FwdBwdRequest, WireDatum
+from protocol.wire import FwdBwdRequest, WireDatum
 from workers import tp
 from workers.losses import token_losses
 from workers.model import LoraModel

@@ -9,9 +9,9 @@ import numpy as np
 
 from app.blueprints.common import field
 from app.errors import ApiError
-from app.protocol import INTEGER_INPUTS, ProtocolError, check_loss_inputs, resolve_loss_config
-from app.wire import FwdBwdRequest
 from config.settings import Settings
+from protocol.losses import INTEGER_INPUTS, ProtocolError, check_loss_inputs, resolve_loss_config
+from protocol.wire import FwdBwdRequest
 
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
 MAX_NUM_SAMPLES = 128

@@ -31,7 +31,7 @@ from app.blueprints.common import (
 )
 from app.db import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from app.errors import ApiError
-from app.wire import WireError, decode_forward_backward
+from protocol.wire import WireError, decode_forward_backward
 
 bp = Blueprint("training", __name__)
 MAX_BODY = 1 << 30  # decompressed forward_backward bodies larger than this are refused

@@ -12,7 +12,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.types.request_failed_response import RequestFailedResponse
 from tinker.types.try_again_response import TryAgainResponse
 
-from app.wire import WireSequence, encode_sample_response
+from protocol.wire import WireSequence, encode_sample_response
 from tests.api.conftest import create_model_body
 
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from protocol.jobs import UserError
 from tests.conftest import tiny_qwen3_config
 from workers.checkpoints import (
     load_sampler_weights,
@@ -17,7 +18,6 @@ from workers.checkpoints import (
     save_sampler_weights,
     save_training_state,
 )
-from workers.jobs import UserError
 from workers.losses import token_losses
 from workers.model import AdapterSpec, LoraModel
 from workers.optimizer import adamw_step

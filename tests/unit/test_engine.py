@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from config import load_settings
+from protocol.jobs import Job
 from tests.unit.test_executor import fwdbwd_body, job
 from workers.engine import Engine
 from workers.executor import Executor
-from workers.jobs import Job
 
 
 def start_engine(tiny_model, tmp_path, **overrides) -> Engine:

@@ -15,8 +15,8 @@ from tinker.proto.response_conv import (
 )
 
 from config import load_settings
+from protocol.jobs import Job
 from workers.executor import Executor
-from workers.jobs import Job
 from workers.scheduler import Plan
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.protocol import resolve_loss_config
-from workers.jobs import UserError
+from protocol.jobs import UserError
+from protocol.losses import resolve_loss_config
 from workers.losses import token_losses
 from workers.model import AdapterSpec
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 from workers.optimizer import AdamState, adamw_step
 
 HP = {"learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.jobs import UserError
+from protocol.jobs import UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
 from workers.sampler import SampleOutput, SampleSpec, sample

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from workers.jobs import Job, Outcome
+from protocol.jobs import Job, Outcome
 from workers.scheduler import Plan, Scheduler
 
 TIMEOUT = 300.0

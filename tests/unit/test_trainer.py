@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.wire import FwdBwdRequest, WireDatum
+from protocol.wire import FwdBwdRequest, WireDatum
 from tests.conftest import tiny_qwen3_config
 from workers import packed
 from workers.lora import BASE_SLOT

@@ -11,20 +11,38 @@ encodes the results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
-from app.protocol import FwdBwdRequest, WireDatum  # re-exported: callers decode into these
-
 _DTYPES: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
 }
+
+
+@dataclass
+class WireDatum:
+    tokens: np.ndarray  # int64 [N], the model input (text chunks concatenated)
+    inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, 1-D arrays
+
+
+@dataclass
+class FwdBwdRequest:
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
+    forward_only: bool = False
+    data: list[WireDatum] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.data)
 
 
 __all__ = ["FwdBwdRequest", "WireDatum", "WireError", "decode_forward_backward",

@@ -1,4 +1,4 @@
-"""Protocol tables shared by the API (validation) and the worker (compute). No torch.
+"""The loss table, shared by the API (validation) and the worker (compute). No torch.
 
 Loss functions: the `loss_fn_inputs` each one needs and the `loss_fn_config` keys it
 accepts, with their defaults. Every per-token input is a 1-D array as long as the datum's
@@ -8,8 +8,6 @@ model input; losses are sums over tokens and datums (no normalisation), as in Ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
 
 RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -34,26 +32,6 @@ LOSSES: dict[str, LossSpec] = {
 # (the cookbook sends `mask` with RL data).
 OPTIONAL_INPUTS = frozenset({"mask"})
 INTEGER_INPUTS = frozenset({"target_tokens"})
-
-
-@dataclass
-class WireDatum:
-    tokens: np.ndarray  # int64 [N], the model input (text chunks concatenated)
-    inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, 1-D arrays
-
-
-@dataclass
-class FwdBwdRequest:
-    model_id: str
-    seq_id: int
-    loss_fn: str
-    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
-    forward_only: bool = False
-    data: list[WireDatum] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(d.tokens) for d in self.data)
 
 
 class ProtocolError(ValueError):
