@@ -1,6 +1,6 @@
 """API-key check: every /api/v1 call carries `X-API-Key: tml-...` (healthz excepted).
 
-The key is never stored; `g.tenant` is its hash (app.db.tenant_of) and every lookup of a
+The key is never stored; `g.tenant` is its hash (store.schema.tenant_of) and every lookup of a
 client-named row filters on it, so another tenant's id answers 404 like a missing one.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from app.db import tenant_of
-from app.errors import ApiError
+from protocol.errors import RequestError
+from store.schema import tenant_of
 
 OPEN_PATHS = frozenset({"/api/v1/healthz"})
 
@@ -19,9 +19,9 @@ def _check_key() -> None:
         return
     key = request.headers.get("X-API-Key", "")
     if not key:
-        raise ApiError(401, "missing X-API-Key header")
+        raise RequestError(401, "missing X-API-Key header")
     if not key.startswith("tml-"):
-        raise ApiError(401, "invalid API key: it must start with 'tml-'")
+        raise RequestError(401, "invalid API key: it must start with 'tml-'")
     g.tenant = tenant_of(key)
 
 

@@ -1,4 +1,5 @@
-"""The one API error type and the one handler: every error answers JSON `{"detail": ...}`.
+"""The one error handler: every error answers JSON `{"detail": ...}`; a refused call is a
+`protocol.errors.RequestError`, answered with its status.
 
 The SDK treats an empty 4xx body as a proxy rejection and retries it as a connection error,
 so no error path may answer HTML or an empty body (protocol note §1.4).
@@ -11,16 +12,9 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from protocol.errors import RequestError
+
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An HTTP error with a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _answer(status: int, message: str) -> tuple[Response, int]:
@@ -28,8 +22,8 @@ def _answer(status: int, message: str) -> tuple[Response, int]:
 
 
 def init_app(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError) -> tuple[Response, int]:
+    @app.errorhandler(RequestError)
+    def _api_error(e: RequestError) -> tuple[Response, int]:
         return _answer(e.status, e.message)
 
     @app.errorhandler(HTTPException)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from flask import Flask
 
 from app import auth, errors
-from app.db import RequestRow, Store
-from app.doorbell import Doorbell
-from app.model_info import ModelInfo
 from config.settings import Settings, load_settings
+from store.db import Store
+from store.doorbell import Doorbell
+from store.model_info import ModelInfo
+from store.schema import RequestRow
 
 Enqueue = Callable[[RequestRow], None]
 

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import tinker
 from tinker import types
 
-from app.db import normalise_url
+from store.engine import normalise_url
 from tests.e2e.stack import API_KEY, Stack
 
 BASE = "tinkerq/tiny-qwen3"

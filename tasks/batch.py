@@ -76,19 +76,12 @@ from app.blueprints.checks import (
     check_sample,
     parse_tinker_path,
 )
-from app.db import (
-    CheckpointRow,
-    ModelRow,
-    RequestRow,
-    SamplerRow,
-    SessionRow,
-    Store,
-    tenant_of,
-)
-from app.errors import ApiError
-from app.model_info import ModelInfo
 from config import Settings
+from protocol.errors import RequestError
 from protocol.wire import WireError, decode_forward_backward
+from store.db import Store
+from store.model_info import ModelInfo
+from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow, SessionRow, tenant_of
 from tasks import celery_app
 from tasks.enqueue import task_name
 
@@ -101,7 +94,7 @@ def _checked() -> Iterator[None]:
     """The API's 4xx/503 answers become ValueError in a script, before anything is written."""
     try:
         yield
-    except ApiError as e:
+    except RequestError as e:
         raise ValueError(e.message) from e
 
 
@@ -277,7 +270,7 @@ class Batch:
         with self.store.transaction() as s:
             model = s.get(ModelRow, run_id)
         if kind != "sampler" or model is None or model.tenant != self.tenant:
-            raise ApiError(400, f"model_path {path!r} is not sampler weights of yours")
+            raise RequestError(400, f"model_path {path!r} is not sampler weights of yours")
         return model.base_model, str(_checkpoint_dir(self, run_id, "sampler_weights", name))
 
     def _queue_of(self, model_id: str) -> str:
@@ -356,7 +349,7 @@ class TrainingRun:
             try:
                 req = decode_forward_backward(body)
             except WireError as e:
-                raise ApiError(400, str(e)) from e
+                raise RequestError(400, str(e)) from e
             check_forward_backward(req, self.batch.settings, self.batch._vocab())
             return body, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
 
@@ -387,7 +380,7 @@ class TrainingRun:
         def build() -> tuple[bytes, str]:
             check_checkpoint_name(name)
             if ttl is not None and ttl < 1:
-                raise ApiError(400, f"ttl_seconds={ttl} must be at least 1 (None: never expires)")
+                raise RequestError(400, f"ttl_seconds={ttl} must be at least 1 (None: never expires)")
             self._check_new_name("training" if segment == "weights" else "sampler", name)
             path = f"tinker://{self.model_id}/{segment}/{name}"
             folder = _checkpoint_dir(self.batch, self.model_id, segment, name)
@@ -405,7 +398,7 @@ class TrainingRun:
                 CheckpointRow.model_id == self.model_id, CheckpointRow.kind == kind,
                 CheckpointRow.name == name)).first()
         if taken is not None:
-            raise ApiError(400, f"checkpoint {name!r} already exists for {self.model_id!r}")
+            raise RequestError(400, f"checkpoint {name!r} already exists for {self.model_id!r}")
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.db import RequestRow
 from config import Settings
+from store.schema import RequestRow
 
 
 def task_name(kind: str) -> str:

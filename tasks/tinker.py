@@ -18,9 +18,10 @@ from typing import Any
 
 from celery import signals
 
-from app.db import DONE, FAILED, CheckpointRow, RequestRow, Store, utcnow
-from app.doorbell import Doorbell
 from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
+from store.db import Store
+from store.doorbell import Doorbell
+from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow
 from tasks import celery_app
 from tasks.enqueue import task_name
 

@@ -1,4 +1,4 @@
-"""Input checks done before anything is enqueued. Each raises ApiError(400) whose message
+"""Input checks done before anything is enqueued. Each raises RequestError(400) whose message
 names the bad value and the limit; the worker trusts what passes."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from app.blueprints.common import field
-from app.errors import ApiError
 from config.settings import Settings
+from protocol.errors import RequestError
 from protocol.losses import INTEGER_INPUTS, ProtocolError, check_loss_inputs, resolve_loss_config
 from protocol.wire import FwdBwdRequest
 
@@ -18,8 +18,8 @@ MAX_NUM_SAMPLES = 128
 MAX_NAME_LEN = 128
 
 
-def bad(message: str) -> ApiError:
-    return ApiError(400, message)
+def bad(message: str) -> RequestError:
+    return RequestError(400, message)
 
 
 def check_seq_id(value: Any) -> int:

@@ -17,8 +17,8 @@ from flask import current_app, g, request
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app.db import FAILED, CheckpointRow, ModelRow, RequestRow, utcnow
-from app.errors import ApiError
+from protocol.errors import RequestError
+from store.schema import FAILED, CheckpointRow, ModelRow, RequestRow, utcnow
 
 if TYPE_CHECKING:
     from app.factory import Services
@@ -56,9 +56,9 @@ def json_body() -> dict[str, Any]:
     try:
         data = json.loads(raw) if raw else {}
     except ValueError as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+        raise RequestError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+        raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -69,12 +69,12 @@ def field(
     value = body.get(name)
     if value is None:
         if default is MISSING:
-            raise ApiError(400, f"{where}{name} is required")
+            raise RequestError(400, f"{where}{name} is required")
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise ApiError(400, f"{where}{name}={value!r} must be {_KIND_NAMES[kind]}")
+        raise RequestError(400, f"{where}{name}={value!r} must be {_KIND_NAMES[kind]}")
     return value
 
 
@@ -84,7 +84,7 @@ def field(
 def owned(session: Any, row_type: type[T], row_id: Any, what: str) -> T:
     row = session.get(row_type, row_id) if isinstance(row_id, str) else None
     if row is None or row.tenant != tenant():
-        raise ApiError(404, f"{what} {row_id!r} not found")
+        raise RequestError(404, f"{what} {row_id!r} not found")
     return row
 
 
@@ -95,7 +95,7 @@ def checkpoint_by_path(session: Any, tinker_path: str) -> CheckpointRow:
         )
     ).first()
     if row is None:
-        raise ApiError(404, f"checkpoint {tinker_path!r} not found")
+        raise RequestError(404, f"checkpoint {tinker_path!r} not found")
     return row
 
 
@@ -125,7 +125,7 @@ def _enqueue(row: RequestRow, rows: list[Any]) -> None:
         with services().store.transaction() as s:
             for r in reversed(rows):
                 s.delete(s.merge(r))
-        raise ApiError(503, f"could not enqueue the request ({type(e).__name__}); retry") from e
+        raise RequestError(503, f"could not enqueue the request ({type(e).__name__}); retry") from e
 
 
 def submit(row: RequestRow, *creates: Any) -> str:
@@ -134,7 +134,7 @@ def submit(row: RequestRow, *creates: Any) -> str:
     try:
         request_id = services().store.add_request(row, *creates)
     except IntegrityError as e:
-        raise ApiError(400, f"request conflicts with an existing record: {e.orig}") from e
+        raise RequestError(400, f"request conflicts with an existing record: {e.orig}") from e
     if request_id == row.id:
         _enqueue(row, [*creates, row])
     return request_id
@@ -150,9 +150,9 @@ def reject(row: RequestRow, message: str) -> NoReturn:
     try:
         _insert([row])
     except IntegrityError:
-        raise ApiError(400, message) from None  # the seq_id is already taken
+        raise RequestError(400, message) from None  # the seq_id is already taken
     _enqueue(row, [row])
-    raise ApiError(400, message)
+    raise RequestError(400, message)
 
 
 def seq_call(
@@ -174,7 +174,7 @@ def seq_call(
     )
     try:
         row.payload, summary = build()
-    except ApiError as e:
+    except RequestError as e:
         if e.status != 400:
             raise
         reject(row, e.message)
@@ -208,9 +208,9 @@ def page_args() -> tuple[int, int]:
         limit = int(request.args.get("limit", 20))
         offset = int(request.args.get("offset", 0))
     except ValueError as e:
-        raise ApiError(400, f"limit and offset must be integers: {e}") from e
+        raise RequestError(400, f"limit and offset must be integers: {e}") from e
     if not 1 <= limit <= 1000 or offset < 0:
-        raise ApiError(400, f"limit={limit} must be in [1, 1000] and offset={offset} >= 0")
+        raise RequestError(400, f"limit={limit} must be in [1, 1000] and offset={offset} >= 0")
     return limit, offset
 
 

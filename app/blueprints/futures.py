@@ -14,8 +14,8 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
 from app.blueprints.common import field, json_body, services, tenant
-from app.db import DONE, FAILED, RequestRow
-from app.errors import ApiError
+from protocol.errors import RequestError
+from store.schema import DONE, FAILED, RequestRow
 
 bp = Blueprint("futures", __name__)
 _COLUMNS = (
@@ -33,7 +33,7 @@ def fetch(request_id: str) -> Any:
     with services().store.transaction() as s:
         row = s.execute(select(*_COLUMNS).where(RequestRow.id == request_id)).first()
     if row is None or row.tenant != tenant():
-        raise ApiError(404, f"future {request_id!r} not found")
+        raise RequestError(404, f"future {request_id!r} not found")
     return row
 
 

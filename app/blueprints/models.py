@@ -33,8 +33,8 @@ from app.blueprints.common import (
     submit,
     tenant,
 )
-from app.db import CheckpointRow, ModelRow, RequestRow, SessionRow
-from app.errors import ApiError
+from protocol.errors import RequestError
+from store.schema import CheckpointRow, ModelRow, RequestRow, SessionRow
 
 bp = Blueprint("models", __name__)
 
@@ -55,7 +55,7 @@ def new_model_id(body: dict[str, Any]) -> str:
         session = owned(s, SessionRow, body.get("session_id"), "session")
     seq = field(body, "model_seq_id", int)
     if seq < 0:
-        raise ApiError(400, f"model_seq_id={seq} must be >= 0")
+        raise RequestError(400, f"model_seq_id={seq} must be >= 0")
     return f"{session.id}:train:{seq}"
 
 
@@ -121,7 +121,7 @@ def weights_source(path: Any) -> tuple[CheckpointRow, ModelRow]:
     """The caller's `weights` checkpoint at `path` and the run that saved it."""
     _, kind, _ = parse_tinker_path(path)
     if kind != "training":
-        raise ApiError(
+        raise RequestError(
             400,
             f"load_weights needs a weights checkpoint "
             f"(tinker://<run>/weights/<name>), got {path!r}",
@@ -183,7 +183,7 @@ def load_into(body: dict[str, Any]) -> dict[str, Any]:
     def build() -> tuple[bytes, str]:
         ckpt, source = weights_source(body.get("path"))
         if source.lora_rank != model.lora_rank:
-            raise ApiError(
+            raise RequestError(
                 400,
                 f"checkpoint {ckpt.tinker_path!r} has LoRA rank "
                 f"{source.lora_rank}; model {model.id!r} has {model.lora_rank}",

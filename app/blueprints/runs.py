@@ -23,7 +23,7 @@ from app.blueprints.common import (
     str_values,
     tenant,
 )
-from app.db import CheckpointRow, ModelRow
+from store.schema import CheckpointRow, ModelRow
 
 bp = Blueprint("runs", __name__)
 

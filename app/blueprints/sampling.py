@@ -25,8 +25,8 @@ from app.blueprints.common import (
     submit,
     tenant,
 )
-from app.db import ModelRow, RequestRow, SamplerRow, SessionRow
-from app.errors import ApiError
+from protocol.errors import RequestError
+from store.schema import ModelRow, RequestRow, SamplerRow, SessionRow
 
 bp = Blueprint("sampling", __name__)
 
@@ -50,7 +50,7 @@ def new_sampler(body: dict[str, Any]) -> dict[str, Any]:
         session = owned(s, SessionRow, body.get("session_id"), "session")
         n = field(body, "sampling_session_seq_id", int)
         if n < 0:
-            raise ApiError(400, f"sampling_session_seq_id={n} must be >= 0")
+            raise RequestError(400, f"sampling_session_seq_id={n} must be >= 0")
         sampler_id = f"{session.id}:sample:{n}"
         if (old := s.get(SamplerRow, sampler_id)) is not None:
             return sampler_answer(old)  # a retried creation
@@ -65,7 +65,7 @@ def new_sampler(body: dict[str, Any]) -> dict[str, Any]:
         if (path := body.get("model_path")) is not None:
             _, kind, _ = parse_tinker_path(path)
             if kind != "sampler":
-                raise ApiError(400, f"model_path {path!r} must be a sampler_weights checkpoint")
+                raise RequestError(400, f"model_path {path!r} must be a sampler_weights checkpoint")
             ckpt = checkpoint_by_path(s, path)
             source = owned(s, ModelRow, ckpt.model_id, "training run")
             sampler.base_model, sampler.model_path = source.base_model, path

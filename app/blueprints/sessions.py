@@ -17,7 +17,7 @@ from app.blueprints.common import (
     str_values,
     tenant,
 )
-from app.db import ModelRow, SamplerRow, SessionRow, utcnow
+from store.schema import ModelRow, SamplerRow, SessionRow, utcnow
 
 bp = Blueprint("sessions", __name__)
 

@@ -29,9 +29,9 @@ from app.blueprints.common import (
     services,
     submit,
 )
-from app.db import CheckpointRow, ModelRow, RequestRow, SamplerRow
-from app.errors import ApiError
+from protocol.errors import RequestError
 from protocol.wire import WireError, decode_forward_backward
+from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 
 bp = Blueprint("training", __name__)
 MAX_BODY = 1 << 30  # decompressed forward_backward bodies larger than this are refused
@@ -39,7 +39,7 @@ MAX_BODY = 1 << 30  # decompressed forward_backward bodies larger than this are 
 
 def proto_body() -> bytes:
     if request.mimetype == "application/json":
-        raise ApiError(400, "forward_backward takes a protobuf body (application/x-protobuf)")
+        raise RequestError(400, "forward_backward takes a protobuf body (application/x-protobuf)")
     body = request.get_data()
     if request.headers.get("Content-Encoding", "").lower() != "zstd":
         return body
@@ -47,9 +47,9 @@ def proto_body() -> bytes:
         with zstandard.ZstdDecompressor().stream_reader(body) as reader:
             out = reader.read(MAX_BODY + 1)
     except zstandard.ZstdError as e:
-        raise ApiError(400, f"body is not a valid zstd frame: {e}") from e
+        raise RequestError(400, f"body is not a valid zstd frame: {e}") from e
     if len(out) > MAX_BODY:
-        raise ApiError(400, f"decompressed body exceeds {MAX_BODY} bytes")
+        raise RequestError(400, f"decompressed body exceeds {MAX_BODY} bytes")
     return out
 
 
@@ -59,7 +59,7 @@ def forward_backward() -> dict[str, Any]:
     try:
         req = decode_forward_backward(body)
     except (WireError, ValueError) as e:
-        raise ApiError(400, str(e)) from e
+        raise RequestError(400, str(e)) from e
     model = load_model(req.model_id)
     kind = "forward" if req.forward_only else "forward_backward"
 
@@ -77,7 +77,7 @@ def optim_step() -> dict[str, Any]:
 
     def build() -> tuple[bytes, str]:
         if body.get("optimizer_params") is not None:
-            raise ApiError(
+            raise RequestError(
                 400,
                 "optimizer_params is not supported: this server trains with AdamW (adam_params)",
             )
@@ -102,7 +102,7 @@ def check_new_name(model: ModelRow, kind: str, name: str, overwrite: bool) -> No
             )
         ).first()
     if taken is not None and not overwrite:
-        raise ApiError(
+        raise RequestError(
             400,
             f"checkpoint {name!r} already exists for {model.id!r}; "
             "choose another name or pass overwrite=true",
@@ -152,14 +152,14 @@ def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
     """What a named checkpoint keeps besides its files: its lifetime and the caller's tags."""
     ttl = field(body, "ttl_seconds", int, None)
     if ttl is not None and ttl < 1:
-        raise ApiError(400, f"ttl_seconds={ttl} must be at least 1 (omit it: never expires)")
+        raise RequestError(400, f"ttl_seconds={ttl} must be at least 1 (omit it: never expires)")
     return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
 
 
 def check_kind(body: dict[str, Any]) -> None:
     kind = body.get("kind", "snapshot")
     if kind != "snapshot":
-        raise ApiError(400, f"kind={kind!r} is not supported (supported: 'snapshot')")
+        raise RequestError(400, f"kind={kind!r} is not supported (supported: 'snapshot')")
 
 
 def save_for_session(model: ModelRow, body: dict[str, Any]) -> dict[str, Any]:
@@ -182,11 +182,11 @@ def save_for_session(model: ModelRow, body: dict[str, Any]) -> dict[str, Any]:
     try:
         check_kind(body)
         if type(n) is not int or n < 0:
-            raise ApiError(400, f"sampling_session_seq_id={n!r} must be an integer >= 0")
+            raise RequestError(400, f"sampling_session_seq_id={n!r} must be an integer >= 0")
         with services().store.transaction() as s:
             if s.get(SamplerRow, sampler_id) is not None:
-                raise ApiError(400, f"sampling session {sampler_id!r} already exists")
-    except ApiError as e:
+                raise RequestError(400, f"sampling session {sampler_id!r} already exists")
+    except RequestError as e:
         reject(row, e.message)
     folder = checkpoint_dir(model, "sampler_weights", "_session") / sampler_id
     sampler = SamplerRow(

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from app.db import DONE, FAILED, CheckpointRow, RequestRow, utcnow
 from app.factory import create_app
 from config.settings import load_settings
+from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 VOCAB = 512
@@ -172,7 +172,7 @@ def add_checkpoint(services):
     """Play the task that records a checkpoint the worker wrote."""
 
     def _add(model_id: str, kind: str, name: str, key: str = KEY) -> CheckpointRow:
-        from app.db import tenant_of
+        from store.schema import tenant_of
 
         segment = "weights" if kind == "training" else "sampler_weights"
         tenant = tenant_of(key)

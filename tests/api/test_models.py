@@ -7,7 +7,7 @@ import json
 import pytest
 from tinker import types
 
-from app.db import ModelRow, RequestRow
+from store.schema import ModelRow, RequestRow
 from tests.api.conftest import ALIAS, create_model_body
 
 

@@ -1,4 +1,4 @@
-"""The alembic migrations build exactly app.db's schema, on SQLite and on Postgres, and two
+"""The alembic migrations build exactly store.schema's tables, on SQLite and on Postgres, and two
 processes upgrading at once do not trip over each other."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
-from app.db import Base, normalise_url
-from app.migrate import upgrade
+from store.engine import normalise_url
+from store.migrate import upgrade
+from store.schema import Base
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 

@@ -12,7 +12,7 @@ import zstandard
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from app.db import FAILED, RequestRow, SamplerRow
+from store.schema import FAILED, RequestRow, SamplerRow
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from app.db import normalise_url
+from store.engine import normalise_url
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -24,8 +24,9 @@ from tinker.proto.response_conv import (
     deserialize_sample_response,
 )
 
-from app.db import DONE, RequestRow, Store, tenant_of
 from config import load_settings
+from store.db import Store
+from store.schema import DONE, RequestRow, tenant_of
 from tests.e2e.stack import API_KEY, ROOT, Stack
 
 pytestmark = pytest.mark.e2e

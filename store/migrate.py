@@ -17,15 +17,15 @@ from alembic.config import Config
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 
-from app.db import normalise_url
+from store.engine import normalise_url
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root, where alembic.ini is
 LOCK_KEY = 0x74696E6B  # "tink": the advisory lock id of schema upgrades
 
 
 def alembic_config(url: str) -> Config:
     config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("script_location", str(ROOT / "store" / "migrations"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

@@ -1,20 +1,14 @@
-"""The durable store: tables, engine setup and the one transaction helper.
+"""The schema: one table per thing a client can name, and the request states.
 
-Shared by the web process (writes requests, reads results) and the worker's tasks (write
-results). SQLite by default, Postgres through DATABASE_URL; the schema itself is created and
-migrated by alembic (`migrations/`), `create_schema()` runs those migrations.
-
-Every row that a client can name carries `tenant` (the API key that made it); lookups for a
-caller always filter on it, so a foreign id is indistinguishable from a missing one (404).
+Every row that a client can name carries `tenant` (the API key that made it, hashed);
+lookups for a caller always filter on it, so a foreign id is indistinguishable from a
+missing one (404). The tables are created and migrated by alembic (`store/migrations/`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,14 +22,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
-    select,
-    update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> dt.datetime:
@@ -166,100 +154,3 @@ class CheckpointRow(Base):
     @property
     def segment(self) -> str:
         return "weights" if self.kind == "training" else "sampler_weights"
-
-
-# --- engine and sessions ------------------------------------------------------------------
-
-
-def normalise_url(url: str) -> str:
-    """`postgresql://` and `postgres://` mean the psycopg2 driver that tinkerq installs
-    (SQLAlchemy 2.1 would otherwise pick psycopg 3)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url.removeprefix(prefix)
-    return url
-
-
-def make_engine(url: str) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL + a busy timeout so web and worker share it."""
-    url = normalise_url(url)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(conn: Any, _record: Any) -> None:
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
-
-
-class Store:
-    """The engine and session factory of one process."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work: commit on success, roll back on error, always close."""
-        session = self.sessions()
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-
-    def request_holding(
-        self, model_id: str | None, sampler_id: str | None, seq_id: int
-    ) -> str | None:
-        """The id of the request already holding (model_id | sampler_id, seq_id), if any."""
-        key = RequestRow.model_id == model_id if model_id else RequestRow.sampler_id == sampler_id
-        with self.transaction() as s:
-            return s.scalars(select(RequestRow.id).where(key, RequestRow.seq_id == seq_id)).first()
-
-    def add_request(self, row: RequestRow, *creates: Any) -> str:
-        """Insert `row` and the rows it brings into being (a model, a sampler) in one
-        transaction, and return the id of the request that holds its (model | sampler,
-        seq_id): `row.id`, or the first submission's when the key is taken (the SDK's
-        resubmissions; a batch script run again). Nothing is written in that case.
-
-        Shared by the REST API and batch scripts (tasks/batch.py), so both follow one dedupe
-        rule; the caller enqueues only when the answer is `row.id`.
-        """
-        if row.seq_id is not None and (
-            found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
-        ):
-            return found
-        try:
-            with self.transaction() as s:
-                s.add_all([*creates, row])
-                if row.model_id and not any(isinstance(r, ModelRow) for r in creates):
-                    s.execute(
-                        update(ModelRow)
-                        .where(ModelRow.id == row.model_id)
-                        .values(last_request_time=utcnow())
-                    )
-        except IntegrityError:  # lost a race with an identical submission
-            if row.seq_id is not None and (
-                found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
-            ):
-                return found
-            raise
-        return row.id
-
-    def create_schema(self) -> None:
-        """Bring the schema to the newest migration (alembic upgrade head)."""
-        from app.migrate import upgrade
-
-        upgrade(self.url)

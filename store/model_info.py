@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.errors import ApiError
 from config.settings import Settings, SettingsError, model_dir
+from protocol.errors import RequestError
 
 
 class ModelInfo:
@@ -27,7 +27,7 @@ class ModelInfo:
             try:
                 self._path = model_dir(self._settings)
             except SettingsError as e:
-                raise ApiError(503, str(e)) from e
+                raise RequestError(503, str(e)) from e
         return self._path
 
     @property
@@ -37,7 +37,7 @@ class ModelInfo:
             try:
                 self._config = json.loads(file.read_text())
             except (OSError, ValueError) as e:
-                raise ApiError(
+                raise RequestError(
                     503, f"base model config {file} is not readable yet ({e}); is the worker up?"
                 ) from e
         return self._config

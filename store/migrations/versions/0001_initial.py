@@ -1,4 +1,4 @@
-"""The initial schema: sessions, models, samplers, requests, checkpoints (app/db.py).
+"""The initial schema: sessions, models, samplers, requests, checkpoints (store/schema.py).
 
 Revision ID: 0001
 Revises:

@@ -1,11 +1,12 @@
-"""Alembic environment: runs on the connection app.migrate hands over, or on `-x url=`."""
+"""Alembic environment: runs on the connection store.migrate hands over, or on `-x url=`."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.db import Base, normalise_url
+from store.engine import normalise_url
+from store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

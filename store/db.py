@@ -1,0 +1,85 @@
+"""The store of one process: its engine, the one transaction helper, and the requests
+repository (dedupe on (model | sampler, seq_id), results written back).
+
+Shared by the web process (writes requests, reads results), batch scripts (write requests)
+and the worker's tasks (write results). The schema is in `store.schema`; `create_schema()`
+runs the alembic migrations (`store.migrate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.engine import make_engine
+from store.migrate import upgrade
+from store.schema import ModelRow, RequestRow, utcnow
+
+
+class Store:
+    """The engine and session factory of one process."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: commit on success, roll back on error, always close."""
+        session = self.sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def request_holding(
+        self, model_id: str | None, sampler_id: str | None, seq_id: int
+    ) -> str | None:
+        """The id of the request already holding (model_id | sampler_id, seq_id), if any."""
+        key = RequestRow.model_id == model_id if model_id else RequestRow.sampler_id == sampler_id
+        with self.transaction() as s:
+            return s.scalars(select(RequestRow.id).where(key, RequestRow.seq_id == seq_id)).first()
+
+    def add_request(self, row: RequestRow, *creates: Any) -> str:
+        """Insert `row` and the rows it brings into being (a model, a sampler) in one
+        transaction, and return the id of the request that holds its (model | sampler,
+        seq_id): `row.id`, or the first submission's when the key is taken (the SDK's
+        resubmissions; a batch script run again). Nothing is written in that case.
+
+        The one dedupe rule of every submission (tasks.submit); the caller enqueues only
+        when the answer is `row.id`.
+        """
+        if row.seq_id is not None and (
+            found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
+        ):
+            return found
+        try:
+            with self.transaction() as s:
+                s.add_all([*creates, row])
+                if row.model_id and not any(isinstance(r, ModelRow) for r in creates):
+                    s.execute(
+                        update(ModelRow)
+                        .where(ModelRow.id == row.model_id)
+                        .values(last_request_time=utcnow())
+                    )
+        except IntegrityError:  # lost a race with an identical submission
+            if row.seq_id is not None and (
+                found := self.request_holding(row.model_id, row.sampler_id, row.seq_id)
+            ):
+                return found
+            raise
+        return row.id
+
+    def create_schema(self) -> None:
+        """Bring the schema to the newest migration (alembic upgrade head)."""
+        upgrade(self.url)
