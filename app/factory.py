@@ -1,46 +1,33 @@
 """The application factory. Run: `gunicorn -k gevent 'app.factory:create_app()'`.
 
-`create_app()` builds one `Services` bundle per app (settings, store, doorbell, enqueue,
-model info), stores it in `app.extensions["tinkerq"]`, migrates the schema and registers
-one blueprint per Tinker resource under /api/v1.
+`create_app()` builds one `Services` bundle per app (settings, store, doorbell, model info,
+the submit path with its enqueue), stores it in `app.extensions["tinkerq"]`, migrates the
+schema and registers one blueprint per Tinker resource under /api/v1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from flask import Flask
 
 from app import auth, errors
+from app.blueprints import client, futures, models, runs, sampling, sessions, training
+from app.services import Services
 from config.settings import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
 from store.model_info import ModelInfo
-from store.schema import RequestRow
-
-Enqueue = Callable[[RequestRow], None]
+from tasks.submit import Send, Submitter
 
 
-@dataclass
-class Services:
-    settings: Settings
-    store: Store
-    doorbell: Doorbell
-    enqueue: Enqueue
-    model: ModelInfo
-
-
-def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> Flask:
-    from app.blueprints import client, futures, models, runs, sampling, sessions, training
-
+def create_app(settings: Settings | None = None, enqueue: Send | None = None) -> Flask:
     settings = settings or load_settings()
     if enqueue is None:
-        from tasks.enqueue import make_enqueuer  # lazy: Celery is not needed to import app
+        from tasks.enqueue import make_enqueuer  # lazy: builds the Celery app
 
         enqueue = make_enqueuer(settings)
     store = Store(settings.database)
     store.create_schema()
+    model = ModelInfo(settings)
 
     app = Flask("tinkerq", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -48,8 +35,8 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
         settings=settings,
         store=store,
         doorbell=Doorbell(settings.redis),
-        enqueue=enqueue,
-        model=ModelInfo(settings),
+        model=model,
+        submit=Submitter(settings, store, model, enqueue),
     )
     errors.init_app(app)
     auth.init_app(app)

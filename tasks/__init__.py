@@ -8,10 +8,7 @@ GPU worker process, when its first task runs or when the worker becomes ready.
     celery -A tasks flower                                   # monitoring
 """
 
-from config import load_settings
-from tasks.celery_factory import make_celery
+from tasks import tinker  # noqa: F401  (registers the tasks on celery_app)
+from tasks.celery_app import celery_app
 
-celery_app = make_celery(load_settings())
 app = celery_app  # the name `celery -A tasks` looks for
-
-from tasks import tinker  # noqa: E402,F401  (registers the tasks on celery_app)

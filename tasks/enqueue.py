@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from celery.canvas import Signature
+
 from config import Settings
 from store.schema import RequestRow
 
@@ -18,7 +20,7 @@ def task_name(kind: str) -> str:
 
 
 def make_enqueuer(settings: Settings) -> Callable[[RequestRow], None]:
-    from tasks import celery_app
+    from tasks.celery_app import celery_app
 
     def enqueue(row: RequestRow) -> None:
         celery_app.send_task(
@@ -29,3 +31,22 @@ def make_enqueuer(settings: Settings) -> Callable[[RequestRow], None]:
         )
 
     return enqueue
+
+
+def signature(row: RequestRow) -> Signature:
+    """The immutable signature of a stored call (a batch's chain): its verb's task, its
+    queue, its id."""
+    from tasks.celery_app import celery_app
+
+    return celery_app.signature(
+        task_name(row.kind),
+        args=[row.id],
+        kwargs={"summary": row.summary},
+        queue=row.queue,
+        immutable=True,
+    )
+
+
+def request_id(sig: Signature) -> str:
+    """The request id a signature carries (REST `retrieve_future` takes it)."""
+    return sig.args[0]

@@ -9,7 +9,6 @@ becomes a `skip` job that only advances its model's seq_id order.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -19,10 +18,11 @@ from typing import Any
 from celery import signals
 
 from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
+from store import checkpoints
 from store.db import Store
 from store.doorbell import Doorbell
-from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow
-from tasks import celery_app
+from store.schema import DONE, FAILED, RequestRow, utcnow
+from tasks.celery_app import celery_app
 from tasks.enqueue import task_name
 
 log = logging.getLogger(__name__)
@@ -127,24 +127,9 @@ def _store(store: Store, request_id: str, outcome: Outcome) -> None:
             else:
                 row.result, row.result_type = json.dumps(outcome.json).encode(), "json"
             if outcome.checkpoint:
-                _record_checkpoint(db, row.tenant, outcome.checkpoint)
+                checkpoints.record(db, row.tenant, outcome.checkpoint)
         else:
             row.state, row.error, row.error_category = FAILED, outcome.error, outcome.category
-
-
-def _record_checkpoint(db: Any, tenant: str, ckpt: dict[str, Any]) -> None:
-    """Insert or replace (overwrite) the checkpoint's row; a TTL becomes its expiry time."""
-    ttl = ckpt.pop("ttl_seconds", None)
-    expires_at = utcnow() + dt.timedelta(seconds=ttl) if ttl else None
-    old = (
-        db.query(CheckpointRow)
-        .filter_by(model_id=ckpt["model_id"], kind=ckpt["kind"], name=ckpt["name"])
-        .one_or_none()
-    )
-    if old is not None:
-        db.delete(old)
-        db.flush()
-    db.add(CheckpointRow(tenant=tenant, expires_at=expires_at, **ckpt))
 
 
 def run_request(request_id: str) -> str:

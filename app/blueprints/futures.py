@@ -13,7 +13,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
-from app.blueprints.common import field, json_body, services, tenant
+from app.blueprints.common import json_body, services, tenant
+from protocol.checks import field
 from protocol.errors import RequestError
 from store.schema import DONE, FAILED, RequestRow
 

@@ -4,18 +4,14 @@ checkpoints per run and per user, checkpoint deletion, weights_info."""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint
 from sqlalchemy import select
 
-from app.blueprints.checks import parse_tinker_path
 from app.blueprints.common import (
     checkpoint_by_path,
     count,
-    field,
     json_body,
     owned,
     page_args,
@@ -23,6 +19,9 @@ from app.blueprints.common import (
     str_values,
     tenant,
 )
+from protocol.checks import field
+from protocol.paths import parse_tinker_path
+from store import checkpoints
 from store.schema import CheckpointRow, ModelRow
 
 bp = Blueprint("runs", __name__)
@@ -127,9 +126,7 @@ def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict[str, Any]:
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, path)
         s.delete(ckpt)
-    folder = Path(ckpt.local_dir).resolve()
-    if folder.is_relative_to(services().settings.checkpoint_root):  # never outside our root
-        shutil.rmtree(folder, ignore_errors=True)
+    checkpoints.remove_files(services().settings.checkpoint_root, ckpt.local_dir)
     return {}
 
 

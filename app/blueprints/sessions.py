@@ -9,7 +9,6 @@ from flask import Blueprint
 from sqlalchemy import select
 
 from app.blueprints.common import (
-    field,
     json_body,
     owned,
     page_args,
@@ -17,6 +16,7 @@ from app.blueprints.common import (
     str_values,
     tenant,
 )
+from protocol.checks import field
 from store.schema import ModelRow, SamplerRow, SessionRow, utcnow
 
 bp = Blueprint("sessions", __name__)

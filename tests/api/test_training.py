@@ -289,11 +289,11 @@ def test_broker_down_is_503_and_leaves_nothing(api, model_id, enqueued, services
         raise ConnectionError("broker down")
 
     body = {"model_id": model_id, "seq_id": 2, "adam_params": ADAM}
-    services.enqueue = broken
+    services.submit.send = broken
     resp = api.post("optim_step", body)
     assert resp.status_code == 503 and "retry" in resp.get_json()["detail"]
     assert len(rows(services)) == 1  # only create_model: the SDK's retry starts afresh
-    services.enqueue = enqueued.append
+    services.submit.send = enqueued.append
     assert api.post("optim_step", body).status_code == 200 and len(enqueued) == 1
 
 

@@ -1,4 +1,4 @@
-"""Build the Celery app from the same typed settings as the web process.
+"""The Celery app, built from the same typed settings as the web process (the environment's).
 
 Choices and why:
 - acks_late + reject_on_worker_lost: a task is acknowledged only after its result is
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from config import Settings
+from config import Settings, load_settings
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -34,3 +34,6 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.conf.tinkerq_settings = settings
     return app
+
+
+celery_app = make_celery(load_settings())

@@ -1,25 +1,46 @@
-"""Input checks done before anything is enqueued. Each raises RequestError(400) whose message
-names the bad value and the limit; the worker trusts what passes."""
+"""Input checks done before anything is stored, shared by REST and batch scripts (both
+through tasks.submit). Each raises RequestError(400) whose message names the bad value and
+the limit; the worker trusts what passes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from app.blueprints.common import field
 from config.settings import Settings
-from protocol.errors import RequestError
+from protocol.errors import RequestError, bad
 from protocol.losses import INTEGER_INPUTS, ProtocolError, check_loss_inputs, resolve_loss_config
 from protocol.wire import FwdBwdRequest
 
-SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
+T = TypeVar("T")
+MISSING: Any = object()
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "a boolean",
+    dict: "an object",
+    list: "a list",
+}
 MAX_NUM_SAMPLES = 128
 MAX_NAME_LEN = 128
 
 
-def bad(message: str) -> RequestError:
-    return RequestError(400, message)
+def field(
+    body: dict[str, Any], name: str, kind: type[T], default: Any = MISSING, where: str = ""
+) -> T:
+    """body[name] checked to be `kind` (ints pass as floats, bools never pass as numbers)."""
+    value = body.get(name)
+    if value is None:
+        if default is MISSING:
+            raise RequestError(400, f"{where}{name} is required")
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise RequestError(400, f"{where}{name}={value!r} must be {_KIND_NAMES[kind]}")
+    return value
 
 
 def check_seq_id(value: Any) -> int:
@@ -83,16 +104,6 @@ def check_checkpoint_name(name: Any) -> str:
     if "/" in name or "\\" in name or ".." in name:
         raise bad(f"checkpoint name {name!r} must not contain '/', '\\\\' or '..'")
     return name
-
-
-def parse_tinker_path(path: Any) -> tuple[str, str, str]:
-    """tinker://<run>/<weights|sampler_weights>/<name> -> (run, checkpoint kind, name)."""
-    parts = path.removeprefix("tinker://").split("/") if isinstance(path, str) else []
-    if not (isinstance(path, str) and path.startswith("tinker://")) or len(parts) != 3:
-        raise bad(f"path {path!r} is not a tinker://<run>/<weights|sampler_weights>/<name> path")
-    if parts[1] not in SEGMENTS:
-        raise bad(f"path {path!r}: segment {parts[1]!r} must be one of {sorted(SEGMENTS)}")
-    return parts[0], SEGMENTS[parts[1]], parts[2]
 
 
 def check_tokens(tokens: np.ndarray, vocab: int, where: str) -> None:

@@ -1,0 +1,361 @@
+"""Every Tinker call that writes a request row, as a function of (submitter, tenant, body):
+the body is what the SDK sends, a JSON object (or the protobuf bytes of forward_backward),
+and the answer is the future REST returns. The REST blueprints and batch scripts
+(`tasks.batch`) both call these, through one `Submitter` each (tasks/submit.py).
+
+Run ids are "{session_id}:train:{model_seq_id}" (the SDK derives exactly this id on the
+create-via-load path), sampler ids "{session_id}:sample:{n}" (protocol/paths.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from protocol import paths
+from protocol.checks import (
+    check_adam,
+    check_base_model,
+    check_checkpoint_name,
+    check_forward_backward,
+    check_lora,
+    check_optimizer_config,
+    check_sample,
+    check_seq_id,
+    field,
+)
+from protocol.errors import RequestError, bad
+from protocol.wire import WireError, decode_forward_backward
+from store import checkpoints
+from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow, SessionRow
+from tasks.submit import Submitter, future, new_request_id, payload
+
+# --- creations ------------------------------------------------------------------------------
+
+
+def new_model_id(sub: Submitter, tenant: str, body: dict[str, Any]) -> str:
+    """ "{session}:train:{model_seq_id}" for a session of the caller's."""
+    with sub.store.transaction() as s:
+        session = sub.owned(s, tenant, SessionRow, body.get("session_id"), "session")
+    seq = field(body, "model_seq_id", int)
+    if seq < 0:
+        raise bad(f"model_seq_id={seq} must be >= 0")
+    return paths.model_id(session.id, seq)
+
+
+def create_model(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    model_id = new_model_id(sub, tenant, body)
+    if found := sub.store.request_holding(model_id, None, 0):
+        return future(found, model_id)
+    base = check_base_model(field(body, "base_model", str), sub.settings)
+    lora = check_lora(field(body, "lora_config", dict, {}), sub.settings)
+    check_optimizer_config(body.get("optimizer_config"))
+    model = ModelRow(
+        id=model_id,
+        tenant=tenant,
+        session_id=model_id.split(":")[0],
+        base_model=base,
+        lora_rank=lora["rank"],
+        lora_seed=lora["seed"],
+        train_attn=lora["train_attn"],
+        train_mlp=lora["train_mlp"],
+        train_unembed=lora["train_unembed"],
+        user_metadata=field(body, "user_metadata", dict, {}),
+        queue=sub.settings.queue,
+    )
+    data = {"model_id": model_id, "base_model": base, "lora": lora}
+    return sub.creation(model, "create_model", data)
+
+
+def lora_of(model: ModelRow) -> dict[str, Any]:
+    return {
+        "rank": model.lora_rank,
+        "seed": model.lora_seed,
+        "train_attn": model.train_attn,
+        "train_mlp": model.train_mlp,
+        "train_unembed": model.train_unembed,
+    }
+
+
+def weights_source(sub: Submitter, tenant: str, path: Any) -> tuple[CheckpointRow, ModelRow]:
+    """The caller's `weights` checkpoint at `path` and the run that saved it."""
+    _, kind, _ = paths.parse_tinker_path(path)
+    if kind != "training":
+        raise bad(
+            f"load_weights needs a weights checkpoint "
+            f"(tinker://<run>/weights/<name>), got {path!r}"
+        )
+    with sub.store.transaction() as s:
+        ckpt = sub.checkpoint(s, tenant, path)
+        source = sub.owned(s, tenant, ModelRow, ckpt.model_id, "training run")
+    return ckpt, source
+
+
+def load_data(model_id: str, create: bool, body: dict[str, Any], ckpt: CheckpointRow,
+              source: ModelRow) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "create": create,
+        "checkpoint_dir": ckpt.local_dir,
+        "optimizer": field(body, "optimizer", bool, False),
+        "tinker_path": ckpt.tinker_path,
+        "base_model": source.base_model,
+        "lora": lora_of(source),
+    }
+
+
+def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A new run from a weights checkpoint; with `model_id`, the legacy load into a run."""
+    if body.get("model_id") is not None:
+        return load_into(sub, tenant, body)
+    model_id = new_model_id(sub, tenant, body)
+    if found := sub.store.request_holding(model_id, None, 0):
+        return future(found, model_id)
+    ckpt, source = weights_source(sub, tenant, body.get("path"))
+    if body.get("base_model") is not None:
+        check_base_model(field(body, "base_model", str), sub.settings)
+    check_optimizer_config(body.get("optimizer_config"))
+    metadata = field(body, "user_metadata", dict, None)
+    model = ModelRow(
+        id=model_id,
+        tenant=tenant,
+        session_id=model_id.split(":")[0],
+        base_model=source.base_model,
+        lora_rank=source.lora_rank,
+        lora_seed=source.lora_seed,
+        train_attn=source.train_attn,
+        train_mlp=source.train_mlp,
+        train_unembed=source.train_unembed,
+        queue=sub.settings.queue,
+        user_metadata=dict(source.user_metadata) if metadata is None else metadata,
+    )
+    return sub.creation(model, "load_weights", load_data(model_id, True, body, ckpt, source))
+
+
+def load_into(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Legacy form (deprecated `TrainingClient.load_state`): an existing model, a seq_id."""
+    model = sub.load_model(tenant, body.get("model_id"))
+    seq = check_seq_id(body.get("seq_id"))
+
+    def build() -> tuple[bytes, str]:
+        ckpt, source = weights_source(sub, tenant, body.get("path"))
+        if source.lora_rank != model.lora_rank:
+            raise bad(
+                f"checkpoint {ckpt.tinker_path!r} has LoRA rank "
+                f"{source.lora_rank}; model {model.id!r} has {model.lora_rank}"
+            )
+        data = load_data(model.id, False, body, ckpt, source)
+        return payload(data), f"from={ckpt.tinker_path}"
+
+    return sub.numbered(model, seq, "load_weights", build)
+
+
+# --- a run's numbered calls -----------------------------------------------------------------
+
+
+def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]:
+    """forward_backward, or forward (`forward_only`): the body is stored as it came."""
+    try:
+        req = decode_forward_backward(body)
+    except (WireError, ValueError) as e:
+        raise bad(str(e)) from e
+    model = sub.load_model(tenant, req.model_id)
+    kind = "forward" if req.forward_only else "forward_backward"
+
+    def build() -> tuple[bytes, str]:
+        check_forward_backward(req, sub.settings, sub.model.vocab_size)
+        return body, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
+
+    return sub.numbered(model, check_seq_id(req.seq_id), kind, build)
+
+
+def optim_step(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    model = sub.load_model(tenant, body.get("model_id"))
+
+    def build() -> tuple[bytes, str]:
+        if body.get("optimizer_params") is not None:
+            raise bad("optimizer_params is not supported: this server trains with AdamW "
+                      "(adam_params)")
+        adam = check_adam(field(body, "adam_params", dict, {}))
+        return payload({"adam_params": adam}), f"lr={adam['learning_rate']:g}"
+
+    return sub.numbered(model, check_seq_id(body.get("seq_id")), "optim_step", build)
+
+
+def _checkpoint_dir(sub: Submitter, model: ModelRow, segment: str, name: str) -> str:
+    root = sub.settings.checkpoint_root
+    return str(checkpoints.folder(root, model.tenant, model.id, segment, name))
+
+
+def _check_new_name(sub: Submitter, model: ModelRow, kind: str, name: str,
+                    overwrite: bool) -> None:
+    """400 (never 409: the SDK retries 409 for minutes) when the name is taken."""
+    if not overwrite and checkpoints.name_taken(sub.store, model.id, kind, name):
+        raise bad(f"checkpoint {name!r} already exists for {model.id!r}; "
+                  "choose another name or pass overwrite=true")
+
+
+def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
+    """What a named checkpoint keeps besides its files: its lifetime and the caller's tags."""
+    ttl = field(body, "ttl_seconds", int, None)
+    if ttl is not None and ttl < 1:
+        raise bad(f"ttl_seconds={ttl} must be at least 1 (omit it: never expires)")
+    return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
+
+
+def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Adapter + optimizer state at tinker://<run>/weights/<path>."""
+    model = sub.load_model(tenant, body.get("model_id"))
+
+    def build() -> tuple[bytes, str]:
+        name = check_checkpoint_name(body.get("path"))
+        _check_new_name(sub, model, "training", name, field(body, "overwrite", bool, False))
+        path = paths.checkpoint_path(model.id, "weights", name)
+        data = {"checkpoint_dir": _checkpoint_dir(sub, model, "weights", name),
+                "tinker_path": path, **checkpoint_extras(body)}
+        return payload(data), f"path={path}"
+
+    return sub.numbered(model, check_seq_id(body.get("seq_id")), "save_weights", build)
+
+
+def check_kind(body: dict[str, Any]) -> None:
+    kind = body.get("kind", "snapshot")
+    if kind != "snapshot":
+        raise bad(f"kind={kind!r} is not supported (supported: 'snapshot')")
+
+
+def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
+                             ) -> dict[str, Any]:
+    """The peft adapter at tinker://<run>/sampler_weights/<path>; without a path, for a
+    new sampling session (`save_weights_and_get_sampling_client`)."""
+    model = sub.load_model(tenant, body.get("model_id"))
+    if body.get("path") is None and body.get("sampling_session_seq_id") is not None:
+        return save_for_session(sub, model, body)
+
+    def build() -> tuple[bytes, str]:
+        check_kind(body)
+        name = check_checkpoint_name(body.get("path"))
+        _check_new_name(sub, model, "sampler", name, False)
+        path = paths.checkpoint_path(model.id, "sampler_weights", name)
+        data = {
+            "checkpoint_dir": _checkpoint_dir(sub, model, "sampler_weights", name),
+            "tinker_path": path,
+            "sampling_session_id": None,
+            **checkpoint_extras(body),
+        }
+        return payload(data), f"path={path}"
+
+    seq = check_seq_id(body.get("seq_id"))
+    return sub.numbered(model, seq, "save_weights_for_sampler", build)
+
+
+def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> dict[str, Any]:
+    """Path-less save: the sampling session is created now, with the folder the save will
+    write, so the answer can name it."""
+    seq_id = check_seq_id(body.get("seq_id"))
+    if found := sub.store.request_holding(model.id, None, seq_id):
+        return future(found, model.id)
+    n = body.get("sampling_session_seq_id")
+    sampler_id = paths.sampler_id(model.session_id, n)  # type: ignore[arg-type]
+    row = RequestRow(
+        id=new_request_id(),
+        tenant=model.tenant,
+        kind="save_weights_for_sampler",
+        model_id=model.id,
+        seq_id=seq_id,
+        queue=model.queue,
+        summary=f"model={model.id} seq={seq_id} sampler={sampler_id}",
+    )
+    try:
+        check_kind(body)
+        if type(n) is not int or n < 0:
+            raise bad(f"sampling_session_seq_id={n!r} must be an integer >= 0")
+        with sub.store.transaction() as s:
+            if s.get(SamplerRow, sampler_id) is not None:
+                raise bad(f"sampling session {sampler_id!r} already exists")
+    except RequestError as e:
+        sub.reject(row, e.message)
+    folder = _checkpoint_dir(sub, model, "sampler_weights", f"_session/{sampler_id}")
+    sampler = SamplerRow(
+        id=sampler_id,
+        tenant=model.tenant,
+        session_id=model.session_id,
+        base_model=model.base_model,
+        model_path=None,
+        checkpoint_dir=folder,
+        queue=model.queue,
+    )
+    row.payload = payload(
+        {"checkpoint_dir": folder, "tinker_path": None, "sampling_session_id": sampler_id}
+    )
+    row.summary = f"save_weights_for_sampler {row.summary}"
+    return future(sub.submit(row, sampler), model.id)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def create_sampler(sub: Submitter, tenant: str, body: dict[str, Any],
+                   planned: bool = False) -> SamplerRow:
+    """A sampling session on the base model or on sampler weights; a retried creation
+    answers the first. `planned`: the weights may be a save that a batch's chain makes
+    later, so they need not exist yet (their run must be the caller's)."""
+    try:
+        return _new_sampler(sub, tenant, body, planned)
+    except IntegrityError:  # an identical creation won the race
+        return _new_sampler(sub, tenant, body, planned)
+
+
+def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: bool
+                 ) -> SamplerRow:
+    with sub.store.transaction() as s:
+        session = sub.owned(s, tenant, SessionRow, body.get("session_id"), "session")
+        n = field(body, "sampling_session_seq_id", int)
+        if n < 0:
+            raise bad(f"sampling_session_seq_id={n} must be >= 0")
+        sampler_id = paths.sampler_id(session.id, n)
+        if (old := s.get(SamplerRow, sampler_id)) is not None:
+            return old  # a retried creation
+        sampler = SamplerRow(id=sampler_id, tenant=tenant, session_id=session.id,
+                             queue=sub.settings.queue, base_model="", model_path=None)
+        if (path := body.get("model_path")) is not None:
+            run_id, kind, name = paths.parse_tinker_path(path)
+            if kind != "sampler":
+                raise bad(f"model_path {path!r} must be a sampler_weights checkpoint")
+            if planned:
+                source = sub.owned(s, tenant, ModelRow, run_id, "training run")
+                folder = _checkpoint_dir(sub, source, "sampler_weights", name)
+            else:
+                ckpt = sub.checkpoint(s, tenant, path)
+                source = sub.owned(s, tenant, ModelRow, ckpt.model_id, "training run")
+                folder = ckpt.local_dir
+            sampler.base_model, sampler.model_path = source.base_model, path
+            sampler.checkpoint_dir = folder
+        else:
+            sampler.base_model = check_base_model(field(body, "base_model", str), sub.settings)
+        s.add(sampler)
+    return sampler
+
+
+def sample(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    sampler = sub.load_sampler(tenant, body.get("sampling_session_id"))
+    seq_id = field(body, "seq_id", int)
+    data = check_sample(body, sub.settings, sub.model.vocab_size)
+    data["adapter_dir"] = sampler.checkpoint_dir
+    row = RequestRow(
+        id=new_request_id(),
+        tenant=sampler.tenant,
+        kind="sample",
+        sampler_id=sampler.id,
+        seq_id=seq_id,
+        queue=sampler.queue,
+        payload=payload(data),
+        summary=(
+            f"sample sampler={sampler.id} seq={seq_id} n={data['num_samples']} "
+            f"prompt={len(data['prompt'])} max_tokens={data['max_tokens']}"
+        )[:256],
+    )
+    request_id = sub.submit(row)
+    ids = [f"{request_id}:{j}" for j in range(data["num_samples"])]
+    return future(request_id, sample_sequence_ids=ids)

@@ -1,0 +1,175 @@
+"""The one submit path of every Tinker call: validate, write the request row (with the rows
+it brings into being), dedupe, send its task. The REST API and batch scripts both call it.
+
+Each verb takes the caller's tenant and the body the SDK sends (a JSON object, or the
+protobuf bytes of forward_backward) and answers the future `{"request_id", "model_id"?}`.
+The verbs that name checkpoints, runs and samplers live in `tasks.calls`; this module holds
+what they share:
+
+- Only ids travel: the row holds the payload the engine needs, and its task carries the
+  row's id. The row is committed before the task is sent; if the broker refuses, the rows
+  are removed and the caller gets 503 (the SDK retries).
+- (model_id, seq_id) and (sampler_id, seq_id) are unique: a resubmission answers the first
+  request and sends nothing (`Store.add_request`); creations use seq_id 0.
+- A model's numbered call that fails validation still claims its seq_id (REST): its row is
+  stored failed and sent, so that the worker's per-model order skips it instead of waiting
+  on a gap. Batch scripts number their own calls, so for them (`claim_rejected=False`) a bad
+  call raises before anything is written.
+- Every lookup filters on the tenant: another tenant's id is a missing id (404).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from config import Settings
+from protocol.errors import RequestError
+from store.db import Store
+from store.model_info import ModelInfo
+from store.schema import FAILED, CheckpointRow, ModelRow, RequestRow, SamplerRow, utcnow
+
+log = logging.getLogger(__name__)
+Send = Callable[[RequestRow], None]
+Build = Callable[[], tuple[bytes, str]]  # validates; returns (payload, summary)
+T = TypeVar("T")
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def payload(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+def future(request_id: str, model_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = {"request_id": request_id}
+    if model_id is not None:
+        answer["model_id"] = model_id
+    return answer | extra
+
+
+class Submitter:
+    """The submit path of one process (the web app, or a batch script)."""
+
+    def __init__(self, settings: Settings, store: Store, model: ModelInfo, send: Send | None,
+                 claim_rejected: bool = True):
+        self.settings = settings
+        self.store = store
+        self.model = model  # the served base model's config (vocabulary size)
+        self.send = send  # None: the caller sends the tasks itself (a batch's chain)
+        self.claim_rejected = claim_rejected
+
+    # --- lookups within a tenant ----------------------------------------------------------
+
+    def owned(self, s: Session, tenant: str, row_type: type[T], row_id: Any, what: str) -> T:
+        row = s.get(row_type, row_id) if isinstance(row_id, str) else None
+        if row is None or row.tenant != tenant:  # type: ignore[attr-defined]
+            raise RequestError(404, f"{what} {row_id!r} not found")
+        return row
+
+    def checkpoint(self, s: Session, tenant: str, tinker_path: str) -> CheckpointRow:
+        row = s.scalars(
+            select(CheckpointRow).where(
+                CheckpointRow.tinker_path == tinker_path, CheckpointRow.tenant == tenant
+            )
+        ).first()
+        if row is None:
+            raise RequestError(404, f"checkpoint {tinker_path!r} not found")
+        return row
+
+    def load_model(self, tenant: str, model_id: Any) -> ModelRow:
+        with self.store.transaction() as s:
+            return self.owned(s, tenant, ModelRow, model_id, "model")
+
+    def load_sampler(self, tenant: str, sampler_id: Any) -> SamplerRow:
+        with self.store.transaction() as s:
+            return self.owned(s, tenant, SamplerRow, sampler_id, "sampler")
+
+    # --- writing and sending --------------------------------------------------------------
+
+    def submit(self, row: RequestRow, *creates: Any) -> str:
+        """Insert `row` (with rows it creates) in one transaction, commit, send; a taken
+        (model | sampler, seq_id) answers the first request and sends nothing."""
+        try:
+            request_id = self.store.add_request(row, *creates)
+        except IntegrityError as e:
+            raise RequestError(400, f"request conflicts with an existing record: {e.orig}") from e
+        if request_id == row.id:
+            self._send(row, [*creates, row])
+        return request_id
+
+    def _send(self, row: RequestRow, rows: list[Any]) -> None:
+        if self.send is None:
+            return
+        try:
+            self.send(row)
+        except Exception as e:  # the broker is down: undo, so that a retry starts afresh
+            log.exception("enqueue of %s failed", row.id)
+            with self.store.transaction() as s:
+                for r in reversed(rows):
+                    s.delete(s.merge(r))
+            raise RequestError(
+                503, f"could not enqueue the request ({type(e).__name__}); retry"
+            ) from e
+
+    def reject(self, row: RequestRow, message: str) -> NoReturn:
+        """Refuse a numbered call after claiming its seq_id: the row is stored failed and
+        sent anyway, so that the worker's per-model order skips over it."""
+        row.state, row.error, row.error_category = FAILED, message, "user"
+        row.summary = f"{row.kind} {row.summary} rejected"[:256]
+        row.finished_at = utcnow()
+        row.payload = b"{}"
+        try:
+            with self.store.transaction() as s:
+                s.add(row)
+        except IntegrityError:
+            raise RequestError(400, message) from None  # the seq_id is already taken
+        self._send(row, [row])
+        raise RequestError(400, message)
+
+    def numbered(self, model: ModelRow, seq_id: int, kind: str, build: Build) -> dict[str, Any]:
+        """Submit a model's numbered call. A resent seq_id is answered with the original
+        request before anything is checked again; otherwise `build()` validates (a 400 from
+        it still claims the seq_id, see `reject`) and gives the payload."""
+        if found := self.store.request_holding(model.id, None, seq_id):
+            return future(found, model.id)
+        row = RequestRow(
+            id=new_request_id(),
+            tenant=model.tenant,
+            kind=kind,
+            model_id=model.id,
+            seq_id=seq_id,
+            queue=model.queue,
+            summary=f"model={model.id} seq={seq_id}",
+        )
+        try:
+            row.payload, summary = build()
+        except RequestError as e:
+            if e.status != 400 or not self.claim_rejected:
+                raise
+            self.reject(row, e.message)
+        row.summary = f"{kind} {row.summary} {summary}"[:256]
+        return future(self.submit(row), model.id)
+
+    def creation(self, model: ModelRow, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A run's creation (create_model, create-via-load): seq_id 0, with its model row."""
+        row = RequestRow(
+            id=new_request_id(),
+            tenant=model.tenant,
+            kind=kind,
+            model_id=model.id,
+            seq_id=0,
+            queue=model.queue,
+            payload=payload(data),
+            summary=f"{kind} model={model.id} base={model.base_model} rank={model.lora_rank}",
+        )
+        return future(self.submit(row, model), model.id)
