@@ -20,7 +20,7 @@ import itertools
 import torch
 
 from benchmarks.sampler import copy_bandwidth
-from workers import decode_kernels as dk
+from workers.sampling import decode_kernels as dk
 
 HEADS = {"0.6b": (16, 8), "4b": (32, 8)}
 DIM, LAYERS, CALLS = 128, 4, 32

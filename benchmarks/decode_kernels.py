@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from benchmarks.decode_attention import time_calls
 from benchmarks.engine_train import HEAD_DIM, RANK, SHAPES
 from benchmarks.sampler import copy_bandwidth
-from workers import decode_kernels as dk
+from workers.sampling import decode_kernels as dk
 
 LAYERS = 4
 

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.sampler import NEW_TOKENS, build_model, run_engine, timed
-from workers.decoding import RunningBatch
+from workers.sampling.decoding import RunningBatch
 
 
 def kernel_times(model, batch, b: int, prompt: int, adapters: int, new_tokens: int

@@ -2,7 +2,7 @@
 constants, side by side in one process: the first setting is the baseline of the others.
 
 A setting is a comma-separated list of NAME=VALUE, each NAME a constant of
-workers.decoding or workers.decode_kernels (integers; 0/1 for switches), or BLAS=cublaslt
+workers.sampling.decoding or workers.sampling.decode_kernels (integers; 0/1 for switches), or BLAS=cublaslt
 (the library PyTorch's matmuls take); "-" is the code as it stands. Each setting gets
 fresh CUDA graphs; with --repeat the settings take turns and each figure is the median of
 its runs. Same requests as benchmarks.sampler (real Qwen3 shapes, random bf16 weights,
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from benchmarks.sampler import build_model, timed
-from workers import decode_kernels, decoding, fastpath
-from workers.decoding import RunningBatch, compile_sampling
+from workers.sampling import decode_kernels, decoding
+from workers.sampling.decoding import RunningBatch, compile_sampling
+from workers.training import fastpath
 
 
 def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], Any]]:
@@ -43,7 +44,7 @@ def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], A
             continue
         module = next((m for m in (decoding, decode_kernels) if hasattr(m, name)), None)
         if module is None:
-            raise SystemExit(f"no constant {name!r} in workers.decoding or decode_kernels")
+            raise SystemExit(f"no constant {name!r} in workers.sampling.decoding or decode_kernels")
         out.append((functools.partial(getattr, module, name),
                     functools.partial(setattr, module, name), int(value)))
     return out

@@ -7,7 +7,7 @@ tokens. Workloads, all in one process and one table:
   engine, 1 adapter         the tick's sequences all belong to one adapter
   engine, 8 / 32 adapters   the same sequences spread round-robin over 8 / 32 adapters
   engine, transformers      1 adapter through the transformers layer modules (per-sequence
-    layers                  SDPA, eager element-wise ops) instead of workers.fastpath
+    layers                  SDPA, eager element-wise ops) instead of workers.training.fastpath
   naive baseline            transformers + peft, padded batches of 8 sequences, one adapter,
                             the model's own (full-logits) loss
   optim_step, 8 adapters    AdamW on 8 rank-32 adapters
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from protocol.wire import FwdBwdRequest, WireDatum
-from workers import fastpath
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import adamw_step
-from workers.trainer import Trainer, TrainJob
+from workers.training import fastpath
+from workers.training.optimizer import adamw_step
+from workers.training.trainer import Trainer, TrainJob
 
 SHAPES = {  # Qwen3 configs (hidden, intermediate, layers, heads, kv heads)
     "0.6b": (1024, 3072, 28, 16, 8),

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from benchmarks.engine_train import RANK, VOCAB, matmul_params, qwen3_config
-from workers import decoding, fastpath, sample_kernels
-from workers.decoding import RunningBatch, compile_sampling
 from workers.model import AdapterSpec, LoraModel
-from workers.sampler import SampleSpec, adapter_of
+from workers.sampling import decoding, sample_kernels
+from workers.sampling.decoding import RunningBatch, compile_sampling
+from workers.sampling.sampler import SampleSpec, adapter_of
+from workers.training import fastpath
 
 NEW_TOKENS = 256
 PATHS = ("gemv", "dots", "addmm")  # where the fused step adds LoRA B (--lora-placement)

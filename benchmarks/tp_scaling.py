@@ -5,7 +5,7 @@ benchmarks: a training tick of ~64k tokens of packed sequences (256 to 4096 toke
 rank-32 adapter on attention + MLP, as `engine_train`) and a sampling run at batch 128
 (128-token prompts, 256 new tokens, temperature 1, one adapter, CUDA graphs, as
 `sampler`). For each N in --sizes that the machine has GPUs for: N processes, one GPU each,
-NCCL, the model sharded by `workers.tp.apply_tp`. One table:
+NCCL, the model sharded by `workers.parallel.tp.apply_tp`. One table:
 
   train tok/s, MFU   forward_backward tokens/s; MFU against N x the bf16 matmul rate
                      measured on GPU 0 in this run
@@ -60,10 +60,11 @@ def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: 
 
     from transformers import AutoModelForCausalLM
 
-    from workers import fastpath, tp
-    from workers.decoding import RunningBatch, compile_sampling
     from workers.model import AdapterSpec, LoraModel
-    from workers.trainer import Trainer
+    from workers.parallel import tp
+    from workers.sampling.decoding import RunningBatch, compile_sampling
+    from workers.training import fastpath
+    from workers.training.trainer import Trainer
 
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
@@ -117,7 +118,7 @@ def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: 
 def run(size: int, plain: bool, name: str, tokens: int, repeats: int, graphs: bool) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    from workers.tp_runtime import _free_port
+    from workers.parallel.runtime import _free_port
 
     port = _free_port()
     procs = [ctx.Process(target=_rank_main,

@@ -29,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protocol.jobs import UserError
-from workers import tp
 from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import AdamState
+from workers.parallel import tp
+from workers.training.optimizer import AdamState
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

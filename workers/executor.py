@@ -37,14 +37,17 @@ from protocol.wire import (
     encode_forward_backward_output,
     encode_sample_response,
 )
-from workers import checkpoints, decoding, fastpath, sampler, tp
-from workers.decoding import RunningBatch
+from workers import checkpoints
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
-from workers.optimizer import AdamState, adamw_step
+from workers.parallel import tp
 from workers.residency import Residency, Run
+from workers.sampling import decoding, sampler
+from workers.sampling.decoding import RunningBatch
 from workers.scheduler import Plan
-from workers.trainer import Trainer, TrainJob
+from workers.training import fastpath
+from workers.training.optimizer import AdamState, adamw_step
+from workers.training.trainer import Trainer, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ class Executor:
                                      settings.sample_kv_tokens, settings.sample_cuda_graphs,
                                      fused=None if settings.sample_fused_step else False)
         self._sample_started: dict[str, float] = {}  # request id -> admission time
-        self.leader: Any = None  # tp_runtime.Leader on rank 0 under tensor parallelism
+        self.leader: Any = None  # parallel.runtime.Leader on rank 0 under tensor parallelism
         self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
         if settings.random_seed >= 0:
             self.rng.seed(settings.random_seed)
@@ -110,7 +113,7 @@ class Executor:
             device = torch.device("cuda", rank)
         leader, group = None, None
         if settings.tensor_parallel_size > 1:
-            from workers.tp_runtime import Leader
+            from workers.parallel.runtime import Leader
 
             if rank == 0:
                 leader = Leader.start(settings, device)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.tp import TP, copy_to, reduce_from, shard_factor
-from workers.tp import active as tp_active
+from workers.parallel.tp import TP, copy_to, reduce_from, shard_factor
+from workers.parallel.tp import active as tp_active
 
 BASE_SLOT = -1  # rows that run on the base model only
 

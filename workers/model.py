@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from workers import fastpath, packed, tp
 from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
 from workers.lora import wrap_model as _wrap
+from workers.parallel import tp
+from workers.training import fastpath, packed
 
 SUPPORTED_ARCHS = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -79,7 +80,7 @@ class LoraModel:
         self.adapters: dict[int, AdapterSpec] = {}
         params = inspect.signature(self.hf.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.fast = fastpath.supported(self.hf)  # packed passes through workers.fastpath
+        self.fast = fastpath.supported(self.hf)  # packed passes through workers.training.fastpath
         self.tp: tp.TP | None = None  # set by tp.apply_tp
 
     # --- construction ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from protocol.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import AdamState
+from workers.training.optimizer import AdamState
 
 log = logging.getLogger(__name__)
 

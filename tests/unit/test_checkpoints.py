@@ -18,9 +18,9 @@ from workers.checkpoints import (
     save_sampler_weights,
     save_training_state,
 )
-from workers.losses import token_losses
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import adamw_step
+from workers.training.losses import token_losses
+from workers.training.optimizer import adamw_step
 
 CPU = torch.device("cpu")
 HP = {"learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers import decode_kernels as dk
-from workers import fastpath
+from workers.sampling import decode_kernels as dk
+from workers.training import fastpath
 
 
 def test_the_interpreter_is_on():
@@ -167,7 +167,7 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
     step's own choice; sampling with a top-k row (the compiled `choose` for the batch) and
     without (the sampling kernels); the projections by F.linear, or (`gemv`: every weight
     counts as large) by decode_kernels.gemv."""
-    from workers import decoding
+    from workers.sampling import decoding
 
     if gemv:
         monkeypatch.setattr(decoding, "GEMV_MIN_BYTES", 0)
@@ -175,9 +175,9 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
         monkeypatch.setattr(dk, "gemv", lambda *a: calls.append(1) or gemv_kernel(*a))
     from tests.unit.test_decoding import spec, with_adapters
     from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
-    from workers.decoding import RunningBatch
     from workers.lora import BASE_SLOT
-    from workers.sampler import adapter_of
+    from workers.sampling.decoding import RunningBatch
+    from workers.sampling.sampler import adapter_of
 
     model = with_adapters(tiny_model, 1, 2)
     specs = {"a": spec(P1, 9, 1), "b": spec(P2, 5, BASE_SLOT),

@@ -12,11 +12,11 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 from tests.unit.test_engine import create_body, start_engine
 from tests.unit.test_executor import fwdbwd_body, job
 from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
-from workers import decoding
-from workers.decoding import KVArena, RunningBatch
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
-from workers.sampler import SampleSpec, adapter_of
+from workers.sampling import decoding
+from workers.sampling.decoding import KVArena, RunningBatch
+from workers.sampling.sampler import SampleSpec, adapter_of
 
 
 def with_adapters(model, *slots):

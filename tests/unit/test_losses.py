@@ -13,8 +13,8 @@ import torch
 
 from protocol.jobs import UserError
 from protocol.losses import resolve_loss_config
-from workers.losses import token_losses
 from workers.model import AdapterSpec
+from workers.training.losses import token_losses
 
 N = 64
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from protocol.jobs import UserError
-from workers.optimizer import AdamState, adamw_step
+from workers.training.optimizer import AdamState, adamw_step
 
 HP = {"learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import decode_kernels, decoding
-from workers import sample_kernels as sk
+from workers.sampling import decode_kernels, decoding
+from workers.sampling import sample_kernels as sk
 
 # vocab -> block: 3 pieces of 3, 3, 2 blocks (1000) or 7, 7, 6 blocks (5003), a short last one
 BLOCKS = {1000: 128, 5003: 256}

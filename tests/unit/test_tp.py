@@ -18,12 +18,12 @@ import torch.multiprocessing as mp
 
 from tests.conftest import tiny_qwen3_config
 from tests.e2e.stack import free_port
-from workers import tp
-from workers.decoding import RunningBatch
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import adamw_step
-from workers.sampler import SampleSpec, adapter_of
+from workers.parallel import tp
+from workers.sampling.decoding import RunningBatch
+from workers.sampling.sampler import SampleSpec, adapter_of
+from workers.training.optimizer import adamw_step
 
 SPECS = {0: AdapterSpec(4, 8.0), 1: AdapterSpec(8, 16.0, train_mlp=False),
          2: AdapterSpec(4, 4.0, train_unembed=False)}

@@ -9,11 +9,11 @@ import torch
 
 from protocol.wire import FwdBwdRequest, WireDatum
 from tests.conftest import tiny_qwen3_config
-from workers import packed
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel
-from workers.optimizer import adamw_step
-from workers.trainer import Trainer, TrainJob, _Row, micro_batches
+from workers.training import packed
+from workers.training.optimizer import adamw_step
+from workers.training.trainer import Trainer, TrainJob, _Row, micro_batches
 
 SPECS = {  # different ranks, alphas and target sets
     0: AdapterSpec(rank=4, alpha=8),
@@ -82,7 +82,7 @@ def test_packed_pass_matches_the_padded_pass_with_mixed_adapters(fast):
 
 def test_fastpath_layers_match_the_transformers_layers_under_torch_compile():
     """The compiled element-wise kernels (what CUDA workers run) give the eager numbers."""
-    from workers import fastpath
+    from workers.training import fastpath
 
     model = model_with([0, 1])
     tokens, targets, slots = _mixed_rows()

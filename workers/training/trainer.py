@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from protocol.wire import FwdBwdRequest, WireDatum
-from workers import tp
-from workers.losses import token_losses
 from workers.model import LoraModel
-from workers.tp_runtime import agree_min
+from workers.parallel import tp
+from workers.parallel.runtime import agree_min
+from workers.training.losses import token_losses
 
 log = logging.getLogger(__name__)
 

@@ -72,11 +72,13 @@ import torch
 import torch.nn.functional as F
 
 from protocol.jobs import UserError
-from workers import decode_kernels, fastpath, sample_kernels, tp
 from workers.lora import LoraWeights
 from workers.model import LoraModel
-from workers.sampler import SampledSeq, SampleOutput, _prompt_outputs
-from workers.tp_runtime import agree_min
+from workers.parallel import tp
+from workers.parallel.runtime import agree_min
+from workers.sampling import decode_kernels, sample_kernels
+from workers.sampling.sampler import SampledSeq, SampleOutput, _prompt_outputs
+from workers.training import fastpath
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.tp import TP
+from workers.parallel.tp import TP
 
 log = logging.getLogger(__name__)
 TIMEOUT = dt.timedelta(minutes=10)  # a collective this late means a rank is stuck

@@ -1,6 +1,6 @@
 """Sampling requests and their answers; `sample()` runs a list of them to completion.
 
-The generation itself is `workers.decoding.RunningBatch` (continuous batching, KV arena,
+The generation itself is `workers.sampling.decoding.RunningBatch` (continuous batching, KV arena,
 CUDA graphs, batch-independent seeded sampling). The worker keeps one running batch across
 ticks; `sample()` here makes a private one for a fixed list of requests (tests, tools).
 """
@@ -61,7 +61,7 @@ def sample(
     eos_token_ids: list[int],
 ) -> list[SampleOutput | Exception]:
     """One output per spec, in order; a spec that fails gets its Exception in its place."""
-    from workers.decoding import RunningBatch
+    from workers.sampling.decoding import RunningBatch
 
     results: list[SampleOutput | Exception | None] = [None] * len(specs)
     valid: list[int] = []

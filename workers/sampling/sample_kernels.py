@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 # (where these kernels run: decode_kernels.available, as the fused step they belong to)
-from workers.decode_kernels import _pow2
+from workers.sampling.decode_kernels import _pow2
 
 try:
     import triton

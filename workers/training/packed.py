@@ -29,8 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from workers import fastpath, tp
 from workers.lora import LoraRouter, segment_ends
+from workers.parallel import tp
+from workers.training import fastpath
 
 ATTN_NAME = "tinkerq"
 _SDPA = AttentionInterface._global_mapping["sdpa"]

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the sharding plan and its collectives, and the ranks' runtime."""

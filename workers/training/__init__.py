@@ -1,0 +1,2 @@
+"""Training: the packed stream of a batch, the fast-path kernels, the losses, AdamW and the
+trainer."""
