@@ -2,11 +2,11 @@
 constants, side by side in one process: the first setting is the baseline of the others.
 
 A setting is a comma-separated list of NAME=VALUE, each NAME a constant of
-workers.sampling.decoding or workers.sampling.decode_kernels (integers; 0/1 for switches), or BLAS=cublaslt
-(the library PyTorch's matmuls take); "-" is the code as it stands. Each setting gets
-fresh CUDA graphs; with --repeat the settings take turns and each figure is the median of
-its runs. Same requests as benchmarks.sampler (real Qwen3 shapes, random bf16 weights,
-rank-32 adapters, 256 new tokens, temperature 1).
+workers.sampling.decoding or workers.sampling.decode_kernels (integers; 0/1 for switches), or
+BLAS=cublaslt (the library PyTorch's matmuls take); "-" is the code as it stands. Each setting
+gets fresh CUDA graphs; with --repeat the settings take turns and each figure is the median of
+its runs. Same requests as benchmarks.sampler (real Qwen3 shapes, random bf16 weights, rank-32
+adapters, 256 new tokens, temperature 1).
 
     python -m benchmarks.decode_settings --model 0.6b 4b --batch 1 8 \\
         --setting GEMV_ROWS=0 - --repeat 3
