@@ -38,16 +38,14 @@ import numpy as np
 import torch
 
 from protocol.wire import FwdBwdRequest, WireDatum
+from workers.default_model import QWEN3_HEAD_DIM, QWEN3_SHAPES
 from workers.model import AdapterSpec, LoraModel
 from workers.training import fastpath
 from workers.training.optimizer import adamw_step
 from workers.training.trainer import Trainer, TrainJob
 
-SHAPES = {  # Qwen3 configs (hidden, intermediate, layers, heads, kv heads)
-    "0.6b": (1024, 3072, 28, 16, 8),
-    "4b": (2560, 9728, 36, 32, 8),
-}
-VOCAB, HEAD_DIM, RANK = 151936, 128, 32
+SHAPES, HEAD_DIM = QWEN3_SHAPES, QWEN3_HEAD_DIM
+VOCAB, RANK = 151936, 32
 
 
 def qwen3_config(name: str):

@@ -31,6 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+# The real Qwen3 sizes (hidden, intermediate, layers, heads, kv heads) that benchmarks and
+# `--model-size` runs build with random weights; every size has 128-wide heads.
+QWEN3_SHAPES = {
+    "0.6b": (1024, 3072, 28, 16, 8),
+    "4b": (2560, 9728, 36, 32, 8),
+}
+QWEN3_HEAD_DIM = 128
+
 # What a transformers 5.x Qwen3Config writes for this model (save_pretrained), plus the 4.x
 # spellings `rope_theta` and `torch_dtype` so older transformers read the same rope and dtype.
 DEFAULT_MODEL_CONFIG: dict = {
@@ -158,18 +166,16 @@ def write_model(folder: Path, qwen3_size: str | None = None) -> None:
 
 def qwen3_size_config(size: str) -> dict:
     """The default model's config with the shapes of a real Qwen3 size, in bf16."""
-    from benchmarks.engine_train import HEAD_DIM, SHAPES  # the benchmarks' Qwen3 shapes
-
-    if size not in SHAPES:
-        raise ValueError(f"unknown Qwen3 size {size!r}; known: {', '.join(SHAPES)}")
-    hidden, inter, layers, heads, kv_heads = SHAPES[size]
+    if size not in QWEN3_SHAPES:
+        raise ValueError(f"unknown Qwen3 size {size!r}; known: {', '.join(QWEN3_SHAPES)}")
+    hidden, inter, layers, heads, kv_heads = QWEN3_SHAPES[size]
     return DEFAULT_MODEL_CONFIG | {
         "hidden_size": hidden,
         "intermediate_size": inter,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": HEAD_DIM,
+        "head_dim": QWEN3_HEAD_DIM,
         "max_position_embeddings": 40960,  # as Qwen3's own configs
         "max_window_layers": layers,
         "layer_types": ["full_attention"] * layers,

@@ -116,7 +116,7 @@ class Executor:
             from workers.parallel.runtime import Leader
 
             if rank == 0:
-                leader = Leader.start(settings, device)
+                leader = Leader.start(settings, device, cls.build)
                 group = leader.tp
             else:
                 group = join(device)  # type: ignore[misc]

@@ -1,7 +1,9 @@
 """The worker over N ranks: rank 0 (the Celery worker's engine) leads, ranks 1..N-1 follow.
 
-    leader = Leader.start(settings)   # spawns the followers (one process per GPU) and joins
-                                      # the process group (NCCL on GPUs, gloo on the CPU)
+    leader = Leader.start(settings, device, Executor.build)
+                                      # spawns the followers (one process per GPU), each
+                                      # building its executor, and joins the process group
+                                      # (NCCL on GPUs, gloo on the CPU)
     seed = leader.send(plan)          # before each tick: every follower gets the plan
     follow(rank, ...)                 # a follower: build the same sharded executor, then
                                       # run every plan it is sent, in order
@@ -26,6 +28,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +51,10 @@ class Leader:
     seeds: random.Random = field(default_factory=random.SystemRandom)
 
     @classmethod
-    def start(cls, settings: Any, device: torch.device) -> Leader:
+    def start(cls, settings: Any, device: torch.device, build: Callable[..., Any]) -> Leader:
+        """Spawn ranks 1..N-1, each calling `build(settings, rank=, join=)` for its executor
+        (a picklable callable, `Executor.build`: this module imports no executor), and join
+        them as rank 0."""
         n = settings.tensor_parallel_size
         if device.type == "cuda" and torch.cuda.device_count() < n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; "
@@ -58,7 +64,7 @@ class Leader:
         pipes, procs = [], []
         for rank in range(1, n):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=follow, args=(rank, n, address, settings, theirs),
+            proc = ctx.Process(target=follow, args=(rank, n, address, settings, theirs, build),
                                name=f"tinkerq-tp-rank{rank}", daemon=True)
             proc.start()
             pipes.append(mine)
@@ -121,15 +127,14 @@ class Leader:
         os._exit(70)
 
 
-def follow(rank: int, size: int, address: str, settings: Any, pipe: Any) -> None:
+def follow(rank: int, size: int, address: str, settings: Any, pipe: Any,
+           build: Callable[..., Any]) -> None:
     """A follower rank's whole life: join, build the executor, run plans until told off."""
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
     threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
-    from workers.executor import Executor  # torch and the model load here, in the child
-
-    executor = Executor.build(settings, rank=rank, join=lambda device: _join(
+    executor = build(settings, rank=rank, join=lambda device: _join(
         rank, size, address, device))
     while True:
         try:
@@ -161,14 +166,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def agree_min(value: int, tp: TP | None) -> int:
-    """The smallest of the ranks' values (sizes derived from each GPU's free memory)."""
-    if tp is None or tp.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend(tp.group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
-    return int(t.item())

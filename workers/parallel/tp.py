@@ -324,3 +324,14 @@ def grad_norm(layers: list, grads: list[torch.Tensor]) -> torch.Tensor:
     sharded = squares[~whole].sum()
     dist.all_reduce(sharded, group=tp.group)  # type: ignore[union-attr]
     return (sharded + squares[whole].sum()).sqrt()
+
+
+def agree_min(value: int, tp: TP | None) -> int:
+    """The smallest of the ranks' values (sizes derived from each GPU's free memory)."""
+    if tp is None or tp.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend(tp.group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(t.item())

@@ -75,7 +75,6 @@ from protocol.jobs import UserError
 from workers.lora import LoraWeights
 from workers.model import LoraModel
 from workers.parallel import tp
-from workers.parallel.runtime import agree_min
 from workers.sampling import decode_kernels, sample_kernels
 from workers.sampling.sampler import SampledSeq, SampleOutput, _prompt_outputs
 from workers.training import fastpath
@@ -615,7 +614,7 @@ class RunningBatch:
             dtype = next(m.hf.parameters()).dtype
             per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
                 torch.finfo(dtype).bits // 8)
-            tokens = self._kv_tokens or agree_min(_auto_kv_tokens(m.device, per_token), m.tp)
+            tokens = self._kv_tokens or tp.agree_min(_auto_kv_tokens(m.device, per_token), m.tp)
             self.arena = KVArena(c.num_hidden_layers, tokens, kv_heads, head_dim,
                                  dtype, m.device)
             log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,

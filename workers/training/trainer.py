@@ -30,7 +30,6 @@ import torch
 from protocol.wire import FwdBwdRequest, WireDatum
 from workers.model import LoraModel
 from workers.parallel import tp
-from workers.parallel.runtime import agree_min
 from workers.training.losses import token_losses
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class Trainer:
         if learned is not None and self.learned_budget == learned:
             # No out-of-memory error this tick: let it regrow, up to the estimate.
             grown = int(learned * 1.25) + 1
-            estimate = agree_min(estimate_budget(self.model, self.checkpoint_layers,
+            estimate = tp.agree_min(estimate_budget(self.model, self.checkpoint_layers,
                                                  self.chunk_tokens, reserve), self.model.tp)
             self.learned_budget = grown if grown < estimate else None
         self._commit(jobs, results, staged)
@@ -106,7 +105,7 @@ class Trainer:
             return self.fixed_budget
         if self.learned_budget is not None:
             return self.learned_budget
-        return agree_min(estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens,
+        return tp.agree_min(estimate_budget(self.model, self.checkpoint_layers, self.chunk_tokens,
                                          reserve), self.model.tp)
 
     def _run_split(self, micro, jobs, results, staged, per_row, rows) -> None:
