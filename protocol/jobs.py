@@ -3,8 +3,10 @@
 Plain Python (no torch), so the scheduler and the tests can use it anywhere. The API writes
 each request's `payload` already validated and resolved (paths to folders, LoRA configs);
 the engine trusts the resolution, and re-checks only what would break a shared batch for
-everyone (token ids, loss inputs) so that one bad job fails alone. Payloads per kind, all
-JSON except forward_backward:
+everyone (token ids, loss inputs) so that one bad job fails alone. A payload is decoded once,
+when the task makes its `Job`: the scheduler, the executor and every tensor-parallel rank
+that the plan is sent to use that `body`. Payloads per kind, all JSON except
+forward_backward:
 
     create_model      {"model_id", "base_model", "lora": {"rank", "seed"|None, "train_attn",
                        "train_mlp", "train_unembed"}}
@@ -36,7 +38,8 @@ JSON except forward_backward:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 # Kinds that change or checkpoint a model's state: a batch of forward/backward calls of a
@@ -53,19 +56,59 @@ ALL_KINDS = BARRIER_KINDS | TRAIN_KINDS | SAMPLE_KINDS | {"skip"}
 
 @dataclass
 class Job:
-    """One request handed to the engine."""
+    """One request handed to the engine, its payload decoded once (`decode_payload`) when
+    the job is made: what the scheduler, the executor and every tensor-parallel rank use."""
 
     request_id: str
     kind: str
-    payload: bytes
+    payload: InitVar[bytes]  # as stored in the request row; only `body` is kept
     model_id: str | None = None  # training calls: the model whose seq_id order applies
     seq_id: int | None = None  # None for create/load-by-creation and for samples
     sampler_id: str | None = None
     enqueued_at: float = 0.0  # time.monotonic() when the engine received it
+    body: Any = field(init=False, repr=False)  # FwdBwdRequest, or the JSON object
+    invalid: str | None = field(init=False, default=None)  # why the payload did not decode
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, payload: bytes) -> None:
         if self.kind not in ALL_KINDS:
             raise ValueError(f"unknown job kind {self.kind!r}; known: {sorted(ALL_KINDS)}")
+        try:
+            self.body = decode_payload(self.kind, payload)
+        except ValueError as e:  # the executor fails the job alone, with this message
+            self.body, self.invalid = None, str(e)
+
+    @property
+    def num_tokens(self) -> int:
+        """The job's share of a tick's token budget (0 when it has none or is invalid)."""
+        if self.invalid is not None:
+            return 0
+        if self.kind in TRAIN_KINDS:
+            return self.body.num_tokens
+        if self.kind in SAMPLE_KINDS:
+            body = self.body
+            return len(body["prompt"]) + body["num_samples"] * body["max_tokens"]
+        return 0
+
+
+def decode_payload(kind: str, payload: bytes) -> Any:
+    """A stored payload as the engine uses it: a `FwdBwdRequest` for forward and
+    forward_backward (the protobuf body), the JSON object for every other kind.
+    Raises ValueError (WireError, JSONDecodeError) for a payload that does not decode."""
+    if kind in TRAIN_KINDS:
+        # here, not at the top: the SDK's protobuf module imports torch where it is
+        # installed, and the scheduler, which imports this module, loads no torch
+        from protocol.wire import decode_forward_backward
+
+        return decode_forward_backward(payload)
+    if kind == "skip":  # only advances an order: whatever its row held is not read
+        return {}
+    try:
+        body = json.loads(payload) if payload else {}
+    except ValueError as e:
+        raise ValueError(f"{kind} payload is not JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ValueError(f"{kind} payload must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 Category = Literal["user", "server", "unknown"]

@@ -101,7 +101,7 @@ class Engine:
             return
         self._futures.setdefault(job.request_id, []).append(future)
         if len(self._futures[job.request_id]) == 1:
-            self.scheduler.add(job, self.executor.job_tokens(job))
+            self.scheduler.add(job, job.num_tokens)
 
     def _orphaned(self, job: Job) -> bool:
         return (

@@ -15,7 +15,6 @@ culprit fails.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -33,7 +32,6 @@ from protocol.wire import (
     FwdBwdRequest,
     WireError,
     WireSequence,
-    decode_forward_backward,
     encode_forward_backward_output,
     encode_sample_response,
 )
@@ -80,8 +78,6 @@ class Executor:
             range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
         )
         self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
-        # Payloads parsed once, at admission (for the token budget), and used when the job runs.
-        self._parsed: dict[str, Any] = {}
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
         self.sampling = RunningBatch(model, decode, eos_token_ids,
@@ -151,8 +147,6 @@ class Executor:
         if seed is not None:  # the tick's random choices, alike on every rank
             self.rng.seed(seed)
         outcomes: dict[str, Outcome] = {}
-        for job, _ in plan.expired:
-            self._parsed.pop(job.request_id, None)
         for job in plan.barriers:
             outcomes[job.request_id] = self._timed(self._barrier, job)
         if plan.train:
@@ -168,19 +162,6 @@ class Executor:
         """The running sample batch has work: the engine ticks again without waiting."""
         return self.sampling.busy
 
-    def job_tokens(self, job: Job) -> int:
-        """Token count of a job, for the scheduler's per-tick budget (0 if unknown)."""
-        if job.kind in ("forward", "forward_backward"):
-            try:
-                request = self._parsed[job.request_id] = decode_forward_backward(job.payload)
-            except WireError:
-                return 0  # _prepare decodes again and fails the job with the message
-            return request.num_tokens
-        if job.kind == "sample":
-            body = self._parsed[job.request_id] = json.loads(job.payload)
-            return len(body["prompt"]) + body["num_samples"] * body["max_tokens"]
-        return 0
-
     def _timed(self, fn: Callable[[Job], Outcome], job: Job) -> Outcome:
         start = time.perf_counter()
         outcome, failure = _attempt(fn, job)
@@ -188,9 +169,8 @@ class Executor:
 
     # --- barriers -----------------------------------------------------------------------------
     def _barrier(self, job: Job) -> Outcome:
-        body = json.loads(job.payload)
         handler = getattr(self, f"_{job.kind}")
-        return handler(job, body)
+        return handler(job, _body(job))
 
     def _run(self, model_id: str) -> Run:
         """The run of a barrier's model, its adapter brought into a device slot."""
@@ -268,7 +248,7 @@ class Executor:
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:
-        request = self._parsed.pop(job.request_id, None) or decode_forward_backward(job.payload)
+        request = _body(job)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         vocab = self.model.vocab_size
         for i, datum in enumerate(request.data):
@@ -358,7 +338,7 @@ class Executor:
             self.sampler_slots = sorted(free) + sorted(self.sampler_cache.values())
 
     def _sample_spec(self, job: Job) -> sampler.SampleSpec:
-        body = self._parsed.pop(job.request_id, None) or json.loads(job.payload)
+        body = _body(job)
         return sampler.SampleSpec(
             prompt=body["prompt"],
             num_samples=body["num_samples"],
@@ -403,6 +383,13 @@ class Executor:
             seconds = now - self._sample_started.pop(request_id, now)
             outcomes[request_id] = _sample_outcome(result, seconds)
         return outcomes
+
+
+def _body(job: Job) -> Any:
+    """The job's decoded payload; a payload that did not decode fails the job alone."""
+    if job.invalid is not None:
+        raise UserError(job.invalid)
+    return job.body
 
 
 def _attempt(fn: Callable[[Job], Any], job: Job) -> tuple[Any, Outcome | None]:

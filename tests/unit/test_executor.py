@@ -74,6 +74,21 @@ def test_bad_request_fails_alone_in_a_shared_tick(executor):
     assert not failure.ok and failure.category == "user" and "[0, 512)" in failure.error
 
 
+def test_payloads_that_do_not_decode_fail_alone(executor):
+    """A payload is decoded once, when its job is made; one that does not decode costs no
+    tokens of the tick's budget and fails its own job as bad input when the job runs."""
+    create(executor, "a")
+    good = job("forward_backward", fwdbwd_body("a", 1, [1, 2, 3, 4]), "a", 1)
+    broken = job("forward_backward", b"\xff\x00 not protobuf", "a", 2, rid="broken-fb")
+    not_json = job("optim_step", b"{not json", "a", 3, rid="broken-optim")
+    assert good.num_tokens == 3 and broken.num_tokens == 0 and broken.invalid
+    outcomes = executor.run(Plan(train=[good, broken], barriers=[not_json]))
+    assert outcomes[good.request_id].ok
+    for rid in ("broken-fb", "broken-optim"):
+        assert not outcomes[rid].ok and outcomes[rid].category == "user", outcomes[rid]
+    assert "not JSON" in outcomes["broken-optim"].error
+
+
 def test_more_models_than_allowed_is_a_user_error(executor):
     create(executor, "a")
     create(executor, "b")
