@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ from protocol.wire import (
     encode_sample_response,
 )
 from workers import checkpoints
-from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
 from workers.parallel import tp
 from workers.residency import Residency, Run
@@ -71,13 +69,9 @@ class Executor:
         self.settings = settings
         self.decode = decode
         self.eos_token_ids = eos_token_ids
-        self.residency = Residency(model, settings.max_lora_adapters, settings.max_models)
+        self.residency = Residency(model, settings.max_lora_adapters, settings.max_models,
+                                   settings.max_sampler_adapters)
         self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
-        first_sampler_slot = settings.max_lora_adapters
-        self.sampler_slots = list(
-            range(first_sampler_slot, first_sampler_slot + settings.max_sampler_adapters)
-        )
-        self.sampler_cache: OrderedDict[str, int] = OrderedDict()  # folder -> slot, LRU order
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
         self.sampling = RunningBatch(model, decode, eos_token_ids,
@@ -239,7 +233,7 @@ class Executor:
         run = self._run(job.model_id)
         folder = Path(body["checkpoint_dir"])
         size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model)
-        self._evict_sampler(str(folder))  # an overwritten folder must be reloaded
+        self.residency.forget_sampler(str(folder))  # an overwritten folder must be reloaded
         answer = {"path": body.get("tinker_path"), "type": "save_weights_for_sampler"}
         if body.get("sampling_session_id"):
             answer["sampling_session_id"] = body["sampling_session_id"]
@@ -280,7 +274,7 @@ class Executor:
         """The jobs cut into groups of at most `max_lora_adapters` models, resident ones first
         (fewer transfers); a model's jobs stay together and in order."""
         models = list(dict.fromkeys(p.job.model_id for p in prepared))
-        models.sort(key=lambda m: m not in self.residency.lru)  # stable: keeps arrival order
+        models.sort(key=lambda m: not self.residency.in_slot(m))  # stable: keeps arrival order
         size = self.settings.max_lora_adapters
         chunks = [set(models[i : i + size]) for i in range(0, len(models), size)]
         return [[p for p in prepared if p.job.model_id in chunk] for chunk in chunks]
@@ -315,35 +309,13 @@ class Executor:
         }
 
     # --- sampling -----------------------------------------------------------------------------
-    def _sampler_slot(self, folder: str | None) -> int:
-        if folder is None:
-            return BASE_SLOT
-        if folder in self.sampler_cache:
-            self.sampler_cache.move_to_end(folder)
-            return self.sampler_cache[folder]
-        if len(self.sampler_cache) >= len(self.sampler_slots):
-            _, slot = self.sampler_cache.popitem(last=False)
-        else:
-            slot = self.sampler_slots[len(self.sampler_cache)]
-        spec, weights = checkpoints.load_sampler_weights(Path(folder))
-        self.model.set_adapter_weights(slot, spec, weights)
-        self.sampler_cache[folder] = slot
-        return slot
-
-    def _evict_sampler(self, folder: str) -> None:
-        slot = self.sampler_cache.pop(folder, None)
-        if slot is not None:
-            self.model.drop_adapter(slot)
-            free = set(self.sampler_slots) - set(self.sampler_cache.values())
-            self.sampler_slots = sorted(free) + sorted(self.sampler_cache.values())
-
     def _sample_spec(self, job: Job) -> sampler.SampleSpec:
         body = _body(job)
         return sampler.SampleSpec(
             prompt=body["prompt"],
             num_samples=body["num_samples"],
             max_tokens=body["max_tokens"],
-            slot=self._sampler_slot(body.get("adapter_dir")),
+            slot=self.residency.sampler_slot(body.get("adapter_dir")),
             temperature=body["temperature"],
             top_k=body["top_k"],
             top_p=body["top_p"],

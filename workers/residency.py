@@ -1,14 +1,22 @@
-"""Which training runs have their adapter in a device slot; the others wait in CPU memory.
+"""Which adapters sit in device slots: one LRU over training runs and sampler weights.
 
-A worker keeps up to `max_models` training runs but only `max_lora_adapters` adapter slots
-on the device. When a run that is not resident is needed, the least recently used resident
-run that the current work does not need is offloaded: its adapter weights, their
-accumulated `.grad` and its AdamW moments move to CPU memory and its slot is freed; the
-needed run's state comes back into a free slot (maybe another number than it left: `Run.slot`
-follows). The copies are fp32 to fp32, so a round trip is exact.
+A worker keeps up to `max_models` training runs but only `max_lora_adapters` training slots
+on the device, and `max_sampler_adapters` slots for the sampler weights that samples name.
+Both kinds of occupant live in one LRU order and leave it the same way: when a kind's slots
+are full, its least recently used occupant that the current work does not need makes room.
+What leaving means differs by kind:
 
-All offload logic lives here; the executor asks `take_slot` for a new run and `resident`
-for a run it is about to use, and never touches slots or CPU copies itself.
+  training run    offloaded: its adapter weights, their accumulated `.grad` and its AdamW
+                  moments move to CPU memory; when it is needed again its state comes back
+                  into a free slot (maybe another number than it left: `Run.slot` follows).
+                  The copies are fp32 to fp32, so a round trip is exact.
+  sampler weights dropped: the folder on disk holds them, and the next sample that names
+                  the folder loads it again. Samples already running keep the tensors they
+                  were admitted with (a slot reloaded later gets new tensors).
+
+All slot logic lives here: the executor asks `take_slot` for a new run, `resident` for a run
+it is about to use and `sampler_slot` for a sample's weights, and never touches slots or
+CPU copies itself.
 """
 
 from __future__ import annotations
@@ -17,17 +25,21 @@ import logging
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
 from protocol.jobs import UserError
-from workers.lora import LoraWeights
+from workers import checkpoints
+from workers.lora import BASE_SLOT, LoraWeights
 from workers.model import AdapterSpec, LoraModel
 from workers.training.optimizer import AdamState
 
 log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
+Kind = Literal["train", "sampler"]
 
 
 @dataclass
@@ -41,16 +53,25 @@ class Run:
 
 
 class Residency:
-    """The worker's training runs, their device slots in LRU order, and the offloaded state."""
+    """The worker's training runs and loaded sampler weights, their device slots in one LRU
+    order, and the offloaded training state."""
 
-    def __init__(self, model: LoraModel, num_slots: int, max_models: int):
+    def __init__(self, model: LoraModel, num_slots: int, max_models: int,
+                 sampler_slots: int = 0):
         self.model = model
         self.max_models = max_models
         self.runs: dict[str, Run] = {}
-        self.free_slots = list(range(num_slots))
-        self.lru: OrderedDict[str, None] = OrderedDict()  # resident model ids, oldest first
+        self.samplers: dict[str, int] = {}  # loaded sampler folder -> its slot
+        # training slots first, then the sampler slots
+        self.free_slots: dict[Kind, list[int]] = {
+            "train": list(range(num_slots)),
+            "sampler": list(range(num_slots, num_slots + sampler_slots)),
+        }
+        # (kind, model id or folder) of every occupied slot, least recently used first
+        self.lru: OrderedDict[tuple[Kind, str], None] = OrderedDict()
         self.offloaded: dict[str, dict[str, LoraWeights]] = {}  # CPU copies by model id
 
+    # --- training runs ------------------------------------------------------------------------
     def take_slot(self) -> int:
         """A device slot for a run new to this worker (create, load)."""
         if len(self.runs) >= self.max_models:
@@ -58,12 +79,16 @@ class Residency:
                 f"max_models={self.max_models} training runs are already kept in this "
                 "worker; no room for another model"
             )
-        return self._free_slot(keep=())
+        return self._free_slot("train", keep=())
 
     def add(self, model_id: str, run: Run) -> None:
         """Record a run whose adapter was just installed in `run.slot`."""
         self.runs[model_id] = run
-        self.lru[model_id] = None
+        self.lru["train", model_id] = None
+
+    def in_slot(self, model_id: str) -> bool:
+        """Whether the run's adapter is on the device now (using it moves nothing)."""
+        return ("train", model_id) in self.lru
 
     def resident(self, model_id: str, keep: Collection[str] = ()) -> Run:
         """The run with its adapter in a device slot, restored first if it was offloaded.
@@ -74,17 +99,55 @@ class Residency:
         if run is None:
             raise UserError(f"model {model_id} is not known to this worker")
         if model_id in self.offloaded:
-            self._restore(model_id, run, self._free_slot({model_id, *keep}))
-        self.lru.move_to_end(model_id)
+            self._restore(model_id, run, self._free_slot("train", {model_id, *keep}))
+        self.lru.move_to_end(("train", model_id))
         return run
 
-    def _free_slot(self, keep: Collection[str]) -> int:
-        if not self.free_slots:
-            victim = next((m for m in self.lru if m not in keep), None)
+    # --- sampler weights ----------------------------------------------------------------------
+    def sampler_slot(self, folder: str | None) -> int:
+        """The slot holding the sampler weights saved in `folder` (loaded first if they are
+        not), or BASE_SLOT for None: a sample of the base model."""
+        if folder is None:
+            return BASE_SLOT
+        if folder in self.samplers:
+            self.lru.move_to_end(("sampler", folder))
+            return self.samplers[folder]
+        slot = self._free_slot("sampler", keep=())
+        try:
+            spec, weights = checkpoints.load_sampler_weights(Path(folder))
+            self.model.set_adapter_weights(slot, spec, weights)
+        except BaseException:
+            self.model.drop_adapter(slot)
+            self.free_slots["sampler"].insert(0, slot)
+            raise
+        self.samplers[folder] = slot
+        self.lru["sampler", folder] = None
+        return slot
+
+    def forget_sampler(self, folder: str) -> None:
+        """Drop the weights loaded from `folder` (it was written again: the next sample loads
+        the new ones)."""
+        if folder in self.samplers:
+            self._drop_sampler(folder)
+
+    # --- one LRU ------------------------------------------------------------------------------
+    def _free_slot(self, kind: Kind, keep: Collection[str]) -> int:
+        free = self.free_slots[kind]
+        if not free:
+            victim = next((key for k, key in self.lru if k == kind and key not in keep), None)
             if victim is None:  # a bug: callers keep fewer runs than there are slots
-                raise RuntimeError(f"all {len(self.lru)} adapter slots are needed at once")
-            self._offload(victim)
-        return self.free_slots.pop(0)
+                raise RuntimeError(f"all {kind} adapter slots are needed at once")
+            if kind == "train":
+                self._offload(victim)
+            else:
+                self._drop_sampler(victim)
+        return free.pop(0)
+
+    def _drop_sampler(self, folder: str) -> None:
+        slot = self.samplers.pop(folder)
+        self.model.drop_adapter(slot)
+        self.free_slots["sampler"].append(slot)
+        del self.lru["sampler", folder]
 
     def _offload(self, model_id: str) -> None:
         run = self.runs[model_id]
@@ -92,8 +155,8 @@ class Residency:
         self.offloaded[model_id] = {name: _moved(w, CPU) for name, w in weights.items()}
         _move_adam(run.adam, CPU)
         self.model.drop_adapter(run.slot)
-        self.free_slots.append(run.slot)
-        del self.lru[model_id]
+        self.free_slots["train"].append(run.slot)
+        del self.lru["train", model_id]
         log.info("offloaded model %s from slot %d to CPU memory", model_id, run.slot)
 
     def _restore(self, model_id: str, run: Run, slot: int) -> None:
@@ -108,7 +171,7 @@ class Residency:
             w.B.grad = _grad_to(saved[name].B, w.B.device)
         _move_adam(run.adam, self.model.device)
         run.slot = slot
-        self.lru[model_id] = None
+        self.lru["train", model_id] = None
         log.info("restored model %s from CPU memory into slot %d", model_id, slot)
 
 

@@ -13,6 +13,7 @@ in near-zero gradients; that is batching, not offloading, and is left out here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +22,14 @@ from safetensors.torch import load_file
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from config import load_settings
+from protocol.jobs import UserError
 from tests.conftest import tiny_qwen3_config
 from tests.unit.test_executor import create, fwdbwd_body, job
 from workers import checkpoints
 from workers.executor import Executor
-from workers.model import LoraModel
+from workers.lora import BASE_SLOT
+from workers.model import AdapterSpec, LoraModel
+from workers.residency import Residency
 from workers.scheduler import Plan
 
 ADAM = {"learning_rate": 0.05, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
@@ -145,3 +149,38 @@ def test_more_models_than_max_models_is_a_user_error(tmp_path):
         assert create(ex, m)[f"create_model-{m}-None"].ok
     outcome = create(ex, "d")["create_model-d-None"]
     assert outcome.category == "user" and "max_models=3" in outcome.error
+
+
+def test_sampler_weights_share_the_lru_and_never_take_a_loaded_slot(tmp_path):
+    """Two sampler slots, three saved adapters: the least recently used folder leaves; a
+    folder written again is dropped; a later load never lands in a slot another folder
+    holds (the old cache reused the last slot after a drop and so served the wrong weights)."""
+    model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32)
+    residency = Residency(model, num_slots=1, max_models=4, sampler_slots=2)
+    folders, first_A = [], {}
+    for seed in range(4):
+        model.add_adapter(0, AdapterSpec(rank=4, alpha=32), torch.Generator().manual_seed(seed))
+        folder = str(tmp_path / f"adapter{seed}")
+        checkpoints.save_sampler_weights(model, 0, Path(folder), "tiny")
+        first_A[folder] = next(iter(model.adapter_weights(0).values())).A.detach().clone()
+        folders.append(folder)
+
+    def serves(folder: str) -> None:
+        slot = residency.sampler_slot(folder)
+        assert slot >= 1, "sampler weights sit in the sampler slots, after the training one"
+        torch.testing.assert_close(next(iter(model.adapter_weights(slot).values())).A,
+                                   first_A[folder], atol=0, rtol=0)
+
+    f0, f1, f2, f3 = folders
+    assert residency.sampler_slot(None) == BASE_SLOT
+    serves(f0), serves(f1), serves(f0)  # f1 is now the least recently used
+    serves(f2)
+    assert set(residency.samplers) == {f0, f2}
+    residency.forget_sampler(f0)  # f0 was saved again
+    serves(f3)
+    serves(f2)
+    assert sorted(residency.samplers.values()) == [1, 2]
+    with pytest.raises(UserError):  # a folder that holds no weights leaves the slots as they were
+        residency.sampler_slot(str(tmp_path / "missing"))
+    serves(f1)
+    assert set(residency.samplers) == {f1, f2}
