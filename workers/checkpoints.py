@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -228,3 +229,19 @@ def _read_json(file: Path) -> dict:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
+
+
+def written(model_id: str, kind: str, body: dict[str, Any], size: int) -> dict[str, Any]:
+    """What the task records of a checkpoint a job wrote (`Outcome.checkpoint`): `body` is
+    the save job's payload, `size` the bytes written."""
+    folder = Path(body["checkpoint_dir"])
+    return {
+        "model_id": model_id,
+        "kind": kind,
+        "name": folder.name,
+        "tinker_path": body["tinker_path"],
+        "local_dir": str(folder),
+        "size_bytes": size,
+        "ttl_seconds": body.get("ttl_seconds"),
+        "user_metadata": body.get("user_metadata"),
+    }

@@ -2,7 +2,7 @@
 
 It owns the torch side of the worker: the `LoraModel`, the training runs (through
 `workers.residency`, which keeps the least recently used ones in CPU memory when there are
-more runs than device slots), and a small cache of saved sampler adapters.
+more runs than device slots, and loads the sampler weights that samples name).
 Order of work in a tick: the barriers (each alone), then every forward/forward_backward of
 every model in batched passes (one per group of at most `max_lora_adapters` models, each
 group made resident before it runs), then every sample request in one batched call.
@@ -111,7 +111,7 @@ class Executor:
             else:
                 group = join(device)  # type: ignore[misc]
         model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device), group)
-        decode, eos = load_tokenizer(folder, model)
+        decode, eos = model.detokenizer(folder)
         if device.type == "cuda" and model.fast and settings.compile_kernels:
             fastpath.compile_kernels()
             decoding.compile_sampling()
@@ -226,7 +226,7 @@ class Executor:
                                                run.base_model)
         return Outcome(
             json={"path": body["tinker_path"], "type": "save_weights"},
-            checkpoint=_checkpoint(job.model_id, "training", body, size),
+            checkpoint=checkpoints.written(job.model_id, "training", body, size),
         )
 
     def _save_weights_for_sampler(self, job: Job, body: dict[str, Any]) -> Outcome:
@@ -237,8 +237,10 @@ class Executor:
         answer = {"path": body.get("tinker_path"), "type": "save_weights_for_sampler"}
         if body.get("sampling_session_id"):
             answer["sampling_session_id"] = body["sampling_session_id"]
-        ckpt = _checkpoint(job.model_id, "sampler", body, size) if body.get("tinker_path") else None
-        return Outcome(json=answer, checkpoint=ckpt)
+        if not body.get("tinker_path"):  # a sampling session's weights: no checkpoint row
+            return Outcome(json=answer)
+        return Outcome(json=answer, checkpoint=checkpoints.written(job.model_id, "sampler",
+                                                                   body, size))
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:
@@ -383,30 +385,3 @@ def _sample_outcome(result: Any, seconds: float) -> Outcome:
     sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences]
     proto = encode_sample_response(sequences, result.prompt_logprobs, result.topk_prompt)
     return Outcome(proto=proto, compute_seconds=seconds)
-
-
-def _checkpoint(model_id: str, kind: str, body: dict[str, Any], size: int) -> dict[str, Any]:
-    folder = Path(body["checkpoint_dir"])
-    return {
-        "model_id": model_id,
-        "kind": kind,
-        "name": folder.name,
-        "tinker_path": body["tinker_path"],
-        "local_dir": str(folder),
-        "size_bytes": size,
-        "ttl_seconds": body.get("ttl_seconds"),
-        "user_metadata": body.get("user_metadata"),
-    }
-
-
-def load_tokenizer(folder: Path, model: LoraModel) -> tuple[Callable[[list[int]], str], list[int]]:
-    """The detokenizer used for stop strings, and the EOS ids of the model."""
-    eos = model.config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        return (lambda ids: ""), eos_ids
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    return (lambda ids: tok.decode(ids, skip_special_tokens=False)), eos_ids

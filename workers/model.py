@@ -15,6 +15,7 @@ Entry points used by the rest of the worker:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,19 @@ class LoraModel:
     @property
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
+
+    def detokenizer(self, folder: Path) -> tuple[Callable[[list[int]], str], list[int]]:
+        """The detokenizer of the model's folder (stop strings are matched on its text; ""
+        when the folder has no tokenizer.json) and the model's EOS ids."""
+        eos = self.config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        path = Path(folder) / "tokenizer.json"
+        if not path.exists():
+            return (lambda ids: ""), eos_ids
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        return (lambda ids: tok.decode(ids, skip_special_tokens=False)), eos_ids
 
     # --- adapters -------------------------------------------------------------------------
     def add_adapter(self, slot: int, spec: AdapterSpec, generator: torch.Generator) -> None:
