@@ -70,7 +70,7 @@ class Layer:
         self.masks = None if adapters == 1 else {n: mask.repeat(1, n) for n in (1, 2, 3)}
 
     def addmm(self, y, B, members):
-        """As decoding._group: into the base columns of y in place (a strided view)."""
+        """As forward._group: into the base columns of y in place (a strided view)."""
         low = y[:, B.shape[0]:]
         if self.masks is not None:
             low = low * self.masks[members]

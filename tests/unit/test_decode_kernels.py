@@ -42,7 +42,7 @@ def lora_table(rows: int, sizes: list[int], width: int, dtype, g):
 
 
 def eager_lora(y, B, mask, out, members):
-    """What decoding._group computes: base columns + ((x Aᵀ) ⊙ mask) scale·Bᵀ."""
+    """What forward._group computes: base columns + ((x Aᵀ) ⊙ mask) scale·Bᵀ."""
     low = y[:, out:] * mask.repeat(1, members)
     return y[:, :out].clone().addmm_(low, B.T)
 
@@ -167,10 +167,10 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
     step's own choice; sampling with a top-k row (the compiled `choose` for the batch) and
     without (the sampling kernels); the projections by F.linear, or (`gemv`: every weight
     counts as large) by decode_kernels.gemv."""
-    from workers.sampling import decoding
+    from workers.sampling import forward
 
     if gemv:
-        monkeypatch.setattr(decoding, "GEMV_MIN_BYTES", 0)
+        monkeypatch.setattr(forward, "GEMV_MIN_BYTES", 0)
         calls = []
         monkeypatch.setattr(dk, "gemv", lambda *a: calls.append(1) or gemv_kernel(*a))
     from tests.unit.test_decoding import spec, with_adapters

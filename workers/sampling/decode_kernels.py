@@ -3,7 +3,7 @@ handful of launches per layer instead of a dozen.
 
 A decode step is launch-bound at small batches (each kernel costs a few microseconds
 whatever its size) and, at large ones, pays for every pass over [N, hidden] activations.
-`decoding._decode_fused` runs one layer as 4 matmuls (cuBLAS; the LoRA A rows ride in the
+`forward.decode_fused` runs one layer as 4 matmuls (cuBLAS; the LoRA A rows ride in the
 base weight, so each also gives x Aᵀ) and these 4 kernels:
 
   qkv_epilogue   per (row or block of rows, head): + LoRA B, Qwen3's q/k RMSNorm, RoPE;
@@ -17,7 +17,7 @@ base weight, so each also gives x Aᵀ) and these 4 kernels:
   silu_mul       per (row or block of rows, column block): (gate + LoRA B) · SiLU times
                  (up + LoRA B)
 
-LoRA B in the kernels (where `decoding.RunningBatch._lora_path` puts it; else `decoding`
+LoRA B in the kernels (where `decoding.RunningBatch.lora_path_for` puts it; else `forward`
 adds it with an addmm per group): `cols` [N, 2] int32 holds each row's column range
 [lo, hi) in the LoRA table (lo = hi: no adapter). A program takes one row (a GEMV over its
 adapter's block of B) or a block of 16 rows (tensor-core dots over the columns of the
@@ -26,7 +26,7 @@ block's adapters, each row's others masked off, each block of B read once per bl
 Steps of a few rows also do their large projections with `gemv`: the rows padded to 16
 for one tensor-core dot per block of weight columns, the weight streamed once.
 
-Rounding follows the eager path (`decoding._forward`): the LoRA sum and the residual are
+Rounding follows the eager path (`forward.forward`): the LoRA sum and the residual are
 rounded to the model's dtype where the eager path rounds them, the arithmetic in between is
 fp32. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests do that);
 `tl.dot` then takes fp32 operands (the interpreter mishandles bf16 ones).
