@@ -2,12 +2,12 @@
 constants, side by side in one process: the first setting is the baseline of the others.
 
 A setting is a comma-separated list of NAME=VALUE, each NAME a constant of one of the decode
-step's modules in workers.sampling (`MODULES`: decoding, forward, decode_kernels), set where
-it is read (integers; 0/1 for switches), or BLAS=cublaslt (the library PyTorch's matmuls
-take); "-" is the code as it stands. Each setting gets fresh CUDA graphs; with --repeat the
-settings take turns and each figure is the median of its runs. Same requests as
-benchmarks.sampler (real Qwen3 shapes, random bf16 weights, rank-32 adapters, 256 new tokens,
-temperature 1).
+step's modules in workers.sampling (`MODULES`: decoding, forward, epilogue_kernels,
+attention_kernels, gemv_kernel, decode_kernels), set where it is read (integers; 0/1 for
+switches), or BLAS=cublaslt (the library PyTorch's matmuls take); "-" is the code as it
+stands. Each setting gets fresh CUDA graphs; with --repeat the settings take turns and each
+figure is the median of its runs. Same requests as benchmarks.sampler (real Qwen3 shapes,
+random bf16 weights, rank-32 adapters, 256 new tokens, temperature 1).
 
     python -m benchmarks.decode_settings --model 0.6b 4b --batch 1 8 \\
         --setting GEMV_ROWS=0 - --repeat 3
@@ -26,12 +26,20 @@ from typing import Any
 import torch
 
 from benchmarks.sampler import build_model, timed
-from workers.sampling import decode_kernels, decoding, forward
+from workers.sampling import (
+    attention_kernels,
+    decode_kernels,
+    decoding,
+    epilogue_kernels,
+    forward,
+    gemv_kernel,
+)
 from workers.sampling.choose import compile_sampling
 from workers.sampling.decoding import RunningBatch
 from workers.training import fastpath
 
-MODULES = (decoding, forward, decode_kernels)  # where a setting's constants are looked up
+# where a setting's constants are looked up
+MODULES = (decoding, forward, epilogue_kernels, attention_kernels, gemv_kernel, decode_kernels)
 
 
 def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], Any]]:

@@ -21,7 +21,8 @@ The running batch's parts, each in its module (whose docstring tells the design)
   lora_table  projections that read the same input as one matmul, and the batch's adapters
               side by side per projection group (every step one fixed set of matmuls)
   forward     the forward passes: prefill and the unfused decode step, and the fused decode
-              step (its Triton kernels in decode_kernels)
+              step (its Triton kernels in epilogue_kernels, attention_kernels and
+              gemv_kernel; what they share, and their design, in decode_kernels)
   choose      batch-independent seeded sampling of each row's next token
   graphs      the decode inputs kept on the device between steps, and the CUDA graphs that
               replay a decode step

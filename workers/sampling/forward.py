@@ -2,12 +2,13 @@
 `forward` (prefill, and the unfused decode step in `decode_unfused`) and the fused decode
 step `decode_fused`.
 
-The decode step on CUDA is fused (`decode_fused`, kernels in decode_kernels): per layer 4
-matmuls and 4 Triton kernels that carry LoRA B (where `RunningBatch.lora_path_for` puts it),
-the norms, RoPE, the K/V write into the arena, grouped-query attention over the arena and
-SiLU; steps of a few rows do their large projections with decode_kernels.gemv. Its sampling
-(without top-k / top-p) runs in sample_kernels. `fused=False` (and the CPU by default) runs
-the unfused step, `forward` with eager glue, and the compiled `choose`: the same arithmetic.
+The decode step on CUDA is fused (`decode_fused`, kernels in epilogue_kernels,
+attention_kernels and gemv_kernel; decode_kernels tells their design): per layer 4 matmuls
+and 4 Triton kernels that carry LoRA B (where `RunningBatch.lora_path_for` puts it), the
+norms, RoPE, the K/V write into the arena, grouped-query attention over the arena and SiLU;
+steps of a few rows do their large projections with gemv_kernel.gemv. Its sampling (without
+top-k / top-p) runs in sample_kernels. `fused=False` (and the CPU by default) runs the
+unfused step, `forward` with eager glue, and the compiled `choose`: the same arithmetic.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from workers.model import LoraModel
 from workers.parallel import tp
-from workers.sampling import decode_kernels
+from workers.sampling import attention_kernels, epilogue_kernels, gemv_kernel
 from workers.sampling.arena import KVArena
 from workers.sampling.graphs import DecodeInputs
 from workers.sampling.lora_table import LoraTable
@@ -30,7 +31,7 @@ from workers.training import fastpath
 # latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
 PACK_GQA_ROWS = 16
 # Fused steps of at most this many rows do their large projections (weights of at least
-# GEMV_MIN_BYTES, K at most GEMV_MAX_K) with decode_kernels.gemv, which read them faster
+# GEMV_MIN_BYTES, K at most GEMV_MAX_K) with gemv_kernel.gemv, which read them faster
 # than cuBLAS (4B's q/k/v, o and gate/up on an H100: 13.7 / 11.0 / 36.1 µs against
 # 14.4 / 11.7 / 39.5, `benchmarks.decode_kernels`). Not 0.6B's, where both take about
 # 5.5 µs, a launch's worth, nor a long K (4B's down: a program per 32 columns streams all of
@@ -126,7 +127,7 @@ def _matmul(model: LoraModel, lora: LoraTable, group: str, x: torch.Tensor,
     apply (None: nothing left). With `masks` that is `_group`'s output (LoRA B added by an
     addmm); else y = [base output | x Aᵀ] (summed over ranks when the group is
     row-parallel) and the group's B (None without LoRA). `gemv`: the matmul by
-    decode_kernels.gemv (steps of a few rows)."""
+    gemv_kernel.gemv (steps of a few rows)."""
     if masks is not None:
         return _group(model, lora, group, x, masks), None
     wide = group in lora.wide
@@ -134,7 +135,7 @@ def _matmul(model: LoraModel, lora: LoraTable, group: str, x: torch.Tensor,
                     else model._fused_groups[group])  # type: ignore[attr-defined]
     gemv = gemv and bias is None and (weight.numel() * weight.element_size() >= GEMV_MIN_BYTES
                                       and weight.shape[1] <= GEMV_MAX_K)
-    y = decode_kernels.gemv(x, weight) if gemv else None
+    y = gemv_kernel.gemv(x, weight) if gemv else None
     if y is None:
         y = F.linear(x, weight, bias)
     if lora.styles[group] == "row":
@@ -193,15 +194,15 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KV
 def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVArena,
                  flash: bool = False, path: str = "gemv") -> torch.Tensor:
     """One decode step, tokens [N] -> logits [N, V], as 4 matmuls and 4 Triton kernels per
-    layer (decode_kernels): LoRA B, norms, RoPE, the K/V write and SiLU ride in the kernels
-    between the matmuls. The same arithmetic as `forward`, fewer launches. `path`: where
-    LoRA B is added (`RunningBatch.lora_path_for`)."""
-    dk, body = decode_kernels, model.hf.model
+    layer (epilogue_kernels, attention_kernels): LoRA B, norms, RoPE, the K/V write and SiLU
+    ride in the kernels between the matmuls. The same arithmetic as `forward`, fewer
+    launches. `path`: where LoRA B is added (`RunningBatch.lora_path_for`)."""
+    ak, ek, body = attention_kernels, epilogue_kernels, model.hf.model
     h = body.embed_tokens(x.tokens)  # [N, hidden], the residual stream (updated in place)
     cos, sin = body.rotary_emb(h[None], x.positions[None])
     cos, sin, n = cos[0], sin[0], h.shape[0]
     layers, kv_heads = body.layers, arena.k[0].shape[1]
-    splits = dk.splits(n, kv_heads, x.max_len, h.device)
+    splits = ak.splits(n, kv_heads, x.max_len, h.device)
     rows = 16 if path == "dots" else 1  # rows per program of the kernels
     gemv = n <= GEMV_ROWS
     masks = _row_masks(lora, x.mask, x.uniform, (1, 2, 3) if path == "addmm" else (1,))
@@ -212,7 +213,7 @@ def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVAr
         attn, p = layer.self_attn, lora.prefixes[i]
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         y, B = _matmul(model, lora, p + "qkv", xin, layer_masks, gemv)
-        q = dk.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
+        q = ek.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
                             0.0 if qn is None else qn.variance_epsilon, cos, sin, arena.k[i],
                             arena.v[i], x.write, attn.q_proj.out_features // attn.head_dim,
@@ -220,13 +221,13 @@ def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVAr
         if flash:
             o = flash_decode(q, arena.k[i], arena.v[i], x, attn.scaling)
         else:
-            o = dk.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
+            o = ak.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
         y, B = _matmul(model, lora, p + "o", o.view(n, -1), layer_masks, gemv)
         ln = layer.post_attention_layernorm
-        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
+        xin = ek.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
         y, B = _matmul(model, lora, p + "gate_up", xin, layer_masks, gemv)
-        act = dk.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features, rows)
+        act = ek.silu_mul(y, B, x.cols, layer.mlp.gate_proj.out_features, rows)
         y, B = _matmul(model, lora, p + "down", act, layer_masks, gemv)
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
-        xin = dk.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
+        xin = ek.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)
     return _group(model, lora, "lm_head", xin, masks)

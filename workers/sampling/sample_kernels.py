@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 # (where these kernels run: decode_kernels.available, as the fused step they belong to)
-from workers.sampling.decode_kernels import _pow2
+from workers.sampling.decode_kernels import pow2
 
 try:
     import triton
@@ -252,8 +252,8 @@ def choose(
         logprobs,
         blocks,
         pieces,
-        NBP=max(2, _pow2(blocks)),
-        SP=max(2, _pow2(pieces)),
+        NBP=max(2, pow2(blocks)),
+        SP=max(2, pow2(pieces)),
         LIBDEVICE=libdevice_log,
         num_warps=4 if blocks > 256 else 1,
     )
