@@ -26,6 +26,9 @@ The running batch's parts, each in its module (whose docstring tells the design)
   choose      batch-independent seeded sampling of each row's next token
   graphs      the decode inputs kept on the device between steps, and the CUDA graphs that
               replay a decode step
+
+Requests and their answers are sampler's (SampleSpec, SampleOutput); `sample()` runs a fixed
+list of them to completion on a private running batch (tests, tools).
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ from workers.sampling.choose import next_tokens, sampling_of
 from workers.sampling.forward import decode_fused, decode_unfused, forward
 from workers.sampling.graphs import DecodeInputs, Graphs, Steady, to_host
 from workers.sampling.lora_table import Adapter, LoraTable, adapter_key, fuse_base_weights
-from workers.sampling.sampler import SampledSeq, SampleOutput, _prompt_outputs
+from workers.sampling.sampler import (
+    SampledSeq,
+    SampleOutput,
+    SampleSpec,
+    adapter_of,
+    prompt_outputs,
+    validate,
+)
 from workers.sampling.sequences import Request, Seq
 from workers.training import fastpath
 
@@ -220,7 +230,7 @@ class RunningBatch:
         for r, n, f in zip(joined, lengths, full, strict=True):
             rows = n if f else 1
             if f:
-                r.prompt_out = _prompt_outputs(r.spec, logits[k : k + rows])
+                r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows])
             last.append(logits[k + rows - 1])
             for s in r.seqs:
                 s.length = n
@@ -336,3 +346,36 @@ class RunningBatch:
         self.running = []
         self.steady = None
         return [(r.key, error) for r in requests]
+
+
+def sample(
+    model: LoraModel,
+    specs: list[SampleSpec],
+    decode: Callable[[list[int]], str],
+    eos_token_ids: list[int],
+) -> list[SampleOutput | Exception]:
+    """One output per spec, in order; a spec that fails gets its Exception in its place."""
+    results: list[SampleOutput | Exception | None] = [None] * len(specs)
+    valid: list[int] = []
+    for i, spec in enumerate(specs):
+        try:
+            validate(spec, model)
+            valid.append(i)
+        except UserError as e:
+            results[i] = e
+    if valid:
+        kv = sum(specs[i].num_samples * (len(specs[i].prompt) + specs[i].max_tokens)
+                 for i in valid)
+        batch = RunningBatch(model, decode, eos_token_ids, kv_tokens=kv, cuda_graphs=False,
+                             max_num_sequences=sum(specs[i].num_samples for i in valid))
+        try:
+            for i in valid:
+                batch.admit(i, specs[i], adapter_of(model, specs[i].slot))
+            while batch.busy:
+                for key, out in batch.step(64):
+                    results[key] = out
+        except Exception as e:  # a batch-wide failure becomes every open request's error
+            for i in valid:
+                if results[i] is None:
+                    results[i] = e
+    return results  # type: ignore[return-value]
