@@ -1,4 +1,4 @@
-"""Decode attention sweep on one GPU: `decode_kernels.attention` under each configuration
+"""Decode attention sweep on one GPU: `attention_kernels.attention` under each configuration
 (keys per inner step, warps, pipeline stages, splits of a row's keys) at the sampler
 benchmark's shapes, against the copy bandwidth.
 
@@ -6,7 +6,7 @@ Qwen3 head layouts (0.6B: 16 query and 8 KV heads, 4B: 32 and 8; head dim 128), 
 of 1 to 256 rows, every row at the mean context of the sampler benchmark (prompt + 128 of
 256 new tokens: 256 and 640 keys), regions scattered in the arena. Calls rotate over 4
 layers' caches (more than the L2 holds) inside a CUDA graph, as in a decode step. Per shape:
-the configuration `decode_kernels` picks now, the fastest one, their µs per call and the
+the configuration `attention_kernels` picks now, the fastest one, their µs per call and the
 K/V bytes read per second as a share of the copy bandwidth.
 
     python -m benchmarks.decode_attention
@@ -20,7 +20,7 @@ import itertools
 import torch
 
 from benchmarks.sampler import copy_bandwidth
-from workers.sampling import decode_kernels as dk
+from workers.sampling import attention_kernels as ak
 
 HEADS = {"0.6b": (16, 8), "4b": (32, 8)}
 DIM, LAYERS, CALLS = 128, 4, 32
@@ -57,9 +57,9 @@ def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[t
     starts = (order * (context + 64)).to(torch.int32).cuda()
     used = torch.full((rows,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(rows, heads, DIM, device="cuda", dtype=torch.bfloat16)
-    default_splits = dk.splits(rows, kv, 1024, q.device)  # (graphs bake max_len ≥ 1024)
+    default_splits = ak.splits(rows, kv, 1024, q.device)  # (graphs bake max_len ≥ 1024)
     scale = DIM**-0.5
-    ref = dk.attention(q, *caches[0], starts, used, scale, default_splits)
+    ref = ak.attention(q, *caches[0], starts, used, scale, default_splits)
     default = (32 if default_splits > 1 else 64, 4, 3, default_splits)
     times = {}
     for bt, warps, stages, s_factor in configs:
@@ -67,9 +67,9 @@ def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[t
         key = (bt, warps, stages, n_splits)
         if key in times or (key != default and n_splits > 1 and context // n_splits < bt):
             continue
-        out = dk.attention(q, *caches[0], starts, used, scale, n_splits, key[:3])
+        out = ak.attention(q, *caches[0], starts, used, scale, n_splits, key[:3])
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-        times[key] = time_calls(lambda i, key=key: dk.attention(
+        times[key] = time_calls(lambda i, key=key: ak.attention(
             q, *caches[i], starts, used, scale, key[3], key[:3]))
     best = min(times, key=times.get)
     kv_bytes = 2 * rows * context * kv * DIM * 2

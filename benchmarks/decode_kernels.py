@@ -11,7 +11,7 @@ CUDA graph over 4 layers' weights, in µs per layer:
   dots    the kernels 16 rows per program, LoRA B as tensor-core dots; `dots best` the
           fastest (columns per program, warps, stages) of a sweep, per kernel
 
-And the projections of steps of a few rows: `decode_kernels.gemv` against F.linear
+And the projections of steps of a few rows: `gemv_kernel.gemv` against F.linear
 (cuBLAS) on each projection group's weight with one rank-32 adapter's A rows (as the
 fused step multiplies them), 8 copies in turn (more than the L2 holds): µs per call and
 the weight bytes per second as a share of the copy bandwidth, with gemv's default and its
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from benchmarks.decode_attention import time_calls
 from benchmarks.engine_train import HEAD_DIM, RANK, SHAPES
 from benchmarks.sampler import copy_bandwidth
-from workers.sampling import decode_kernels as dk
+from workers.sampling import epilogue_kernels as ek
+from workers.sampling import gemv_kernel as gk
 
 LAYERS = 4
 
@@ -70,7 +71,7 @@ class Layer:
         self.masks = None if adapters == 1 else {n: mask.repeat(1, n) for n in (1, 2, 3)}
 
     def addmm(self, y, B, members):
-        """As decoding._group: into the base columns of y in place (a strided view)."""
+        """As forward._group: into the base columns of y in place (a strided view)."""
         low = y[:, B.shape[0]:]
         if self.masks is not None:
             low = low * self.masks[members]
@@ -86,11 +87,11 @@ class Layer:
         else:
             B = dict(qkv=self.B_qkv, o=self.B_o, gu=self.B_gu, down=self.B_down)
             y_qkv, y_o, y_gu, y_down = self.y_qkv, self.y_o, self.y_gu, self.y_down
-        dk.qkv_epilogue(y_qkv, B["qkv"], self.cols, self.qk_w, self.qk_w, 1e-6, self.cos,
+        ek.qkv_epilogue(y_qkv, B["qkv"], self.cols, self.qk_w, self.qk_w, 1e-6, self.cos,
                         self.sin, self.k, self.v, self.write, self.heads, rows, c.get("qkv"))
-        dk.add_norm(y_o, B["o"], self.cols, self.h, self.norm_w, 1e-6, rows, c.get("norm"))
-        dk.silu_mul(y_gu, B["gu"], self.cols, self.inter, rows, c.get("silu"))
-        dk.add_norm(y_down, B["down"], self.cols, self.h, self.norm_w, 1e-6, rows,
+        ek.add_norm(y_o, B["o"], self.cols, self.h, self.norm_w, 1e-6, rows, c.get("norm"))
+        ek.silu_mul(y_gu, B["gu"], self.cols, self.inter, rows, c.get("silu"))
+        ek.add_norm(y_down, B["down"], self.cols, self.h, self.norm_w, 1e-6, rows,
                     c.get("norm"))
 
 
@@ -100,12 +101,12 @@ def kernel_time(layers: list[Layer], kernel: str, config) -> float:
     def call(i: int) -> None:
         x = layers[i]
         if kernel == "qkv":
-            dk.qkv_epilogue(x.y_qkv, x.B_qkv, x.cols, x.qk_w, x.qk_w, 1e-6, x.cos, x.sin,
+            ek.qkv_epilogue(x.y_qkv, x.B_qkv, x.cols, x.qk_w, x.qk_w, 1e-6, x.cos, x.sin,
                             x.k, x.v, x.write, x.heads, 16, config)
         elif kernel == "norm":
-            dk.add_norm(x.y_o, x.B_o, x.cols, x.h, x.norm_w, 1e-6, 16, config)
+            ek.add_norm(x.y_o, x.B_o, x.cols, x.h, x.norm_w, 1e-6, 16, config)
         else:
-            dk.silu_mul(x.y_gu, x.B_gu, x.cols, x.inter, 16, config)
+            ek.silu_mul(x.y_gu, x.B_gu, x.cols, x.inter, 16, config)
 
     return time_calls(call) * 1e6
 
@@ -132,17 +133,17 @@ def projection(n: int, k: int, rows: int, bandwidth: float) -> str:
     """F.linear, gemv's default and its fastest config on one weight shape [n, k]."""
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(dk.gemv(x, ws[0]).float(), F.linear(x, ws[0]).float(),
+    torch.testing.assert_close(gk.gemv(x, ws[0]).float(), F.linear(x, ws[0]).float(),
                                atol=0.5, rtol=2e-2)
     times = {"linear": time_calls(lambda i: F.linear(x, ws[i]), layers=8)}
     for cfg in itertools.product((16, 32, 64), (4, 8), (2, 3, 4)):
-        times[cfg] = time_calls(lambda i, cfg=cfg: dk.gemv(x, ws[i], cfg), layers=8)
+        times[cfg] = time_calls(lambda i, cfg=cfg: gk.gemv(x, ws[i], cfg), layers=8)
     best = min((c for c in times if c != "linear"), key=times.get)
 
     def rate(t: float) -> str:
         return f"{t * 1e6:>8.1f}{100 * 2 * n * k / t / bandwidth:>6.0f}%"
 
-    return f"{rate(times['linear'])}{rate(times[dk.GEMV_CONFIG])}{rate(times[best])}  {best}"
+    return f"{rate(times['linear'])}{rate(times[gk.GEMV_CONFIG])}{rate(times[best])}  {best}"
 
 
 def gemv_rows(model: str, rows: int, bandwidth: float) -> list[str]:

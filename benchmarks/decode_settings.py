@@ -1,12 +1,13 @@
 """Decode tok/s of the running batch under different settings of the decode step's module
 constants, side by side in one process: the first setting is the baseline of the others.
 
-A setting is a comma-separated list of NAME=VALUE, each NAME a constant of
-workers.sampling.decoding or workers.sampling.decode_kernels (integers; 0/1 for switches), or
-BLAS=cublaslt (the library PyTorch's matmuls take); "-" is the code as it stands. Each setting
-gets fresh CUDA graphs; with --repeat the settings take turns and each figure is the median of
-its runs. Same requests as benchmarks.sampler (real Qwen3 shapes, random bf16 weights, rank-32
-adapters, 256 new tokens, temperature 1).
+A setting is a comma-separated list of NAME=VALUE, each NAME a constant of one of the decode
+step's modules in workers.sampling (`MODULES`: decoding, forward, epilogue_kernels,
+attention_kernels, gemv_kernel, decode_kernels), set where it is read (integers; 0/1 for
+switches), or BLAS=cublaslt (the library PyTorch's matmuls take); "-" is the code as it
+stands. Each setting gets fresh CUDA graphs; with --repeat the settings take turns and each
+figure is the median of its runs. Same requests as benchmarks.sampler (real Qwen3 shapes,
+random bf16 weights, rank-32 adapters, 256 new tokens, temperature 1).
 
     python -m benchmarks.decode_settings --model 0.6b 4b --batch 1 8 \\
         --setting GEMV_ROWS=0 - --repeat 3
@@ -25,9 +26,20 @@ from typing import Any
 import torch
 
 from benchmarks.sampler import build_model, timed
-from workers.sampling import decode_kernels, decoding
-from workers.sampling.decoding import RunningBatch, compile_sampling
+from workers.sampling import (
+    attention_kernels,
+    decode_kernels,
+    decoding,
+    epilogue_kernels,
+    forward,
+    gemv_kernel,
+)
+from workers.sampling.choose import compile_sampling
+from workers.sampling.decoding import RunningBatch
 from workers.training import fastpath
+
+# where a setting's constants are looked up
+MODULES = (decoding, forward, epilogue_kernels, attention_kernels, gemv_kernel, decode_kernels)
 
 
 def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], Any]]:
@@ -42,9 +54,10 @@ def parse(setting: str) -> list[tuple[Callable[[], Any], Callable[[Any], Any], A
             blas = torch.backends.cuda.preferred_blas_library
             out.append((blas, blas, value))
             continue
-        module = next((m for m in (decoding, decode_kernels) if hasattr(m, name)), None)
+        module = next((m for m in MODULES if hasattr(m, name)), None)
         if module is None:
-            raise SystemExit(f"no constant {name!r} in workers.sampling.decoding or decode_kernels")
+            raise SystemExit(f"no constant {name!r} in "
+                             + ", ".join(m.__name__ for m in MODULES))
         out.append((functools.partial(getattr, module, name),
                     functools.partial(setattr, module, name), int(value)))
     return out

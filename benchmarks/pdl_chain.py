@@ -16,7 +16,7 @@ Variants:
 
 And pairs of a one-row projection of a weight [N, K] (a different copy per pair, more
 than the L2 holds) and a kernel between that turns its output into the next input, µs per
-pair: the projection as decode_kernels.gemv does it (a tensor-core dot on rows padded to
+pair: the projection as gemv_kernel.gemv does it (a tensor-core dot on rows padded to
 16) or on CUDA cores, plain or dependent (pdl+pre: the first step's weights loaded before
 the wait). Defaults: 0.6B's q/k/v, 4B's o and q/k/v.
 
@@ -65,7 +65,7 @@ def _stream(src, dst, w, per_program, PDL: tl.constexpr, PRE: tl.constexpr,
 
 @triton.jit
 def _gemv_dot(x, w, out, N, K, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    """decode_kernels.gemv's way for one row: padded to 16 rows, a tensor-core dot per step
+    """gemv_kernel.gemv's way for one row: padded to 16 rows, a tensor-core dot per step
     of K (operands staged in shared memory)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.arange(0, 16)

@@ -32,8 +32,9 @@ import torch
 
 from benchmarks.engine_train import RANK, VOCAB, matmul_params, qwen3_config
 from workers.model import AdapterSpec, LoraModel
-from workers.sampling import decoding, sample_kernels
-from workers.sampling.decoding import RunningBatch, compile_sampling
+from workers.sampling import choose, sample_kernels
+from workers.sampling.choose import compile_sampling
+from workers.sampling.decoding import RunningBatch
 from workers.sampling.sampler import SampleSpec, adapter_of
 from workers.training import fastpath
 
@@ -78,7 +79,7 @@ def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len:
                    batches: list[int]) -> list[str]:
     """Decode tok/s with LoRA B added in the fused kernels a row per program ("gemv"), in
     them 16 rows per program ("dots") and by one addmm per projection group ("addmm"), at
-    1 and 8 adapters: where RunningBatch._lora_path's thresholds sit."""
+    1 and 8 adapters: where RunningBatch.lora_path_for's thresholds sit."""
     rows = []
     try:
         for b in batches:
@@ -180,7 +181,7 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
     streams = torch.arange(256, device="cuda") * 7919
     steps = torch.arange(256, device="cuda") % 50
     got = sample_kernels.choose(logits, temps, streams, steps)
-    want = decoding.choose(logits, temps, streams, steps)
+    want = choose.choose(logits, temps, streams, steps)
     kernels = (f"sampling kernels vs eager choose: {int((got[0] != want[0]).sum())} of 256 "
                f"tokens differ, max |logprob diff| {float((got[1] - want[1]).abs().max()):.1e}")
     return (f"greedy tokens: graphs vs eager {agree(outs[1])}, fused vs unfused "

@@ -62,7 +62,8 @@ def _rank_main(rank: int, size: int, plain: bool, port: int, name: str, tokens: 
 
     from workers.model import AdapterSpec, LoraModel
     from workers.parallel import tp
-    from workers.sampling.decoding import RunningBatch, compile_sampling
+    from workers.sampling.choose import compile_sampling
+    from workers.sampling.decoding import RunningBatch
     from workers.training import fastpath
     from workers.training.trainer import Trainer
 

@@ -38,7 +38,7 @@ from workers import checkpoints
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
 from workers.parallel import tp
 from workers.residency import Residency, Run
-from workers.sampling import decoding, sampler
+from workers.sampling import choose, sampler
 from workers.sampling.decoding import RunningBatch
 from workers.scheduler import Plan
 from workers.training import fastpath
@@ -114,7 +114,7 @@ class Executor:
         decode, eos = model.detokenizer(folder)
         if device.type == "cuda" and model.fast and settings.compile_kernels:
             fastpath.compile_kernels()
-            decoding.compile_sampling()
+            choose.compile_sampling()
             started = time.monotonic()
             model.warm_up(settings.max_lora_adapters + settings.max_sampler_adapters)
             log.info("training kernels compiled in %.1f s", time.monotonic() - started)

@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers.sampling import attention_kernels as ak
 from workers.sampling import decode_kernels as dk
+from workers.sampling import epilogue_kernels as ek
+from workers.sampling import gemv_kernel as gk
 from workers.training import fastpath
 
 
@@ -17,7 +20,7 @@ def test_the_interpreter_is_on():
     assert dk.triton is not None and dk.available(torch.device("cpu"))
 
 DTYPES = [torch.float32, torch.bfloat16]
-gemv_kernel = dk.gemv
+gemv_kernel = gk.gemv
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # bf16: a few roundings apart
 # rows per program: one (LoRA B as a GEMV per row) and a block of 16 (tensor-core dots over
 # the block's adapters, rows past the batch masked)
@@ -42,7 +45,7 @@ def lora_table(rows: int, sizes: list[int], width: int, dtype, g):
 
 
 def eager_lora(y, B, mask, out, members):
-    """What decoding._group computes: base columns + ((x Aᵀ) ⊙ mask) scale·Bᵀ."""
+    """What forward._group computes: base columns + ((x Aᵀ) ⊙ mask) scale·Bᵀ."""
     low = y[:, out:] * mask.repeat(1, members)
     return y[:, :out].clone().addmm_(low, B.T)
 
@@ -64,7 +67,7 @@ def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     kc, vc = torch.zeros(40, hk, d, dtype=dtype), torch.zeros(40, hk, d, dtype=dtype)
     write = torch.randperm(40, generator=g)[:n]
-    q = dk.qkv_epilogue(y, B if lora else None, cols, qw, kw, 1e-6, cos, sin, kc, vc, write, hq,
+    q = ek.qkv_epilogue(y, B if lora else None, cols, qw, kw, 1e-6, cos, sin, kc, vc, write, hq,
                         rows)
 
     full = eager_lora(y, B, mask, out, 3) if lora else y
@@ -91,7 +94,7 @@ def test_attention_reads_each_rows_region_with_grouped_heads(dtype, n_splits):
     starts = torch.tensor([0, 100, 299, 150], dtype=torch.int32)
     used = torch.tensor([70, 1, 1, 129], dtype=torch.int32)  # (299: a 1-key scratch row)
     q = torch.randn(4, hq, d, generator=g).to(dtype)
-    got = dk.attention(q, kc, vc, starts, used, 0.25, n_splits)
+    got = ak.attention(q, kc, vc, starts, used, 0.25, n_splits)
     for b in range(4):
         s, m = int(starts[b]), int(used[b])
         k = kc[s : s + m].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
@@ -115,7 +118,7 @@ def test_add_norm_updates_the_residual_and_returns_its_norm(dtype, lora, n, rows
                                          w, 1e-6)
     tol = TOL[dtype]
     for _ in range(2):  # again: the LoRA kernel's tickets were reset by the first
-        x = dk.add_norm(y, B if lora else None, cols, h, w, 1e-6, rows)
+        x = ek.add_norm(y, B if lora else None, cols, h, w, 1e-6, rows)
         torch.testing.assert_close(h.float(), ref_h.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(x.float(), ref_x.float(), atol=tol * 4, rtol=tol)
         ref_h, ref_x = fastpath.add_rms_norm(
@@ -132,7 +135,7 @@ def test_silu_mul_adds_each_members_lora(dtype, n, rows):
     B, cols, mask = lora_table(n, [inter, inter], width, dtype, g)
     full = eager_lora(y, B, mask, 2 * inter, 2)
     ref = fastpath.silu_mul(full[:, :inter], full[:, inter:])
-    got = dk.silu_mul(y, B, cols, inter, rows)
+    got = ek.silu_mul(y, B, cols, inter, rows)
     torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
@@ -144,16 +147,16 @@ def test_gemv_matches_linear(dtype, m, n, k):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(m, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    got = dk.gemv(x, w)
+    got = gk.gemv(x, w)
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()),
                                atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_gemv_declines_what_it_cannot_do():
     x, w = torch.randn(17, 64), torch.randn(8, 64)
-    assert dk.gemv(x, w) is None  # more than 16 rows
-    assert dk.gemv(x[:4, :40], w[:, :40]) is None  # K's power-of-two divisor 8 < 16
-    assert dk.gemv(x[:4, ::2], w[:, :32]) is None  # a strided row
+    assert gk.gemv(x, w) is None  # more than 16 rows
+    assert gk.gemv(x[:4, :40], w[:, :40]) is None  # K's power-of-two divisor 8 < 16
+    assert gk.gemv(x[:4, ::2], w[:, :32]) is None  # a strided row
 
 
 @pytest.mark.parametrize(("path", "top_k", "gemv"),
@@ -166,13 +169,13 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
     LoRA B in the kernels a row per program, in blocks of 16 rows, or by addmm, and by the
     step's own choice; sampling with a top-k row (the compiled `choose` for the batch) and
     without (the sampling kernels); the projections by F.linear, or (`gemv`: every weight
-    counts as large) by decode_kernels.gemv."""
-    from workers.sampling import decoding
+    counts as large) by gemv_kernel.gemv."""
+    from workers.sampling import forward
 
     if gemv:
-        monkeypatch.setattr(decoding, "GEMV_MIN_BYTES", 0)
+        monkeypatch.setattr(forward, "GEMV_MIN_BYTES", 0)
         calls = []
-        monkeypatch.setattr(dk, "gemv", lambda *a: calls.append(1) or gemv_kernel(*a))
+        monkeypatch.setattr(gk, "gemv", lambda *a: calls.append(1) or gemv_kernel(*a))
     from tests.unit.test_decoding import spec, with_adapters
     from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
     from workers.lora import BASE_SLOT

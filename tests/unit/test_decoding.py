@@ -14,8 +14,9 @@ from tests.unit.test_executor import fwdbwd_body, job
 from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
-from workers.sampling import decoding
-from workers.sampling.decoding import KVArena, RunningBatch
+from workers.sampling import choose
+from workers.sampling.arena import KVArena
+from workers.sampling.decoding import RunningBatch
 from workers.sampling.sampler import SampleSpec, adapter_of
 
 
@@ -62,14 +63,14 @@ def test_gumbel_noise_is_finite_where_the_hash_is_all_ones():
     from. A 24-bit uniform rounded to 1 there in float32, and the noise to +inf: the id won
     whatever its logit (about one sampled step in 110 at a 150k vocabulary). The 23-bit
     one stays below 1: the noise is -log(-log(1 - 2^-24)) ≈ 16.6, and a logit of -20 loses."""
-    base = decoding._mix(torch.tensor([7098]) * decoding._GOLDEN)
-    assert (decoding._mix(base ^ 279) >> 40) & ((1 << 24) - 1) == (1 << 24) - 1
-    noise = decoding.gumbel_noise(torch.tensor([7098]), torch.tensor([0]), 1000)
+    base = choose._mix(torch.tensor([7098]) * choose._GOLDEN)
+    assert (choose._mix(base ^ 279) >> 40) & ((1 << 24) - 1) == (1 << 24) - 1
+    noise = choose.gumbel_noise(torch.tensor([7098]), torch.tensor([0]), 1000)
     assert torch.isfinite(noise).all() and 16.5 < noise[0, 279] < 16.7
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(5))
     logits[0, 279] = -20.0
-    token, _ = decoding.choose(logits, torch.ones(1), torch.tensor([7098]),
-                               torch.zeros(1, dtype=torch.long))
+    token, _ = choose.choose(logits, torch.ones(1), torch.tensor([7098]),
+                             torch.zeros(1, dtype=torch.long))
     assert token.item() != 279
 
 

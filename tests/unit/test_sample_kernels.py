@@ -1,5 +1,5 @@
 """The sampling kernels, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
-conftest), against `decoding.choose` (uncompiled, no top-k / top-p), which they replace.
+conftest), against `choose.choose` (uncompiled, no top-k / top-p), which they replace.
 
 The interpreter is slow (a few ms per block of ids), so the vocabularies are small and the
 blocks too (128 or 256 ids, against 2048 on the GPU), cut into 3 pieces: every case runs
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.sampling import decode_kernels, decoding
+from workers.sampling import choose, decode_kernels
 from workers.sampling import sample_kernels as sk
 
 # vocab -> block: 3 pieces of 3, 3, 2 blocks (1000) or 7, 7, 6 blocks (5003), a short last one
@@ -22,14 +22,14 @@ def test_the_interpreter_is_on():
     assert sk.triton is not None and decode_kernels.available(torch.device("cpu"))
 
 
-def test_the_hash_constants_are_decodings():
-    """Copied, not imported (decoding imports sample_kernels): they must not drift."""
-    assert (sk._M1, sk._M2, sk._GOLDEN) == (decoding._M1, decoding._M2, decoding._GOLDEN)
+def test_the_hash_constants_are_those_of_choose():
+    """Copied, not imported (choose imports sample_kernels): they must not drift."""
+    assert (sk._M1, sk._M2, sk._GOLDEN) == (choose._M1, choose._M2, choose._GOLDEN)
 
 
 def inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int):
     """Logits at a spread like a model's, temperatures cycling through greedy, 0.7, 1.0 and
-    1.5, random streams (up to 2^62, as decoding._stream gives) and steps."""
+    1.5, random streams (up to 2^62, as choose._stream gives) and steps."""
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(rows, vocab, generator=g)).to(dtype)
     temps = torch.tensor([0.0, 0.7, 1.0, 1.5]).repeat(rows)[:rows]
@@ -40,7 +40,7 @@ def inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int):
 
 def check(logits, temps, streams, steps, **layout):
     tokens, logprobs = sk.choose(logits, temps, streams, steps, **layout)
-    want_tokens, want_logprobs = decoding.choose(logits, temps, streams, steps)
+    want_tokens, want_logprobs = choose.choose(logits, temps, streams, steps)
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=0)
@@ -51,7 +51,7 @@ def check(logits, temps, streams, steps, **layout):
 @pytest.mark.parametrize(
     ("rows", "vocab", "seed"), [(1, 5003, 0), (5, 1000, 1), (5, 5003, 2), (20, 1000, 3)]
 )
-def test_matches_decoding_choose(dtype, rows, vocab, seed):
+def test_matches_choose(dtype, rows, vocab, seed):
     check(*inputs(rows, vocab, dtype, seed), block=BLOCKS[vocab], n_splits=3)
 
 
@@ -85,7 +85,7 @@ def test_sampled_tokens_follow_the_stream_and_the_step():
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # numpy: log(0)
 def test_the_top_hash_value_gives_finite_noise():
     """Stream 7098 at step 0 hashes id 279 to all ones in the uniform's 23 bits (see
-    test_decoding's Gumbel test): the kernel's noise stays finite there as decoding's, and
+    test_decoding's Gumbel test): the kernel's noise stays finite there as choose's, and
     a logit of -20 is not chosen."""
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5))
     logits[:, 279] = -20.0

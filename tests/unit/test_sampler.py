@@ -10,7 +10,8 @@ import torch
 from protocol.jobs import UserError
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
-from workers.sampling.sampler import SampleOutput, SampleSpec, sample
+from workers.sampling.decoding import sample
+from workers.sampling.sampler import SampleOutput, SampleSpec
 
 EOS = [511]  # tiny_model's eos_token_id
 

@@ -1,4 +1,4 @@
-"""Triton kernels of a decode step's sampling: `decoding.choose` without top-k / top-p (the
+"""Triton kernels of a decode step's sampling: `choose.choose` without top-k / top-p (the
 next token per row, greedy or Gumbel-max at a temperature, and its raw-model logprob) with
 each row's vocabulary spread over many programs.
 
@@ -18,7 +18,7 @@ order depends on the vocabulary and the block size alone: a row's logprob is the
 the bit whatever the batch and however many pieces it was cut into. The argmaxes are exact
 whatever the order.
 
-The noise is `decoding.gumbel_noise` bit for bit: the same splitmix64 hash of (stream, step,
+The noise is `choose.gumbel_noise` bit for bit: the same splitmix64 hash of (stream, step,
 id) on int64 (Triton's int64 multiply wraps and its `>>` is arithmetic, as torch's, hence the
 same masks), the same 23-bit uniform and -log(-log(u)). On CUDA the logs are libdevice's
 logf and logit / temperature is an IEEE division (`div_rn`), as torch's eager kernels
@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 # (where these kernels run: decode_kernels.available, as the fused step they belong to)
-from workers.sampling.decode_kernels import _pow2
+from workers.sampling.decode_kernels import pow2
 
 try:
     import triton
@@ -50,8 +50,8 @@ except ImportError:  # the CPU build of torch comes without Triton
 BLOCK = 2048  # ids per block on the GPU (8 warps: 8 ids per thread)
 PROGRAMS_PER_SM = 3
 
-# decoding's splitmix64 multipliers and golden-ratio increment, as signed int64 (copied, not
-# imported: decoding imports this module)
+# choose's splitmix64 multipliers and golden-ratio increment, as signed int64 (copied, not
+# imported: choose imports this module)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -65,7 +65,7 @@ if triton is not None:
 
     @triton.jit
     def _mix(x):
-        """splitmix64's finaliser on int64, `decoding._mix` line for line."""
+        """splitmix64's finaliser on int64, `choose._mix` line for line."""
         x = x ^ ((x >> 30) & ((1 << 34) - 1))
         x = x * _M1_C
         x = x ^ ((x >> 27) & ((1 << 37) - 1))
@@ -203,7 +203,7 @@ def choose(
     n_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row [B] (int64) and its raw-model logprob [B] (fp32) from logits
-    [B, V] (bf16 or fp32): `decoding.choose` with no top-k / top-p. temps[b] <= 0 is greedy;
+    [B, V] (bf16 or fp32): `choose.choose` with no top-k / top-p. temps[b] <= 0 is greedy;
     streams and steps [B] seed each row's noise. `block` (a power of two) and `n_splits`
     (default: `splits`) change the work's layout, never the tokens or the logprobs."""
     rows, vocab = logits.shape
@@ -252,8 +252,8 @@ def choose(
         logprobs,
         blocks,
         pieces,
-        NBP=max(2, _pow2(blocks)),
-        SP=max(2, _pow2(pieces)),
+        NBP=max(2, pow2(blocks)),
+        SP=max(2, pow2(pieces)),
         LIBDEVICE=libdevice_log,
         num_warps=4 if blocks > 256 else 1,
     )

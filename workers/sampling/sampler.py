@@ -1,14 +1,16 @@
-"""Sampling requests and their answers; `sample()` runs a list of them to completion.
+"""Sampling requests and their answers: SampleSpec, its validation and adapter, and the
+SampleOutput a request gets (with its prompt logprobs, from the prefill's logits).
 
 The generation itself is `workers.sampling.decoding.RunningBatch` (continuous batching, KV arena,
-CUDA graphs, batch-independent seeded sampling). The worker keeps one running batch across
-ticks; `sample()` here makes a private one for a fixed list of requests (tests, tools).
+CUDA graphs, batch-independent seeded sampling), which builds on this module. The worker keeps
+one running batch across ticks; `decoding.sample()` makes a private one for a fixed list of
+requests (tests, tools).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,41 +56,6 @@ class SampleOutput:
     topk_prompt: tuple[np.ndarray, np.ndarray] | None  # ids int32, logprobs fp32 [len(prompt), k]
 
 
-def sample(
-    model: LoraModel,
-    specs: list[SampleSpec],
-    decode: Callable[[list[int]], str],
-    eos_token_ids: list[int],
-) -> list[SampleOutput | Exception]:
-    """One output per spec, in order; a spec that fails gets its Exception in its place."""
-    from workers.sampling.decoding import RunningBatch
-
-    results: list[SampleOutput | Exception | None] = [None] * len(specs)
-    valid: list[int] = []
-    for i, spec in enumerate(specs):
-        try:
-            validate(spec, model)
-            valid.append(i)
-        except UserError as e:
-            results[i] = e
-    if valid:
-        kv = sum(specs[i].num_samples * (len(specs[i].prompt) + specs[i].max_tokens)
-                 for i in valid)
-        batch = RunningBatch(model, decode, eos_token_ids, kv_tokens=kv, cuda_graphs=False,
-                             max_num_sequences=sum(specs[i].num_samples for i in valid))
-        try:
-            for i in valid:
-                batch.admit(i, specs[i], adapter_of(model, specs[i].slot))
-            while batch.busy:
-                for key, out in batch.step(64):
-                    results[key] = out
-        except Exception as e:  # a batch-wide failure becomes every open request's error
-            for i in valid:
-                if results[i] is None:
-                    results[i] = e
-    return results  # type: ignore[return-value]
-
-
 def adapter_of(model: LoraModel, slot: int) -> dict | None:
     """The weights a request of `slot` samples with (None: the base model)."""
     return None if slot == BASE_SLOT else model.adapter_weights(slot) or None
@@ -127,7 +94,7 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _prompt_outputs(
+def prompt_outputs(
     spec: SampleSpec, logits: torch.Tensor
 ) -> tuple[list[float] | None, tuple[np.ndarray, np.ndarray] | None]:
     """Prompt logprobs and top-k from the prefill logits of the prompt positions [L, V]."""

@@ -1,0 +1,36 @@
+"""A request of the running batch and its sequences, one per sample: each sequence owns a
+region of the KV arena and collects its tokens and logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.sampling.lora_table import Adapter
+
+
+@dataclass(eq=False)  # identity: sequences and requests are dict keys / set members
+class Seq:
+    req: Request
+    index: int  # sample index within the request
+    start: int  # region in the arena
+    length: int = 0  # tokens in the cache
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    key: Any
+    spec: Any  # sampler.SampleSpec
+    adapter: Adapter | None
+    seed: int
+    key_of_adapter: tuple[int, ...] | None = None  # adapter_key(adapter), computed once
+    seqs: list[Seq] = field(default_factory=list)
+    prompt_out: tuple = (None, None)
+    open: int = 0  # sequences still running
+
+    @property
+    def region(self) -> int:
+        return len(self.spec.prompt) + self.spec.max_tokens
