@@ -24,7 +24,6 @@ _KIND_NAMES = {
     list: "a list",
 }
 MAX_NUM_SAMPLES = 128
-MAX_NAME_LEN = 128
 
 
 def field(
@@ -94,16 +93,6 @@ def check_adam(params: dict[str, Any]) -> dict[str, float]:
     if not p["eps"] > 0:
         raise bad(f"adam_params.eps={p['eps']} must be > 0")
     return p
-
-
-def check_checkpoint_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise bad(f"checkpoint name (path) {name!r} must be a non-empty string")
-    if len(name) > MAX_NAME_LEN:
-        raise bad(f"checkpoint name {name[:40]!r}... has {len(name)} chars; limit {MAX_NAME_LEN}")
-    if "/" in name or "\\" in name or ".." in name:
-        raise bad(f"checkpoint name {name!r} must not contain '/', '\\\\' or '..'")
-    return name
 
 
 def check_tokens(tokens: np.ndarray, vocab: int, where: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from protocol.paths import SEGMENTS
 from store.db import Store
 from store.schema import CheckpointRow, utcnow
 
@@ -56,7 +57,9 @@ def record(db: Session, tenant: str, ckpt: dict[str, Any]) -> None:
 
 
 def remove_files(root: Path, local_dir: str) -> None:
-    """Delete a checkpoint's folder, never anything outside the checkpoint root."""
-    path = Path(local_dir).resolve()
-    if path.is_relative_to(root):
+    """Delete one checkpoint's folder: never the checkpoint root, a tenant's, a run's or a
+    segment's folder (a name that resolves to one of them), nor anything outside the root."""
+    path, root = Path(local_dir).resolve(), Path(root).resolve()
+    if path.is_relative_to(root) and len(path.relative_to(root).parts) >= 4 \
+            and path.parent.name in SEGMENTS:
         shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,6 @@ from protocol import paths
 from protocol.checks import (
     check_adam,
     check_base_model,
-    check_checkpoint_name,
     check_forward_backward,
     check_lora,
     check_optimizer_config,
@@ -196,11 +195,15 @@ def _check_new_name(sub: Submitter, model: ModelRow, kind: str, name: str,
                   "choose another name or pass overwrite=true")
 
 
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+
+
 def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
     """What a named checkpoint keeps besides its files: its lifetime and the caller's tags."""
     ttl = field(body, "ttl_seconds", int, None)
-    if ttl is not None and ttl < 1:
-        raise bad(f"ttl_seconds={ttl} must be at least 1 (omit it: never expires)")
+    if ttl is not None and not 1 <= ttl <= MAX_TTL_SECONDS:
+        raise bad(f"ttl_seconds={ttl} must be between 1 and {MAX_TTL_SECONDS} (10 years); "
+                  "omit it: never expires")
     return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
 
 
@@ -209,7 +212,7 @@ def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
     model = sub.load_model(tenant, body.get("model_id"))
 
     def build() -> tuple[bytes, str]:
-        name = check_checkpoint_name(body.get("path"))
+        name = paths.check_name(body.get("path"))
         _check_new_name(sub, model, "training", name, field(body, "overwrite", bool, False))
         path = paths.checkpoint_path(model.id, "weights", name)
         data = {"checkpoint_dir": _checkpoint_dir(sub, model, "weights", name),
@@ -235,7 +238,7 @@ def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
 
     def build() -> tuple[bytes, str]:
         check_kind(body)
-        name = check_checkpoint_name(body.get("path"))
+        name = paths.check_name(body.get("path"))
         _check_new_name(sub, model, "sampler", name, False)
         path = paths.checkpoint_path(model.id, "sampler_weights", name)
         data = {

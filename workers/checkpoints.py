@@ -192,6 +192,8 @@ def _peft_rank(config: dict, path: Path) -> int:
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> int:
     """Run `write(tmp)` on a fresh sibling folder, then swap it in for `path`."""
+    if path.name in ("", ".", "..") or path.name.startswith("."):  # the API refuses these
+        raise UserError(f"checkpoint folder {str(path)!r} does not name a checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tinker import types
 
+from store import checkpoints
 from tests.api.conftest import ALIAS
 
 
@@ -58,6 +60,27 @@ def test_delete_checkpoint(api, other, model_id, add_checkpoint):
     assert not Path(ckpt.local_dir).exists()
     assert api.delete(path).status_code == 404
     assert api.get(f"training_runs/{model_id}/checkpoints").get_json()["checkpoints"] == []
+
+
+@pytest.mark.parametrize("name", [".", "..", "", ".w1"])
+def test_delete_never_reaches_past_one_checkpoint(api, model_id, add_checkpoint, name):
+    """A name that resolves to the segment's folder (or above) is refused; w1 stays."""
+    ckpt = add_checkpoint(model_id, "training", "w1")
+    resp = api.delete(f"training_runs/{model_id}/checkpoints/weights/{name}")
+    assert resp.status_code in (400, 404, 405), resp.status_code
+    assert Path(ckpt.local_dir).is_dir()
+
+
+def test_remove_files_touches_only_a_checkpoint_folder(tmp_path):
+    root = tmp_path / "ckpts"
+    keep = root / "tenant" / "run" / "weights" / "keep"
+    keep.mkdir(parents=True)
+    for target in (root, root / "tenant", root / "tenant" / "run", keep.parent, tmp_path):
+        checkpoints.remove_files(root, str(target))
+        checkpoints.remove_files(root, str(keep.parent / "."))
+    assert keep.is_dir()
+    checkpoints.remove_files(root, str(keep))
+    assert not keep.exists() and keep.parent.is_dir()
 
 
 def test_weights_info(api, other, model_id, add_checkpoint):

@@ -204,17 +204,27 @@ def test_save_weights(api, model_id, enqueued, settings):
     }
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", "x" * 129])
+@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", ".", ".hidden", "-rf", "a b",
+                                  "nul\x00", "é", "x" * 129, 7])
 def test_save_weights_bad_names(api, model_id, enqueued, name):
     resp = api.post("save_weights", {"model_id": model_id, "path": name, "seq_id": 1})
     assert resp.status_code == 400 and "name" in resp.get_json()["detail"]
     assert [r.state for r in enqueued] == [FAILED]
 
 
+@pytest.mark.parametrize("name", ["step-000010", "final", "sampler_1.5", "_x", "A" * 128])
+def test_save_weights_good_names(api, model_id, enqueued, name):
+    resp = api.post("save_weights", {"model_id": model_id, "path": name, "seq_id": 1})
+    assert resp.status_code == 200, resp.get_json()
+
+
 def test_save_weights_ttl_and_metadata(api, model_id, enqueued):
     body = {"model_id": model_id, "path": "t", "seq_id": 1, "ttl_seconds": 0}
     resp = api.post("save_weights", body)
     assert resp.status_code == 400 and "ttl_seconds=0" in resp.get_json()["detail"]
+    for seq, huge in ((10, 10**12), (11, 2**63)):  # accepted, then an overflow left it pending
+        resp = api.post("save_weights", {**body, "seq_id": seq, "ttl_seconds": huge})
+        assert resp.status_code == 400 and "315360000" in resp.get_json()["detail"]
     body = {**body, "seq_id": 2, "ttl_seconds": 7200, "user_metadata": {"step": "20"}}
     assert api.post("save_weights", body).status_code == 200
     stored = json.loads(enqueued[-1].payload)

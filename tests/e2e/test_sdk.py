@@ -208,3 +208,19 @@ def test_sampling_features(service):
     with_prompt = sampler.sample(prompt, 1, params, include_prompt_logprobs=True).result()
     assert with_prompt.prompt_logprobs[0] is None
     assert all(lp < 0 for lp in with_prompt.prompt_logprobs[1:])
+
+
+def test_hostile_checkpoint_names_and_ttls_are_refused(service):
+    """Regressions through the SDK: save_state(".") was accepted and replaced the run's whole
+    weights/ folder (its other checkpoints' files with it), and a TTL of 10**12 seconds was
+    accepted, written, then overflowed while being recorded, so its future never finished."""
+    tc = service.create_lora_training_client(BASE, rank=8, seed=4).result()
+    train_steps(tc, 1)
+    kept = tc.save_state("keep-me").result().path
+    for name, ttl in ((".", None), ("..", None), ("fine", 10**12), ("fine", 2**63)):
+        with pytest.raises(tinker.BadRequestError, match="name|ttl_seconds"):
+            tc.save_state(name, ttl_seconds=ttl).result(timeout=60)
+    resumed = service.create_training_client_from_state(kept).result()
+    np.testing.assert_array_equal(
+        np.concatenate(forward_logprobs(tc)), np.concatenate(forward_logprobs(resumed))
+    )
