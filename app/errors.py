@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
+from sqlalchemy.exc import DataError
 from werkzeug.exceptions import HTTPException
 
 from protocol.errors import RequestError
@@ -21,7 +22,22 @@ def _answer(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"detail": message}), status
 
 
+def _check_url() -> None:
+    """No column, path or id takes a NUL character: refuse one in the URL at once."""
+    if "\x00" in request.path or any("\x00" in k + v for k, v in request.args.items()):
+        raise RequestError(400, "the URL holds a NUL character")
+
+
 def init_app(app: Flask) -> None:
+    app.before_request(_check_url)
+
+    @app.errorhandler(DataError)
+    def _data_error(e: DataError) -> tuple[Response, int]:
+        # the checks should have refused it first; this keeps a missed one a 4xx
+        log.warning("value refused by the database: %s", e.orig)
+        first = str(e.orig).strip().splitlines()[0] if e.orig else "value out of range"
+        return _answer(400, f"a value does not fit its column: {first}")
+
     @app.errorhandler(RequestError)
     def _api_error(e: RequestError) -> tuple[Response, int]:
         return _answer(e.status, e.message)

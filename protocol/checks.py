@@ -4,6 +4,7 @@ the limit; the worker trusts what passes."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,12 +25,18 @@ _KIND_NAMES = {
     list: "a list",
 }
 MAX_NUM_SAMPLES = 128
+# Every integer a request carries fits a signed 64-bit column (seq_ids, seeds, offsets);
+# every float is finite; every string fits its column (MAX_STRING unless a field says less).
+INT64 = 1 << 63
+MAX_STRING = 256
 
 
 def field(
-    body: dict[str, Any], name: str, kind: type[T], default: Any = MISSING, where: str = ""
+    body: dict[str, Any], name: str, kind: type[T], default: Any = MISSING, where: str = "",
+    max_len: int = MAX_STRING,
 ) -> T:
-    """body[name] checked to be `kind` (ints pass as floats, bools never pass as numbers)."""
+    """body[name] checked to be `kind` (ints pass as floats, bools never pass as numbers),
+    within the limits above."""
     value = body.get(name)
     if value is None:
         if default is MISSING:
@@ -38,13 +45,28 @@ def field(
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise RequestError(400, f"{where}{name}={value!r} must be {_KIND_NAMES[kind]}")
+        raise RequestError(400, f"{where}{name}={_cut(value)} must be {_KIND_NAMES[kind]}")
+    if kind is int and not -INT64 <= value < INT64:
+        raise RequestError(400, f"{where}{name}={_cut(value)} is outside the signed 64-bit "
+                                f"range [-2**63, 2**63)")
+    if kind is float and not math.isfinite(value):
+        raise RequestError(400, f"{where}{name}={value!r} must be a finite number")
+    if kind is str and len(value) > max_len:
+        raise RequestError(400, f"{where}{name}={_cut(value)} has {len(value)} characters; "
+                                f"limit {max_len}")
     return value
 
 
+def _cut(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_seq_id(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise bad(f"seq_id={value!r} must be an integer >= 1 (0 is the model's creation)")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < INT64:
+        raise bad(f"seq_id={_cut(value)} must be an integer in [1, 2**63) (0 is the model's "
+                  "creation)")
     return value
 
 
@@ -117,6 +139,11 @@ def check_forward_backward(req: FwdBwdRequest, settings: Settings, vocab: int) -
                 raise bad(f"data[{i}] has {n} tokens; limit max_seq_len={settings.max_seq_len}")
             check_tokens(datum.tokens, vocab, f"data[{i}].model_input")
             check_loss_inputs(req.loss_fn, i, n, datum.inputs)
+            for name, arr in datum.inputs.items():
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    at = int(np.flatnonzero(~np.isfinite(arr.ravel()))[0])
+                    raise bad(f"data[{i}].loss_fn_inputs[{name!r}] holds {arr.ravel()[at]} "
+                              f"at flat index {at}; every value must be finite")
             for name in INTEGER_INPUTS & datum.inputs.keys():
                 arr = datum.inputs[name]
                 if arr.dtype.kind not in "iu":

@@ -49,6 +49,9 @@ __all__ = ["FwdBwdRequest", "WireDatum", "WireError", "decode_forward_backward",
            "encode_forward_backward_output", "encode_sample_response"]
 
 
+MAX_DENSE_ELEMENTS = 1 << 27  # a sparse loss input made dense: 512 MiB of float32 at most
+
+
 class WireError(ValueError):
     """A body that does not decode, or decodes to something malformed."""
 
@@ -65,6 +68,15 @@ def _tensor(msg: pb.Tensor, name: str) -> np.ndarray:
         col = np.frombuffer(csr.col_indices, dtype="<i8")
         if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
             raise WireError(f"loss_fn_inputs[{name!r}] is a malformed sparse CSR tensor")
+        if shape[0] * shape[1] > MAX_DENSE_ELEMENTS:
+            raise WireError(f"loss_fn_inputs[{name!r}] has shape {shape}: more than "
+                            f"{MAX_DENSE_ELEMENTS} elements once dense")
+        if len(col) and not (col.min() >= 0 and col.max() < shape[1]):
+            raise WireError(f"loss_fn_inputs[{name!r}] has column indices outside "
+                            f"[0, {shape[1]})")
+        if crow[0] != 0 or crow[-1] != len(values) or np.any(np.diff(crow) < 0):
+            raise WireError(f"loss_fn_inputs[{name!r}] has row offsets that are not "
+                            f"non-decreasing from 0 to {len(values)}")
         dense = np.zeros(shape, dtype=dtype)
         for r in range(shape[0]):
             lo, hi = int(crow[r]), int(crow[r + 1])

@@ -28,15 +28,51 @@ def tenant() -> str:
 # --- request bodies -------------------------------------------------------------------------
 
 
+MAX_JSON_DEPTH = 32  # the SDK's deepest body (a sample's prompt chunks) is 4 levels
+
+
 def json_body() -> dict[str, Any]:
+    """The request's JSON object, refused with a 400 when it is not JSON, nests deeper than
+    MAX_JSON_DEPTH, or holds NaN/Infinity or a NUL character (no column or path takes one)."""
     raw = request.get_data()
     try:
-        data = json.loads(raw) if raw else {}
+        data = json.loads(raw, parse_constant=_no_constant) if raw else {}
+    except RecursionError:
+        raise RequestError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") \
+            from None
     except ValueError as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    _check_tree(data)
     return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows; send a finite number")
+
+
+def _check_tree(data: Any) -> None:
+    """Walk the parsed body without recursion: its depth, and NUL characters in strings."""
+    stack = [(data, 1, "body")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels "
+                                    f"(at {where[:80]})")
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)  # type: ignore[assignment]
+        else:
+            if isinstance(value, str) and "\x00" in value:
+                raise RequestError(400, f"{where[:80]} holds a NUL character")
+            continue
+        for key, item in items:
+            if isinstance(key, str) and "\x00" in key:
+                raise RequestError(400, f"a key of {where[:80]} holds a NUL character")
+            stack.append((item, depth + 1, f"{where}.{key}" if isinstance(key, str)
+                          else f"{where}[{key}]"))
 
 
 # --- lookups (always within the caller's tenant: a foreign id is a missing id) --------------
@@ -66,8 +102,9 @@ def page_args() -> tuple[int, int]:
         offset = int(request.args.get("offset", 0))
     except ValueError as e:
         raise RequestError(400, f"limit and offset must be integers: {e}") from e
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise RequestError(400, f"limit={limit} must be in [1, 1000] and offset={offset} >= 0")
+    if not 1 <= limit <= 1000 or not 0 <= offset < 1 << 63:
+        raise RequestError(400, f"limit={limit} must be in [1, 1000] and offset={offset} in "
+                                "[0, 2**63)")
     return limit, offset
 
 

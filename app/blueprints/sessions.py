@@ -32,7 +32,7 @@ def create_session() -> dict[str, Any]:
         user_metadata=field(body, "user_metadata", dict, {}),
         display_name=field(body, "display_name", str, None),
         project_id=field(body, "project_id", str, None),
-        sdk_version=field(body, "sdk_version", str, None),
+        sdk_version=field(body, "sdk_version", str, None, max_len=32),
     )
     with services().store.transaction() as s:
         s.add(row)

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import create_engine, text, update
 
 from app.factory import create_app
 from config.settings import load_settings
@@ -66,9 +67,15 @@ def model_folder(tmp_path):
 
 
 @pytest.fixture
-def settings(tmp_path, model_folder):
+def database_url() -> str:
+    return ""  # SQLite under data_dir; test_hostile.py runs on PostgreSQL as well
+
+
+@pytest.fixture
+def settings(tmp_path, model_folder, database_url):
     return load_settings(
         env={},
+        database_url=database_url,
         data_dir=str(tmp_path / "data"),
         base_model=str(model_folder),
         model_aliases=ALIAS,
@@ -193,3 +200,19 @@ def add_checkpoint(services):
         return row
 
     return _add
+
+
+PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url():
+    name = f"tinkerq_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # a real server is required: CI starts one
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    # The plain scheme, as users write DATABASE_URL; the store maps it to psycopg2.
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

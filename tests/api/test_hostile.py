@@ -1,0 +1,100 @@
+"""Hostile and careless input, on SQLite and on PostgreSQL: each case is refused with a 4xx
+whose JSON body names the bad field or value and the limit, and nothing is stored for it.
+Most of these answered 500 before (a RecursionError, a DataError past PostgreSQL's integer
+or a column's length, a NUL byte, a sparse tensor densified into 2**40 elements)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tinker.proto import tinker_public_pb2 as pb
+
+from store.schema import RequestRow
+from tests.api.conftest import create_model_body
+from tests.api.test_training import PROTO, datum, fwdbwd_body
+
+ADAM = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request) -> str:
+    return request.getfixturevalue("pg_url") if request.param == "postgres" else ""
+
+
+def refused(resp, *needles: str, status: int = 400) -> str:
+    assert resp.status_code == status, (resp.status_code, resp.get_data()[:300])
+    detail = resp.get_json()["detail"]
+    for needle in needles:
+        assert needle in detail, detail
+    return detail
+
+
+def request_rows(services) -> int:
+    with services.store.transaction() as s:
+        return s.query(RequestRow).count()
+
+
+def test_json_nesting_nan_and_nul_are_refused(api, model_id):
+    refused(api.post("create_session", b'{"tags": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                     headers={"Content-Type": "application/json"}), "deeper than 32")
+    refused(api.post("create_session", {"tags": [], "user_metadata": {"a": [[[[[[[[[[[[[[[[[[[[
+        [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}), "deeper than 32")
+    nan = b'{"model_id": "%s", "seq_id": 1, "adam_params": {"learning_rate": NaN}}'
+    refused(api.post("optim_step", nan % model_id.encode(),
+                     headers={"Content-Type": "application/json"}), "NaN")
+    huge = b'{"model_id": "%s", "seq_id": 1, "adam_params": {"learning_rate": 1e400}}'
+    refused(api.post("optim_step", huge % model_id.encode(),  # parses as inf
+                     headers={"Content-Type": "application/json"}), "learning_rate", "finite")
+    refused(api.post("optim_step", {"model_id": model_id + "\x00", "seq_id": 1,
+                                    "adam_params": ADAM}), "NUL", "model_id")
+    refused(api.get(f"training_runs/{model_id}%00"), "NUL")
+    refused(api.get("checkpoints", query_string={"limit": "5\x00"}), "NUL")
+
+
+def test_integers_fit_64_bits_and_64_bits_are_stored(api, session_id, model_id, services):
+    for seq in (2**63, -1, 0):
+        refused(api.post("optim_step", {"model_id": model_id, "seq_id": seq,
+                                        "adam_params": ADAM}), f"seq_id={seq}")
+    api.ok("optim_step", {"model_id": model_id, "seq_id": 2**40, "adam_params": ADAM})
+    refused(api.post("create_model", create_model_body(session_id, 1, seed=2**64)),
+            "seed", "64-bit")
+    api.ok("create_model", create_model_body(session_id, 2, seed=2**62))
+    refused(api.get("checkpoints", query_string={"offset": str(2**64)}), "offset")
+    assert api.get("checkpoints", query_string={"offset": str(2**40)}).status_code == 200
+
+
+@pytest.mark.parametrize(("name", "limit"), [("display_name", 256), ("project_id", 256),
+                                             ("sdk_version", 32)])
+def test_strings_fit_their_columns(api, name, limit):
+    body = {"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}
+    refused(api.post("create_session", body | {name: "x" * (limit + 1)}), name, str(limit))
+    assert api.post("create_session", body | {name: "x" * limit}).status_code == 200
+
+
+def sparse_weights(shape: list[int], cols: list[int], crow: list[int]) -> pb.Tensor:
+    values = np.ones(len(cols), dtype="<f4")
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, sparse_csr=pb.SparseCsr(
+        values=values.tobytes(), crow_indices=np.asarray(crow, "<i8").tobytes(),
+        col_indices=np.asarray(cols, "<i8").tobytes()))
+
+
+@pytest.mark.parametrize(("tensor", "needle"), [
+    (sparse_weights([1, 4], [9], [0, 1]), "column indices outside [0, 4)"),
+    (sparse_weights([1, 2**40], [0], [0, 1]), "once dense"),
+    (sparse_weights([2, 4], [0, 1], [0, 2, 1]), "row offsets"),
+])
+def test_sparse_tensors_are_checked_before_they_are_made_dense(api, model_id, services,
+                                                               tensor, needle):
+    msg = pb.ForwardBackwardRequest.FromString(fwdbwd_body(model_id, 1, [datum([1, 2, 3, 4])]))
+    msg.data[0].loss_fn_inputs["weights"].CopyFrom(tensor)
+    before = request_rows(services)
+    refused(api.post("forward_backward", msg.SerializeToString(), headers=PROTO), needle)
+    assert request_rows(services) == before  # a body that does not decode claims nothing
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_loss_inputs_are_refused(api, model_id, bad):
+    weights = [1.0, bad, 1.0, 1.0]
+    body = fwdbwd_body(model_id, 1, [datum([1, 2, 3, 4], weights=weights)])
+    refused(api.post("forward_backward", body, headers=PROTO), "'weights'", "flat index 1",
+            "finite")
