@@ -2,12 +2,14 @@
 
 Each in-flight `retrieve_future` is one HTTP/1.1 connection parked on the Redis doorbell
 (a greenlet, no thread, no database connection), so one process with a large
-worker_connections serves them all. Port from TINKERQ_PORT (default 8000).
+worker_connections serves them all. Address from TINKERQ_HOST (default 127.0.0.1: any `tml-`
+key is accepted, so the API answers this machine only until it is put behind a gateway; the
+container image sets 0.0.0.0) and port from TINKERQ_PORT (default 8000).
 """
 
 import os
 
-bind = f"0.0.0.0:{os.environ.get('TINKERQ_PORT', '8000')}"
+bind = f"{os.environ.get('TINKERQ_HOST', '127.0.0.1')}:{os.environ.get('TINKERQ_PORT', '8000')}"
 worker_class = "gevent"
 workers = int(os.environ.get("TINKERQ_WEB_WORKERS", "1"))
 worker_connections = 10000

@@ -100,6 +100,16 @@ def test_procfile_runs_flower_on_loopback_without_auth(stack, flower):
         socket.create_connection(("127.0.0.2", port), timeout=5).close()
 
 
+def test_the_api_listens_on_loopback_by_default(stack):
+    """Any tml- key is accepted: the web answers this machine only unless TINKERQ_HOST says
+    otherwise (the stack, like the Procfile, leaves it unset)."""
+    assert "TINKERQ_HOST" not in stack.env
+    port = int(stack.env["TINKERQ_PORT"])
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+
 def test_every_call_is_a_task_with_a_short_summary(service, stack, flower):
     tc = service.create_lora_training_client(BASE, rank=4, seed=7).result()
     tc.forward_backward(DATA, "cross_entropy").result()
