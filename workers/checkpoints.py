@@ -13,7 +13,10 @@ With tied embeddings, an lm_head adapter only changes the unembedding: peft wrap
 alone and leaves embed_tokens as it is, as MultiLoraLinear does, so no embedding is saved.
 
 Every folder is written into a temporary sibling and renamed into place, so a reader sees
-the old folder or the new one, never half of one.
+the old folder or the new one, never half of one. The sibling's name says who wrote it
+(`.<name>.tmp-<host>-<pid>-<random>`, `.old-` for a replaced folder on its way out), so
+that a worker starting up removes what a dead writer on its host left
+(`remove_stale_temp`), and anyone's after a day.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,7 +200,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> int:
     if path.name in ("", ".", "..") or path.name.startswith("."):  # the API refuses these
         raise UserError(f"checkpoint folder {str(path)!r} does not name a checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name, "tmp"), dir=path.parent))
     try:
         write(tmp)
         size = sum(f.stat().st_size for f in tmp.iterdir())
@@ -211,7 +216,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst.name, "old"), dir=dst.parent))
     os.replace(dst, old / dst.name)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
@@ -247,3 +252,46 @@ def written(model_id: str, kind: str, body: dict[str, Any], size: int) -> dict[s
         "ttl_seconds": body.get("ttl_seconds"),
         "user_metadata": body.get("user_metadata"),
     }
+
+
+STALE_AFTER_S = 24 * 3600  # a temporary folder of another host's writer this old is dead
+
+
+def _temp_prefix(name: str, tag: str) -> str:
+    return f".{name}.{tag}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temp(root: Path, now: float | None = None) -> list[Path]:
+    """Delete the temporary folders under the checkpoint root that no live writer holds:
+    this host's whose process is gone, and anyone's older than STALE_AFTER_S. Returns them."""
+    now = time.time() if now is None else now
+    host, removed = socket.gethostname(), []
+    for pattern in ("*/*/*/.*.tmp-*", "*/*/*/.*.old-*", "*/*/*/_session/.*.tmp-*",
+                    "*/*/*/_session/.*.old-*"):
+        for path in Path(root).glob(pattern):
+            writer = _writer(path.name)
+            mine_and_dead = writer is not None and writer[0] == host and not _alive(writer[1])
+            if mine_and_dead or now - path.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _writer(folder_name: str) -> tuple[str, int] | None:
+    """(host, pid) from `.<name>.tmp-<host>-<pid>-<random>`, or None for another shape."""
+    tag = ".tmp-" if ".tmp-" in folder_name else ".old-"
+    head, _, rest = folder_name.rpartition(tag)
+    parts = rest.rsplit("-", 2)  # host (may hold '-'), pid, mkdtemp's random tail (never '-')
+    if not head or len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -98,6 +98,9 @@ class Executor:
         folder = model_dir(settings)
         if rank == 0 and settings.base_model == "tinkerq/tiny-qwen3":
             ensure_default_model(folder)
+        if rank == 0 and (stale := checkpoints.remove_stale_temp(settings.checkpoint_root)):
+            log.warning("removed %d temporary checkpoint folder(s) a dead writer left, e.g. %s",
+                        len(stale), stale[0])
         device = pick_device(settings.device)
         if device.type == "cuda":
             device = torch.device("cuda", rank)

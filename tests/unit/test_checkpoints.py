@@ -6,12 +6,18 @@ Run: python -m pytest tests/unit/test_checkpoints.py -q
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from protocol.jobs import UserError
 from tests.conftest import tiny_qwen3_config
+from workers import checkpoints
 from workers.checkpoints import (
     load_sampler_weights,
     load_training_state,
@@ -167,3 +173,42 @@ def test_sampler_weights_load_in_peft_and_match(tiny_model, tmp_path, spec):
     tiny_model.set_adapter_weights(3, spec2, weights)
     for a, b in zip(_logprobs(tiny_model, 2), _logprobs(tiny_model, 3), strict=True):
         assert torch.equal(a, b)
+
+
+def test_start_up_removes_only_what_dead_writers_left(tmp_path):
+    """A worker killed mid-save left `.<name>.tmp-*` folders that nothing removed. At start
+    the worker removes this host's whose writer is gone and anyone's a day old; a live
+    writer's folder (here: this process's, or another host's fresh one) and checkpoints stay."""
+    run = tmp_path / "tenant" / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host, pid = socket.gethostname(), dead.stdout.strip()
+    folders = {
+        "dead": run / "weights" / f".step-1.tmp-{host}-{pid}-abc123",
+        "dead_old": run / "weights" / f".a.b-c.old-{host}-{pid}-x_9",
+        "dead_session": run / "sampler_weights" / "_session" / f".s:1.tmp-{host}-{pid}-q",
+        "live": run / "weights" / f".step-2.tmp-{host}-{os.getpid()}-def456",
+        "other_fresh": run / "weights" / ".step-3.tmp-elsewhere-1-ghi789",
+        "other_stale": run / "sampler_weights" / ".s.tmp-elsewhere-2-jkl012",
+        "checkpoint": run / "weights" / "step-1",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    day_ago = time.time() - checkpoints.STALE_AFTER_S - 60
+    os.utime(folders["other_stale"], (day_ago, day_ago))
+    removed = checkpoints.remove_stale_temp(tmp_path)
+    assert sorted(removed) == sorted(folders[k] for k in ("dead", "dead_old", "dead_session",
+                                                          "other_stale"))
+    assert all(folders[k].is_dir() for k in ("live", "other_fresh", "checkpoint"))
+
+
+def test_a_save_names_its_writer(tiny_model, tmp_path, monkeypatch):
+    """The temporary folder of a save carries this host and pid (what start-up reads)."""
+    seen = []
+    real = checkpoints._replace_dir
+    monkeypatch.setattr(checkpoints, "_replace_dir",
+                        lambda src, dst: (seen.append(src.name), real(src, dst)))
+    tiny_model.add_adapter(0, AdapterSpec(rank=4, alpha=16.0), torch.Generator().manual_seed(0))
+    save_sampler_weights(tiny_model, 0, tmp_path / "s1", "tiny")
+    assert seen and checkpoints._writer(seen[0]) == (socket.gethostname(), os.getpid())
