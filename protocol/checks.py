@@ -203,8 +203,10 @@ _UNSUPPORTED_SAMPLE = (
 )
 
 
-def check_sample(body: dict[str, Any], settings: Settings, vocab: int) -> dict[str, Any]:
-    """The engine's sample payload (all but adapter_dir) from an asample body."""
+def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
+                 context: int | None = None) -> dict[str, Any]:
+    """The engine's sample payload (all but adapter_dir) from an asample body. A sequence
+    fits max_seq_len and the model's context (`context`, its max_position_embeddings)."""
     for name in _UNSUPPORTED_SAMPLE:
         if body.get(name):
             raise bad(f"{name}={body[name]!r} is not supported by this server")
@@ -214,20 +216,19 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int) -> dict[s
     prompt = check_prompt(body.get("prompt"), vocab)
     params = field(body, "sampling_params", dict, {})
     where = "sampling_params."
-    room = settings.max_seq_len - len(prompt)
+    limit, limit_name = settings.max_seq_len, "max_seq_len"
+    if context is not None and context < limit:
+        limit, limit_name = context, "the model's context (max_position_embeddings)"
+    room = limit - len(prompt)
     if room < 1:
-        raise bad(
-            f"prompt has {len(prompt)} tokens; it leaves no room to sample within "
-            f"max_seq_len={settings.max_seq_len}"
-        )
+        raise bad(f"prompt has {len(prompt)} tokens; it leaves no room to sample within "
+                  f"{limit_name}={limit}")
     max_tokens = field(params, "max_tokens", int, min(settings.max_sample_tokens, room), where)
     if not 1 <= max_tokens <= settings.max_sample_tokens:
         raise bad(f"max_tokens={max_tokens} must be in [1, {settings.max_sample_tokens}]")
     if max_tokens > room:
-        raise bad(
-            f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
-            f"max_seq_len={settings.max_seq_len}"
-        )
+        raise bad(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
+                  f"{limit_name}={limit}")
     temperature = field(params, "temperature", float, 1.0, where)
     top_p = field(params, "top_p", float, 1.0, where)
     top_k = field(params, "top_k", int, -1, where)

@@ -344,7 +344,8 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
 def sample(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
     sampler = sub.load_sampler(tenant, body.get("sampling_session_id"))
     seq_id = field(body, "seq_id", int)
-    data = check_sample(body, sub.settings, sub.model.vocab_size)
+    data = check_sample(body, sub.settings, sub.model.vocab_size,
+                        sub.model.max_position_embeddings)
     data["adapter_dir"] = sampler.checkpoint_dir
     row = RequestRow(
         id=new_request_id(),

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from tinker.proto import tinker_public_pb2 as pb
 
+from protocol.checks import check_sample
+from protocol.errors import RequestError
 from store.schema import RequestRow
 from tests.api.conftest import create_model_body
 from tests.api.test_training import PROTO, datum, fwdbwd_body
@@ -98,3 +100,19 @@ def test_non_finite_loss_inputs_are_refused(api, model_id, bad):
     body = fwdbwd_body(model_id, 1, [datum([1, 2, 3, 4], weights=weights)])
     refused(api.post("forward_backward", body, headers=PROTO), "'weights'", "flat index 1",
             "finite")
+
+
+def test_sample_defaults_fit_the_models_context(settings):
+    """`"sampling_params": {}` took max_tokens from max_seq_len, past a model context shorter
+    than it, and failed in the worker: the default and the limit are the smaller of both."""
+    def body(n_prompt: int, **params) -> dict:
+        chunk = {"type": "encoded_text", "tokens": [1] * n_prompt}
+        return {"prompt": {"chunks": [chunk]}, "sampling_params": params}
+
+    assert settings.max_seq_len == 256 and settings.max_sample_tokens == 64
+    assert check_sample(body(3), settings, 512, context=40)["max_tokens"] == 37
+    assert check_sample(body(3), settings, 512, context=None)["max_tokens"] == 64
+    with pytest.raises(RequestError, match=r"max_position_embeddings\)=40"):
+        check_sample(body(30, max_tokens=20), settings, 512, context=40)
+    with pytest.raises(RequestError, match="no room"):
+        check_sample(body(40), settings, 512, context=40)
