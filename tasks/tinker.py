@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from celery import signals
+from sqlalchemy.exc import OperationalError
 
 from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
 from store import checkpoints
@@ -143,9 +144,22 @@ def run_request(request_id: str) -> str:
     if job.kind == "skip" and (job.seq_id is None or job.model_id is None):
         doorbell.ring(request_id)  # nothing to order (a creation, a sample): wake any poller
         return "already answered"
-    outcome = engine.submit(job).result()
+    try:
+        outcome = engine.submit(job).result()
+    except Exception as e:  # noqa: BLE001 - the engine could not answer: the call fails
+        log.exception("the engine did not answer %s (%s)", request_id, job.kind)
+        outcome = Outcome.fail(f"the worker could not run this call: {type(e).__name__}: {e}",
+                               "server")
     if job.kind != "skip":
-        _store(store, request_id, outcome)
+        try:
+            _store(store, request_id, outcome)
+        except OperationalError:
+            raise  # the database is away, not the answer at fault: leave the row to a retry
+        except Exception as e:  # noqa: BLE001 - an answer that cannot be stored fails the call
+            log.exception("could not store the answer of %s (%s)", request_id, job.kind)
+            outcome = Outcome.fail(f"the worker could not store this call's answer: "
+                                   f"{type(e).__name__}: {e}", "server")
+            _store(store, request_id, outcome)
     doorbell.ring(request_id)
     return "ok" if outcome.ok else f"failed ({outcome.category}): {outcome.error}"[:200]
 

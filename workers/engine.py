@@ -71,7 +71,13 @@ class Engine:
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty() and not busy:
             return
-        outcomes = self.executor.run(plan)
+        try:
+            outcomes = self.executor.run(plan)
+        except Exception as e:  # noqa: BLE001 - the tick's calls fail; none is left waiting
+            log.exception("tick failed; its %d call(s) fail", len(plan.jobs()))
+            outcomes = {job.request_id: Outcome.fail(f"the worker failed while running this "
+                                                     f"call: {type(e).__name__}: {e}", "server")
+                        for job in plan.barriers + plan.train + plan.samples}
         for job, message in plan.expired:
             outcomes[job.request_id] = Outcome.fail(message)
         for job in plan.skips:

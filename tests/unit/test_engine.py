@@ -70,3 +70,24 @@ def test_unknown_model_is_answered_not_left_waiting(tiny_model, tmp_path):
     engine = start_engine(tiny_model, tmp_path)
     outcome = engine.submit(job("forward", fwdbwd_body("ghost", 1, [1, 2]), "ghost", 1)).result(5)
     assert not outcome.ok and "no state in this worker" in outcome.error
+
+
+def test_a_tick_that_raises_answers_its_calls_and_the_order_goes_on(tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """An exception out of the executor used to leave the tick's futures (and so their
+    Celery tasks and rows) waiting forever; now they fail, and the model's next call runs."""
+    engine = start_engine(tiny_model, tmp_path)
+    assert engine.submit(job("create_model", create_body("a"), "a")).result(10).ok
+    real = engine.executor.run
+
+    def broken(plan):
+        monkeypatch.setattr(engine.executor, "run", real)  # the next tick works again
+        raise RuntimeError("a bug in the executor")
+
+    monkeypatch.setattr(engine.executor, "run", broken)
+    failed = engine.submit(job("forward", fwdbwd_body("a", 1, [1, 2, 3], forward_only=True),
+                               "a", 1)).result(10)
+    assert not failed.ok and failed.category == "server" and "a bug" in failed.error
+    after = engine.submit(job("forward", fwdbwd_body("a", 2, [1, 2, 3], forward_only=True),
+                              "a", 2)).result(10)
+    assert after.ok
