@@ -7,7 +7,22 @@ key is accepted, so the API answers this machine only until it is put behind a g
 container image sets 0.0.0.0) and port from TINKERQ_PORT (default 8000).
 """
 
+import json
 import os
+
+from gunicorn import util
+
+
+def _json_error(sock, status_int, reason, mesg):
+    """gunicorn's own answers (414 URI too long, 431 headers too large, 400 a request it
+    cannot parse) in the API's JSON shape: the SDK reads an HTML 4xx as a proxy's."""
+    body = json.dumps({"detail": f"{reason}: {mesg}" if mesg else reason}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin1") + body)
+
+
+util.write_error = _json_error  # what gunicorn's workers call for errors they answer themselves
 
 bind = f"{os.environ.get('TINKERQ_HOST', '127.0.0.1')}:{os.environ.get('TINKERQ_PORT', '8000')}"
 worker_class = "gevent"

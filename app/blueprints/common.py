@@ -29,11 +29,13 @@ def tenant() -> str:
 
 
 MAX_JSON_DEPTH = 32  # the SDK's deepest body (a sample's prompt chunks) is 4 levels
+MAX_JSON_BYTES = 16 << 20  # a JSON call's body (a long prompt is well under 1 MiB)
 
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, refused with a 400 when it is not JSON, nests deeper than
     MAX_JSON_DEPTH, or holds NaN/Infinity or a NUL character (no column or path takes one)."""
+    request.max_content_length = MAX_JSON_BYTES  # past it: 413, answered as JSON
     raw = request.get_data()
     try:
         data = json.loads(raw, parse_constant=_no_constant) if raw else {}

@@ -110,6 +110,24 @@ def test_the_api_listens_on_loopback_by_default(stack):
         socket.create_connection(("127.0.0.2", port), timeout=5).close()
 
 
+def test_the_http_servers_own_errors_answer_json(stack):
+    """gunicorn answers an over-long URL (414) or header (431) itself, and Flask a JSON body
+    over its limit (413): each in the API's JSON shape, never HTML, which the SDK misreads
+    as a proxy's answer."""
+    headers = {"X-API-Key": API_KEY}
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        cases = [
+            http.get("/api/v1/training_runs/" + "r" * 10_000, headers=headers),
+            http.get("/api/v1/healthz", headers=headers | {"X-Big": "h" * 10_000}),
+            http.post("/api/v1/create_session", headers=headers | {
+                "Content-Type": "application/json"}, content=b" " * (17 << 20) + b"{}"),
+        ]
+    for resp, status in zip(cases, (414, 431, 413), strict=True):
+        assert resp.status_code == status, (resp.status_code, resp.text[:200])
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json()["detail"]
+
+
 def test_every_call_is_a_task_with_a_short_summary(service, stack, flower):
     tc = service.create_lora_training_client(BASE, rank=4, seed=7).result()
     tc.forward_backward(DATA, "cross_entropy").result()
