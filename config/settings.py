@@ -66,6 +66,19 @@ class Settings:
     max_models: int = _opt(
         1024, "Training runs one worker keeps, resident or offloaded to CPU memory."
     )
+    max_offload_gib: float = _opt(
+        0.0, "CPU memory the training runs offloaded from the device may hold, in GiB (weights, "
+        "pending gradients, AdamW moments: 4 copies of each adapter); a new run that would "
+        "pass it is refused. 0 = half of this machine's memory."
+    )
+    max_models_per_tenant: int = _opt(
+        64, "Training runs one API key may keep live at once (runs of finished sessions, or of "
+        "sessions idle past session_idle_s, do not count)."
+    )
+    session_idle_s: float = _opt(
+        600.0, "A session with no heartbeat for this long counts as gone (the SDK beats every "
+        "10 s)."
+    )
     max_lora_rank: int = _opt(64, "Largest LoRA rank a model may ask for.")
     lora_alpha: float = _opt(32.0, "LoRA alpha; an adapter's scale is lora_alpha / rank.")
     max_sampler_adapters: int = _opt(
@@ -141,6 +154,13 @@ class Settings:
     def checkpoint_root(self) -> Path:
         return self.data_path / "checkpoints"
 
+    @property
+    def offload_budget_bytes(self) -> int:
+        """max_offload_gib in bytes; 0 means half of the machine's physical memory."""
+        if self.max_offload_gib > 0:
+            return int(self.max_offload_gib * 2**30)
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
     def served_model_names(self) -> list[str]:
         """Names a client may pass as base_model for this worker's model."""
         names = [self.base_model] + [a.strip() for a in self.model_aliases.split(",")]
@@ -150,11 +170,14 @@ class Settings:
         for name in ("max_lora_adapters", "max_models", "max_lora_rank", "max_sampler_adapters",
                      "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
-                     "loss_chunk_tokens",
+                     "loss_chunk_tokens", "max_models_per_tenant",
                      "worker_concurrency", "tensor_parallel_size"):
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")
+        if self.max_offload_gib < 0 or self.session_idle_s <= 0:
+            raise SettingsError(f"max_offload_gib={self.max_offload_gib} must be >= 0 and "
+                                f"session_idle_s={self.session_idle_s} > 0")
         if self.random_seed < -1:
             raise SettingsError(f"random_seed={self.random_seed} must be -1 (fresh) or at least 0")
         if not 0 < self.long_poll_seconds < 45:

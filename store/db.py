@@ -9,16 +9,17 @@ runs the alembic migrations (`store.migrate`).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.engine import make_engine
 from store.migrate import upgrade
-from store.schema import ModelRow, RequestRow, utcnow
+from store.schema import ModelRow, RequestRow, SessionRow, utcnow
 
 
 class Store:
@@ -79,6 +80,18 @@ class Store:
                 return found
             raise
         return row.id
+
+    def live_models(self, tenant: str, idle_s: float) -> int:
+        """The tenant's training runs whose session is neither finished nor silent for more
+        than `idle_s` seconds (no heartbeat)."""
+        cutoff = utcnow() - dt.timedelta(seconds=idle_s)
+        with self.transaction() as s:
+            return s.scalar(
+                select(func.count(ModelRow.id))
+                .join(SessionRow, SessionRow.id == ModelRow.session_id)
+                .where(ModelRow.tenant == tenant, SessionRow.finished_at.is_(None),
+                       SessionRow.last_heartbeat >= cutoff)
+            ) or 0
 
     def create_schema(self) -> None:
         """Bring the schema to the newest migration (alembic upgrade head)."""

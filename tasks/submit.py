@@ -161,7 +161,13 @@ class Submitter:
         return future(self.submit(row), model.id)
 
     def creation(self, model: ModelRow, kind: str, data: dict[str, Any]) -> dict[str, Any]:
-        """A run's creation (create_model, create-via-load): seq_id 0, with its model row."""
+        """A run's creation (create_model, create-via-load): seq_id 0, with its model row.
+        A tenant keeps at most max_models_per_tenant live runs (see Store.live_models)."""
+        limit = self.settings.max_models_per_tenant
+        if self.store.live_models(model.tenant, self.settings.session_idle_s) >= limit:
+            raise RequestError(400, f"this API key already has max_models_per_tenant={limit} "
+                                    "live training runs; finish sessions you no longer use "
+                                    "(ServiceClient.close) before creating another")
         row = RequestRow(
             id=new_request_id(),
             tenant=model.tenant,

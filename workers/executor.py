@@ -70,7 +70,7 @@ class Executor:
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self.residency = Residency(model, settings.max_lora_adapters, settings.max_models,
-                                   settings.max_sampler_adapters)
+                                   settings.max_sampler_adapters, settings.offload_budget_bytes)
         self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
@@ -188,7 +188,7 @@ class Executor:
             seed = body["lora"].get("seed")
             seed = self.rng.randrange(2**31) if seed is None else int(seed)
             spec = self._spec(body["lora"])
-            slot = self.residency.take_slot()
+            slot = self.residency.take_slot(spec)
             self.model.add_adapter(slot, spec, torch.Generator().manual_seed(seed))
             self.residency.add(model_id, Run(slot, spec, body["base_model"]))
         return Outcome(json={"model_id": model_id, "type": "create_model"})
@@ -200,7 +200,7 @@ class Executor:
             run = self._run(model_id)
             run.spec = spec
         else:
-            run = Run(self.residency.take_slot(), spec, body["base_model"])
+            run = Run(self.residency.take_slot(spec), spec, body["base_model"])
             self.residency.add(model_id, run)
         self.model.set_adapter_weights(run.slot, spec, weights)
         if adam is not None and tp.active(self.model.tp):  # the file holds whole moments

@@ -14,6 +14,11 @@ What leaving means differs by kind:
                   the folder loads it again. Samples already running keep the tensors they
                   were admitted with (a slot reloaded later gets new tensors).
 
+Memory is bounded: the offloaded runs' CPU copies may hold at most `budget_bytes`
+(settings.max_offload_gib). A new run that, once some run is offloaded to make room for it,
+could pass the budget is refused with a `user` error naming the figures; runs already kept
+always keep running (bringing one back and sending another out moves about as much).
+
 All slot logic lives here: the executor asks `take_slot` for a new run, `resident` for a run
 it is about to use and `sampler_slot` for a sample's weights, and never touches slots or
 CPU copies itself.
@@ -34,6 +39,7 @@ from protocol.jobs import UserError
 from workers import checkpoints
 from workers.lora import BASE_SLOT, LoraWeights
 from workers.model import AdapterSpec, LoraModel
+from workers.parallel import tp
 from workers.training.optimizer import AdamState
 
 log = logging.getLogger(__name__)
@@ -57,9 +63,10 @@ class Residency:
     order, and the offloaded training state."""
 
     def __init__(self, model: LoraModel, num_slots: int, max_models: int,
-                 sampler_slots: int = 0):
+                 sampler_slots: int = 0, budget_bytes: int | None = None):
         self.model = model
         self.max_models = max_models
+        self.budget_bytes = budget_bytes  # None: unbounded
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, int] = {}  # loaded sampler folder -> its slot
         # training slots first, then the sampler slots
@@ -72,14 +79,44 @@ class Residency:
         self.offloaded: dict[str, dict[str, LoraWeights]] = {}  # CPU copies by model id
 
     # --- training runs ------------------------------------------------------------------------
-    def take_slot(self) -> int:
-        """A device slot for a run new to this worker (create, load)."""
+    def take_slot(self, spec: AdapterSpec) -> int:
+        """A device slot for a run new to this worker (create, load) of adapter `spec`."""
         if len(self.runs) >= self.max_models:
             raise UserError(
                 f"max_models={self.max_models} training runs are already kept in this "
                 "worker; no room for another model"
             )
+        if self.budget_bytes is not None and not self.free_slots["train"]:
+            held, need = self.offloaded_bytes(), self.state_bytes(spec)
+            # every rank reaches this check in the same barrier: refuse on all if any is over
+            if tp.agree_min(int(held + need <= self.budget_bytes), self.model.tp) == 0:
+                raise UserError(
+                    f"this worker's memory for offloaded training runs is full: "
+                    f"{len(self.offloaded)} runs hold {held / 2**30:.2f} GiB and another needs "
+                    f"{need / 2**30:.3f} GiB, past max_offload_gib="
+                    f"{self.budget_bytes / 2**30:.2f}; finish sessions you no longer use "
+                    "(ServiceClient.close) or save a run and load it later"
+                )
         return self._free_slot("train", keep=())
+
+    def offloaded_bytes(self) -> int:
+        """CPU memory the offloaded runs hold: weights, pending grads, AdamW moments."""
+        total = 0
+        for model_id, weights in self.offloaded.items():
+            for w in weights.values():
+                total += sum(t.nbytes + (t.grad.nbytes if t.grad is not None else 0)
+                             for t in (w.A, w.B))
+            adam = self.runs[model_id].adam
+            if adam is not None:
+                total += sum(t.nbytes for t in [*adam.exp_avg, *adam.exp_avg_sq])
+        return total
+
+    def state_bytes(self, spec: AdapterSpec) -> int:
+        """What one run of `spec` holds once it has trained: 4 fp32 copies of its factors."""
+        params = sum(spec.rank * (layer.in_features + layer.out_features)
+                     for name, layer in self.model.layers.items()
+                     if name.rsplit(".", 1)[-1] in spec.targets)
+        return 4 * 4 * params
 
     def add(self, model_id: str, run: Run) -> None:
         """Record a run whose adapter was just installed in `run.slot`."""

@@ -84,6 +84,7 @@ def settings(tmp_path, model_folder, database_url):
         max_seq_len=256,
         max_sample_tokens=64,
         max_lora_rank=32,
+        max_models_per_tenant=4,
     )
 
 

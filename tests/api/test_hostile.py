@@ -5,13 +5,15 @@ or a column's length, a NUL byte, a sparse tensor densified into 2**40 elements)
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pytest
 from tinker.proto import tinker_public_pb2 as pb
 
 from protocol.checks import check_sample
 from protocol.errors import RequestError
-from store.schema import RequestRow
+from store.schema import RequestRow, SessionRow, utcnow
 from tests.api.conftest import create_model_body
 from tests.api.test_training import PROTO, datum, fwdbwd_body
 
@@ -116,3 +118,28 @@ def test_sample_defaults_fit_the_models_context(settings):
         check_sample(body(30, max_tokens=20), settings, 512, context=40)
     with pytest.raises(RequestError, match="no room"):
         check_sample(body(40), settings, 512, context=40)
+
+
+def test_a_tenant_keeps_a_bounded_number_of_live_runs(api, other, session_id, services):
+    """max_models_per_tenant live runs per API key; a finished session's runs, or those of a
+    session silent past session_idle_s, free their places; other keys are not affected."""
+    limit = services.settings.max_models_per_tenant
+    for n in range(limit):
+        api.ok("create_model", create_model_body(session_id, n))
+    refused(api.post("create_model", create_model_body(session_id, limit)),
+            f"max_models_per_tenant={limit}")
+    theirs = other.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
+    other.ok("create_model", create_model_body(theirs["session_id"], 0))
+    second = api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
+    refused(api.post("create_model", create_model_body(second["session_id"], 0)), "live")
+    assert api.post(f"sessions/{session_id}/finish", {"reason": {"type": "success"}}
+                    ).status_code == 200
+    api.ok("create_model", create_model_body(second["session_id"], 0))
+    for n in range(1, limit):
+        api.ok("create_model", create_model_body(second["session_id"], n))
+    refused(api.post("create_model", create_model_body(second["session_id"], limit)), "live")
+    silent = utcnow() - dt.timedelta(seconds=services.settings.session_idle_s + 1)
+    with services.store.transaction() as s:  # the client died: no heartbeat since
+        s.get(SessionRow, second["session_id"]).last_heartbeat = silent
+    third = api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
+    api.ok("create_model", create_model_body(third["session_id"], 0))

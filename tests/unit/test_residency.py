@@ -12,6 +12,7 @@ in near-zero gradients; that is batching, not offloading, and is left out here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,3 +185,28 @@ def test_sampler_weights_share_the_lru_and_never_take_a_loaded_slot(tmp_path):
         residency.sampler_slot(str(tmp_path / "missing"))
     serves(f1)
     assert set(residency.samplers) == {f1, f2}
+
+
+def test_the_offload_memory_budget_refuses_new_runs_not_kept_ones(tmp_path):
+    """Each run's state (weights, grads, AdamW moments) stays in CPU memory once offloaded, so
+    max_models runs could outgrow the machine (the kernel killed a worker at 22.6 GB): a new
+    run that would pass max_offload_gib is refused with a user error; the runs already kept
+    still train, offloading each other."""
+    settings = load_settings(env={}, data_dir=str(tmp_path), max_lora_adapters=1,
+                             max_models=64, train_micro_batch_size=8)
+    model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32)
+    one_run = Residency(model, 1, 1).state_bytes(AdapterSpec(rank=4, alpha=32))
+    budget_gib = 2.2 * one_run / 2**30  # room for two offloaded runs, not three
+    ex = Executor(model, dataclasses.replace(settings, max_offload_gib=budget_gib),
+                  decode=lambda ids: "", eos_token_ids=[511])
+    for i, m in enumerate(("a", "b", "c")):
+        create(ex, m, seed=i)
+        run_both((ex,), Plan(train=[fwdbwd(m, 1)]))
+        run_both((ex,), Plan(barriers=[optim(m, 2)]))
+    assert len(ex.residency.offloaded) == 2
+    assert 0 < ex.residency.offloaded_bytes() <= ex.residency.budget_bytes
+    refused = create(ex, "d")["create_model-d-None"]
+    assert not refused.ok and refused.category == "user"
+    assert "max_offload_gib" in refused.error and "2 runs" in refused.error
+    for m in ("a", "b", "c"):  # the kept runs go on, each brought back in turn
+        run_both((ex,), Plan(train=[fwdbwd(m, 3)]))
