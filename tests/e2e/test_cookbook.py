@@ -79,6 +79,19 @@ def run_rl(stack: Stack, log_dir: Path, loss_fn: str) -> list[float]:
     return rewards
 
 
+def run_learning(stack: Stack, log_dir: Path, loss_fn: str) -> list[float]:
+    """run_rl, and once more if that run collapsed onto odd tokens (reward 0 held for three
+    steps: no signal is left to climb back). About one run in 18 does at this learning rate
+    (see the stack fixture; the full suite of 2026-12-06 saw cispo do it once, and pass when
+    run again); the retry draws other samples from the server's seeded stream. A loss that
+    pushes the wrong way collapses on both runs and fails."""
+    rewards = run_rl(stack, log_dir, loss_fn)
+    collapsed = learned_at([1.0 - r for r in rewards], level=0.98) is not None
+    if learned_at(rewards) is None and collapsed:
+        rewards = run_rl(stack, log_dir.with_name(f"{log_dir.name}-again"), loss_fn)
+    return rewards
+
+
 def curve_text(rewards: list[float]) -> str:
     """The whole reward curve as the failure message (pytest would cut a list short)."""
     return "rewards by step: " + " ".join(f"{r:.2f}" for r in rewards)
@@ -99,7 +112,7 @@ def test_learned_at_needs_the_level_held():
 
 
 def test_rl_importance_sampling_learns_even_tokens(stack, tmp_path):
-    rewards = run_rl(stack, tmp_path / "rl", "importance_sampling")
+    rewards = run_learning(stack, tmp_path / "rl", "importance_sampling")
     assert learned_at(rewards) is not None, curve_text(rewards)
     csv_rows = (tmp_path / "rl" / "reward.csv").read_text().splitlines()
     assert csv_rows[0] == "step,mean_reward" and len(csv_rows) == RL_STEPS + 1
@@ -108,7 +121,7 @@ def test_rl_importance_sampling_learns_even_tokens(stack, tmp_path):
 
 @pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
 def test_rl_clipped_losses_learn_too(stack, tmp_path, loss_fn):
-    rewards = run_rl(stack, tmp_path / loss_fn, loss_fn)
+    rewards = run_learning(stack, tmp_path / loss_fn, loss_fn)
     assert learned_at(rewards) is not None, curve_text(rewards)
 
 

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -224,3 +225,49 @@ def test_hostile_checkpoint_names_and_ttls_are_refused(service):
     np.testing.assert_array_equal(
         np.concatenate(forward_logprobs(tc)), np.concatenate(forward_logprobs(resumed))
     )
+
+
+def test_hostile_requests_answer_json_4xx_and_a_canary_still_trains(service, stack):
+    """Over the live stack, one request of each hostile class on the routes that take them
+    (the API suite has the exhaustive cases): each is a 4xx with a JSON `detail`, nothing
+    answers 500 (the web log holds no unhandled error), and a client trains and samples
+    afterwards as if nothing had happened."""
+    tc = service.create_lora_training_client(BASE, rank=8, seed=5).result()
+    run = tc.model_id
+    adam = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        ("post", "create_session", {"content": b'{"tags": ' + b"[" * 50_000 + b"]" * 50_000
+                                    + b"}", "headers": json_type}),
+        ("post", "create_session", {"json": {"tags": [], "user_metadata": {},
+                                             "project_id": "p" * 10_000}}),
+        ("post", "optim_step", {"json": {"model_id": run, "seq_id": 2**63,
+                                         "adam_params": adam}}),
+        ("post", "optim_step", {"json": {"model_id": run + "\x00", "seq_id": 1,
+                                         "adam_params": adam}}),
+        ("post", "optim_step", {"content": b'{"model_id": "%s", "seq_id": 1, "adam_params": '
+                                b'{"learning_rate": NaN}}' % run.encode(),
+                                "headers": json_type}),
+        ("post", "save_weights", {"json": {"model_id": run, "seq_id": 1, "path": "."}}),
+        ("post", "save_weights", {"json": {"model_id": run, "seq_id": 2, "path": "x",
+                                           "ttl_seconds": 10**12}}),
+        ("post", "create_model", {"json": {"session_id": "s", "model_seq_id": 2**70}}),
+        ("get", f"training_runs/{run}%00", {}),
+        ("get", "checkpoints?offset=" + "9" * 30, {}),
+        ("delete", f"training_runs/{run}/checkpoints/weights/.", {}),
+    ]
+    with httpx.Client(base_url=f"{stack.url}/api/v1", timeout=30,
+                      headers={"X-API-Key": API_KEY}) as http:
+        for method, path, kwargs in cases:
+            resp = http.request(method.upper(), path, **kwargs)
+            assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:200])
+            assert resp.json()["detail"], (path, resp.text[:200])
+    # the canary is another run: the requests above claimed seq_ids of `run`
+    canary = service.create_lora_training_client(BASE, rank=8, seed=6).result()
+    losses = train_steps(canary, 3)
+    assert losses[-1] < losses[0]
+    sampler = canary.save_weights_and_get_sampling_client("canary").result()
+    sample = sampler.sample(types.ModelInput.from_ints([9707, 11]), 1,
+                            types.SamplingParams(max_tokens=4)).result()
+    assert 1 <= len(sample.sequences[0].tokens) <= 4
+    assert "unhandled error" not in (stack.data_dir / "web.log").read_text(errors="replace")
