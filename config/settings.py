@@ -79,6 +79,11 @@ class Settings:
         600.0, "A session with no heartbeat for this long counts as gone (the SDK beats every "
         "10 s)."
     )
+    release_idle_s: float = _opt(
+        600.0, "A training run with no call for this long is released: the worker writes its "
+        "whole state (weights, pending gradients, AdamW moments) to its disk and frees its "
+        "memory; the run's next call loads it back, exactly. 0 = never."
+    )
     max_lora_rank: int = _opt(64, "Largest LoRA rank a model may ask for.")
     lora_alpha: float = _opt(32.0, "LoRA alpha; an adapter's scale is lora_alpha / rank.")
     max_sampler_adapters: int = _opt(
@@ -155,6 +160,11 @@ class Settings:
         return self.data_path / "checkpoints"
 
     @property
+    def released_dir(self) -> Path:
+        """Where this worker keeps the state of the runs it released (see release_idle_s)."""
+        return self.data_path / "released" / self.queue
+
+    @property
     def offload_budget_bytes(self) -> int:
         """max_offload_gib in bytes; 0 means half of the machine's physical memory."""
         if self.max_offload_gib > 0:
@@ -175,9 +185,10 @@ class Settings:
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")
-        if self.max_offload_gib < 0 or self.session_idle_s <= 0:
-            raise SettingsError(f"max_offload_gib={self.max_offload_gib} must be >= 0 and "
-                                f"session_idle_s={self.session_idle_s} > 0")
+        if self.max_offload_gib < 0 or self.release_idle_s < 0 or self.session_idle_s <= 0:
+            raise SettingsError(f"max_offload_gib={self.max_offload_gib} and release_idle_s="
+                                f"{self.release_idle_s} must be >= 0, session_idle_s="
+                                f"{self.session_idle_s} > 0")
         if self.random_seed < -1:
             raise SettingsError(f"random_seed={self.random_seed} must be -1 (fresh) or at least 0")
         if not 0 < self.long_poll_seconds < 45:

@@ -8,6 +8,9 @@ thread gathers whatever has been submitted, then runs one tick:
                                          # a slice of decode steps of the running samples
     scheduler.complete(plan, outcomes)   # advance each model's seq_id order
 
+A model with no call for release_idle_s is released: its state goes to the worker's disk
+and its memory is freed, until its next call loads it back (see workers.residency).
+
 Sample requests join the executor's running batch (continuous batching) and answer in a
 later tick, when their last sequence ends; while it has work, ticks follow each other
 without waiting, so training calls interleave with decode steps.
@@ -35,7 +38,8 @@ class Engine:
     def __init__(self, settings: Settings, executor: Executor):
         self.settings = settings
         self.executor = executor
-        self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick)
+        self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick,
+                                   settings.release_idle_s)
         self._inbox: queue.Queue[tuple[Job, Future[Outcome]]] = queue.Queue()
         self._futures: dict[str, list[Future[Outcome]]] = {}
         self._thread = threading.Thread(target=self._loop, name="tinkerq-engine", daemon=True)
@@ -62,8 +66,11 @@ class Engine:
 
     def _tick(self) -> None:
         busy = self.executor.busy  # sequences are decoding: never sit idle
-        wait = 0.0 if busy else 1.0 if self.scheduler.pending else None  # 1 s: expire gaps
-        if not self._take(timeout=wait) and not self.scheduler.pending and not busy:
+        # 1 s with jobs pending: expire gaps; idle: wake when the next model is due to release
+        wait = (0.0 if busy else 1.0 if self.scheduler.pending
+                else self.scheduler.until_release(time.monotonic()))
+        if (not self._take(timeout=wait) and not self.scheduler.pending and not busy
+                and wait is None):
             return
         if not busy:
             time.sleep(self.settings.tick_gather_ms / 1000)  # let concurrent calls join
@@ -82,7 +89,7 @@ class Engine:
             outcomes[job.request_id] = Outcome.fail(message)
         for job in plan.skips:
             outcomes[job.request_id] = Outcome(json={})
-        self.scheduler.complete(plan, outcomes)
+        self.scheduler.complete(plan, outcomes, time.monotonic())
         self.ticks += 1
         self._resolve(outcomes)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ class Executor:
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self.residency = Residency(model, settings.max_lora_adapters, settings.max_models,
-                                   settings.max_sampler_adapters, settings.offload_budget_bytes)
+                                   settings.max_sampler_adapters, settings.offload_budget_bytes,
+                                   settings.released_dir)
         self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
@@ -101,6 +103,8 @@ class Executor:
         if rank == 0 and (stale := checkpoints.remove_stale_temp(settings.checkpoint_root)):
             log.warning("removed %d temporary checkpoint folder(s) a dead writer left, e.g. %s",
                         len(stale), stale[0])
+        if rank == 0:  # released runs of an earlier process: their records died with it
+            shutil.rmtree(settings.released_dir, ignore_errors=True)
         device = pick_device(settings.device)
         if device.type == "cuda":
             device = torch.device("cuda", rank)
@@ -152,6 +156,7 @@ class Executor:
             outcomes.update(self._sample(plan.samples))
         if self.sampling.busy:
             outcomes.update(self._decode())
+        self.residency.release(plan.releases)
         return outcomes
 
     @property

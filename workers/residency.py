@@ -14,6 +14,10 @@ What leaving means differs by kind:
                   the folder loads it again. Samples already running keep the tensors they
                   were admitted with (a slot reloaded later gets new tensors).
 
+A run that the engine releases (no call for release_idle_s) leaves memory altogether: its
+weights, pending gradients and AdamW moments are written to one safetensors file per rank in
+`released_dir`, and its next use reads them back into a slot, exactly as an offload would.
+
 Memory is bounded: the offloaded runs' CPU copies may hold at most `budget_bytes`
 (settings.max_offload_gib). A new run that, once some run is offloaded to make room for it,
 could pass the budget is refused with a `user` error naming the figures; runs already kept
@@ -26,7 +30,10 @@ CPU copies itself.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from protocol.jobs import UserError
 from workers import checkpoints
@@ -63,8 +71,10 @@ class Residency:
     order, and the offloaded training state."""
 
     def __init__(self, model: LoraModel, num_slots: int, max_models: int,
-                 sampler_slots: int = 0, budget_bytes: int | None = None):
+                 sampler_slots: int = 0, budget_bytes: int | None = None,
+                 released_dir: Path | None = None):
         self.model = model
+        self.released_dir = released_dir
         self.max_models = max_models
         self.budget_bytes = budget_bytes  # None: unbounded
         self.runs: dict[str, Run] = {}
@@ -77,6 +87,7 @@ class Residency:
         # (kind, model id or folder) of every occupied slot, least recently used first
         self.lru: OrderedDict[tuple[Kind, str], None] = OrderedDict()
         self.offloaded: dict[str, dict[str, LoraWeights]] = {}  # CPU copies by model id
+        self.released: dict[str, int | None] = {}  # on disk: model id -> AdamW step (or None)
 
     # --- training runs ------------------------------------------------------------------------
     def take_slot(self, spec: AdapterSpec) -> int:
@@ -137,8 +148,60 @@ class Residency:
             raise UserError(f"model {model_id} is not known to this worker")
         if model_id in self.offloaded:
             self._restore(model_id, run, self._free_slot("train", {model_id, *keep}))
+        elif model_id in self.released:
+            self._reload(model_id, run, self._free_slot("train", {model_id, *keep}))
         self.lru.move_to_end(("train", model_id))
         return run
+
+    def release(self, model_ids: Collection[str]) -> None:
+        """Write each run's whole state to `released_dir` and free its memory (device slot
+        or CPU copy); the next `resident` reads it back. Every rank writes its own shards. A
+        run that cannot be written stays in memory, as it was."""
+        written: dict[str, Path] = {}
+        for model_id in model_ids:
+            try:
+                if (path := self._release(model_id)) is not None:
+                    written[model_id] = path
+            except Exception:  # noqa: BLE001 - a full disk must not stop the tick
+                log.exception("could not release model %s; it stays in memory", model_id)
+        if written:
+            _give_memory_back()
+        for model_id, path in written.items():  # logged once the memory is back
+            log.info("released model %s: its state is in %s", model_id, path)
+
+    def _release(self, model_id: str) -> Path | None:
+        run = self.runs.get(model_id)
+        if run is None or model_id in self.released or self.released_dir is None:
+            return None
+        weights = (self.model.adapter_weights(run.slot) if self.in_slot(model_id)
+                   else self.offloaded[model_id])
+        tensors: dict[str, torch.Tensor] = {}
+        for name, w in weights.items():
+            for part, t in (("A", w.A), ("B", w.B)):
+                tensors[f"w.{name}.{part}"] = t.detach()
+                if t.grad is not None:
+                    tensors[f"w.{name}.{part}.grad"] = t.grad
+        if run.adam is not None:
+            for i, (m, v) in enumerate(zip(run.adam.exp_avg, run.adam.exp_avg_sq, strict=True)):
+                tensors[f"adam.{i}.m"], tensors[f"adam.{i}.v"] = m, v
+        path = self._released_file(model_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp")
+        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, partial)
+        os.replace(partial, path)
+        if self.in_slot(model_id):
+            self.model.drop_adapter(run.slot)
+            self.free_slots["train"].append(run.slot)
+            del self.lru["train", model_id]
+        else:
+            del self.offloaded[model_id]
+        self.released[model_id] = None if run.adam is None else run.adam.step
+        run.adam = None
+        return path
+
+    def _released_file(self, model_id: str) -> Path:
+        rank = self.model.tp.rank if tp.active(self.model.tp) else 0
+        return self.released_dir / f"{model_id}.rank{rank}.safetensors"
 
     # --- sampler weights ----------------------------------------------------------------------
     def sampler_slot(self, folder: str | None) -> int:
@@ -210,6 +273,35 @@ class Residency:
         run.slot = slot
         self.lru["train", model_id] = None
         log.info("restored model %s from CPU memory into slot %d", model_id, slot)
+
+
+    def _reload(self, model_id: str, run: Run, slot: int) -> None:
+        path = self._released_file(model_id)
+        tensors = load_file(path, device=str(self.model.device))
+        names = [k[2:-2] for k in tensors if k.startswith("w.") and k.endswith(".A")]
+        self.model.set_adapter_weights(
+            slot, run.spec, {n: (tensors[f"w.{n}.A"], tensors[f"w.{n}.B"]) for n in names},
+            full=False,
+        )
+        for name, w in self.model.adapter_weights(slot).items():
+            w.A.grad = tensors.get(f"w.{name}.A.grad")
+            w.B.grad = tensors.get(f"w.{name}.B.grad")
+        step = self.released.pop(model_id)
+        if step is not None:
+            count = sum(k.startswith("adam.") for k in tensors) // 2
+            run.adam = AdamState(step, [tensors[f"adam.{i}.m"] for i in range(count)],
+                                 [tensors[f"adam.{i}.v"] for i in range(count)])
+        run.slot = slot
+        self.lru["train", model_id] = None
+        path.unlink()
+        log.info("reloaded released model %s into slot %d", model_id, slot)
+
+
+def _give_memory_back() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise), so that memory
+    released by idle runs shows in the worker's RSS."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _moved(w: LoraWeights, device: torch.device) -> LoraWeights:

@@ -24,9 +24,11 @@ class Plan:
     samples: list[Job] = field(default_factory=list)  # one batched sampling call
     expired: list[tuple[Job, str]] = field(default_factory=list)  # failed here, with why
     skips: list[Job] = field(default_factory=list)  # only advance order; nothing runs
+    releases: list[str] = field(default_factory=list)  # idle models: state to disk, memory freed
 
     def empty(self) -> bool:
-        return not (self.barriers or self.train or self.samples or self.expired or self.skips)
+        return not (self.barriers or self.train or self.samples or self.expired or self.skips
+                    or self.releases)
 
     def jobs(self) -> list[Job]:
         """Every job the plan settles, expired ones included."""
@@ -37,13 +39,16 @@ class Plan:
 class Scheduler:
     """Pending jobs and per-model seq_id order; builds one `Plan` per tick."""
 
-    def __init__(self, gap_timeout_s: float, max_tokens_per_tick: int):
+    def __init__(self, gap_timeout_s: float, max_tokens_per_tick: int,
+                 release_idle_s: float = 0.0):
         if gap_timeout_s <= 0:
             raise ValueError(f"gap_timeout_s={gap_timeout_s} must be above 0")
         if max_tokens_per_tick < 1:
             raise ValueError(f"max_tokens_per_tick={max_tokens_per_tick} must be at least 1")
         self.gap_timeout_s = gap_timeout_s
         self.max_tokens_per_tick = max_tokens_per_tick
+        self.release_idle_s = release_idle_s  # 0: models are never released
+        self._last_used: dict[str, float] = {}  # models held in memory: when a job last ended
         self._pending: dict[str, Job] = {}  # by request_id, in arrival order
         self._tokens: dict[str, int] = {}  # by request_id: the job's share of the budget
         self._next_seq: dict[str, int] = {}  # open models: the seq_id that runs next
@@ -72,6 +77,12 @@ class Scheduler:
         """A model now exists (created or loaded): its next seq_id is 1."""
         self._next_seq[model_id] = 1
         self._lost.pop(model_id, None)
+
+    def until_release(self, now: float) -> float | None:
+        """Seconds until the next model falls idle past release_idle_s (None: none held)."""
+        if not self.release_idle_s or not self._last_used:
+            return None
+        return max(0.0, min(self._last_used.values()) + self.release_idle_s - now)
 
     def knows(self, model_id: str) -> bool:
         return model_id in self._next_seq
@@ -105,6 +116,9 @@ class Scheduler:
            until it is the oldest head.
         7. Samples have no order; they batch across models and sessions, oldest first, capped
            by the same budget rule (one oversized sample runs alone).
+        8. Release: a model with no pending job whose last job ended release_idle_s or more
+           ago is in `releases` (its state leaves memory for disk); it is listed again only
+           after another of its jobs ends.
         """
         plan = Plan()
         runs: list[list[Job]] = []
@@ -119,16 +133,22 @@ class Scheduler:
         plan.barriers.sort(key=_age)
         self._fill(sorted((run for run in runs if run), key=lambda r: _age(r[0])), plan)
         plan.samples = self._fit(sorted(samples, key=_age))
+        if self.release_idle_s:
+            plan.releases = [m for m, t in self._last_used.items()
+                             if now - t >= self.release_idle_s and m not in by_model]
         return plan
 
-    def complete(self, plan: Plan, outcomes: dict[str, Outcome]) -> None:
+    def complete(self, plan: Plan, outcomes: dict[str, Outcome], now: float = 0.0) -> None:
         """Settle every job of `plan`: remove it from pending and advance its model's order.
 
         Every planned job counts as done, ok or failed (a failed request still consumes its
         seq_id): the executor answers each one, and a job missing from `outcomes` is treated
         like a failed one. A create_model / load_weights without a seq_id whose outcome is ok
-        opens its model (next seq_id 1) when the scheduler does not know it yet.
+        opens its model (next seq_id 1) when the scheduler does not know it yet. A model
+        whose job ended counts as used at `now`; a released one is no longer tracked.
         """
+        for model_id in plan.releases:
+            self._last_used.pop(model_id, None)
         for job in plan.jobs():
             self._pending.pop(job.request_id, None)
             self._tokens.pop(job.request_id, None)
@@ -140,6 +160,9 @@ class Scheduler:
             opened = job.seq_id is None and outcome is not None and outcome.ok
             if opened and not self.knows(job.model_id):
                 self.open_model(job.model_id)
+        for job in plan.jobs():
+            if job.model_id is not None and self.knows(job.model_id):
+                self._last_used[job.model_id] = now
 
     # --- helpers ------------------------------------------------------------------------
     def _group(self) -> tuple[dict[str, list[Job]], list[Job]]:

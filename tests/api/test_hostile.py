@@ -6,6 +6,7 @@ or a column's length, a NUL byte, a sparse tensor densified into 2**40 elements)
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import numpy as np
 import pytest
@@ -143,3 +144,71 @@ def test_a_tenant_keeps_a_bounded_number_of_live_runs(api, other, session_id, se
         s.get(SessionRow, second["session_id"]).last_heartbeat = silent
     third = api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
     api.ok("create_model", create_model_body(third["session_id"], 0))
+
+
+# --- every route, every class --------------------------------------------------------------
+_BODIES = [
+    b"[" * 5000 + b"]" * 5000,  # deep
+    b'{"seq_id": NaN}', b'{"limit": Infinity}',  # not JSON numbers
+    b"\xff\xfe not utf-8", b"{", b"[]", b'"text"', b"null", b"12",  # not an object
+]
+_FIELDS = ("model_id", "seq_id", "session_id", "sampling_session_id", "base_model", "path",
+           "model_path", "tinker_path", "rank", "seed", "num_samples", "prompt", "request_id",
+           "type", "lora_config", "sampling_params", "adam_params", "forward_backward_input",
+           "ttl_seconds", "user_metadata", "tags", "reason", "loss_fn", "checkpoint_id")
+_VALUES = [2**70, -(2**70), -1, 1e308, "\x00", "A" * 5000, "..", ".", [], {}, None, True,
+           [[[[[[[[1]]]]]]]], {"a": {"b": {"c": "\x00"}}}]
+_SEGMENTS = ["%00", "A" * 3000, "..", "%2e%2e", "-1", "9" * 40, "%FF", "tinker:%2F%2Fx"]
+_QUERIES = [{"limit": "-1"}, {"limit": str(2**70)}, {"offset": str(2**64)}, {"limit": "x"},
+            {"offset": "\x00"}, {"limit": "1e9"}]
+
+
+def _filled(rule, value: str) -> str:
+    """The rule's path with every argument, whatever its converter, set to `value`."""
+    return re.sub(r"<[^>]+>", lambda _: value, rule.rule)
+
+
+def _routes(app):
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            yield rule, sorted(rule.methods - {"HEAD", "OPTIONS"})
+
+
+def _answer_is_json_below_500(resp, where) -> None:
+    assert resp.status_code < 500, (where, resp.status_code, resp.get_data()[:300])
+    if resp.status_code >= 400:
+        assert "detail" in resp.get_json(), (where, resp.get_data()[:300])
+
+
+def test_every_route_answers_hostile_input_with_a_json_4xx(app, api, model_id):
+    """Each route, with hostile path segments, query strings and bodies (every class: deep,
+    non-JSON, wrong types, NUL, over-long, out of range) answers below 500 with a JSON body."""
+    client, headers = app.test_client(), {"X-API-Key": api.key}
+    checked, statuses = 0, set()
+    for rule, methods in _routes(app):
+        paths = [_filled(rule, model_id)]
+        paths += [_filled(rule, segment) for segment in _SEGMENTS if rule.arguments]
+        for method in methods:
+            send = getattr(client, method.lower())
+            for path in paths:
+                _answer_is_json_below_500(send(path, headers=headers), (method, path))
+                checked += 1
+            path = paths[0]
+            for query in _QUERIES:
+                _answer_is_json_below_500(send(path, headers=headers, query_string=query),
+                                          (method, path, query))
+            if method in ("POST", "PUT"):
+                for body in _BODIES:
+                    resp = send(path, data=body, headers={**headers,
+                                                          "Content-Type": "application/json"})
+                    _answer_is_json_below_500(resp, (method, path, body[:20]))
+                for field_name in _FIELDS:
+                    for value in _VALUES:
+                        body = {"model_id": model_id, "seq_id": 1, field_name: value}
+                        _answer_is_json_below_500(send(path, json=body, headers=headers),
+                                                  (method, path, field_name, value))
+                        checked += 1
+        statuses.update(send(paths[0], headers=headers).status_code for method in methods
+                        for send in [getattr(client, method.lower())])
+    assert checked > 27 * 10  # every route was reached, not a few
+    assert {200, 400, 404} <= statuses, statuses  # reached the handlers, not only a 404

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,9 @@ PAIRS = [([9707, 11, 1879], [1096, 374, 264, 1273, 13]),
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request, tmp_path_factory):
-    s = Stack.start(tmp_path_factory.mktemp(f"stack-{request.param}"), request.param)
+    # runs idle for 5 s are released to disk: every test here also crosses that path
+    s = Stack.start(tmp_path_factory.mktemp(f"stack-{request.param}"), request.param,
+                    release_idle_s="5")
     yield s
     s.stop()
 
@@ -66,6 +69,50 @@ def train_steps(tc, steps: int) -> list[float]:
 def forward_logprobs(tc, data=DATA) -> list[np.ndarray]:
     out = tc.forward(data, "cross_entropy").result()
     return [np.asarray(o["logprobs"].tolist(), dtype=np.float64) for o in out.loss_fn_outputs]
+
+
+def worker_rss_mb(stack) -> float:
+    status = Path(f"/proc/{stack.procs['worker'].pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) / 1024
+
+
+def test_idle_runs_are_released_and_the_worker_memory_comes_back(service, stack):
+    """24 runs, each trained one step (weights, grads, AdamW moments: ~18 MB each on the tiny
+    model's 151,936-token unembedding) raise the worker's RSS; once idle past release_idle_s
+    they are written to disk and the RSS comes back down; a released run answers exactly as
+    it did before and trains on."""
+    def released() -> set[str]:
+        log = (stack.data_dir / "worker.log").read_text(errors="replace")
+        return {line.split("released model ", 1)[1].split(": its state", 1)[0]
+                for line in log.splitlines() if "released model " in line}
+
+    def wait_released(ids: set[str]) -> None:
+        deadline = time.monotonic() + 90
+        while not ids <= released() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ids <= released(), stack.logs()
+
+    # First in the module: a warm-up run allocates the pass's own buffers, then leaves.
+    warm = service.create_lora_training_client(BASE, rank=8, seed=99).result()
+    train_steps(warm, 1)
+    wait_released({warm.model_id})
+    before = worker_rss_mb(stack)
+    # 24 runs in flight together, so that all are held at once (the engine batches them)
+    clients = [service.create_lora_training_client(BASE, rank=8, seed=100 + i).result()
+               for i in range(24)]
+    steps = [(tc.forward_backward(DATA, "cross_entropy"), tc.optim_step(ADAM)) for tc in clients]
+    for fb, opt in steps:
+        fb.result(), opt.result()
+    peak = worker_rss_mb(stack)
+    held = forward_logprobs(clients[0])
+    assert peak - before > 24 * 10, (before, peak)  # the runs' state was really held
+    wait_released({tc.model_id for tc in clients})
+    after = worker_rss_mb(stack)
+    assert after - before < 0.25 * (peak - before), (before, peak, after)
+    np.testing.assert_array_equal(np.concatenate(held),
+                                  np.concatenate(forward_logprobs(clients[0])))
+    losses = train_steps(clients[0], 2)
+    assert all(math.isfinite(x) for x in losses)
 
 
 def test_supervised_training_halves_the_loss(service, stack):
@@ -271,3 +318,4 @@ def test_hostile_requests_answer_json_4xx_and_a_canary_still_trains(service, sta
                             types.SamplingParams(max_tokens=4)).result()
     assert 1 <= len(sample.sequences[0].tokens) <= 4
     assert "unhandled error" not in (stack.data_dir / "web.log").read_text(errors="replace")
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tinker.proto.response_conv import deserialize_forward_backward_output
@@ -91,3 +92,21 @@ def test_a_tick_that_raises_answers_its_calls_and_the_order_goes_on(tiny_model, 
     after = engine.submit(job("forward", fwdbwd_body("a", 2, [1, 2, 3], forward_only=True),
                               "a", 2)).result(10)
     assert after.ok
+
+
+def test_an_idle_model_is_released_by_the_engine_alone_and_comes_back(tiny_model, tmp_path):
+    """With no call coming, the engine still wakes when a model's release_idle_s is up, writes
+    its state out and frees it; the model's next call reads it back and goes on."""
+    engine = start_engine(tiny_model, tmp_path, release_idle_s=0.3)
+    residency = engine.executor.residency
+    assert engine.submit(job("create_model", create_body("a"), "a")).result(10).ok
+    first = engine.submit(job("forward_backward", fwdbwd_body("a", 1, [1, 2, 3]), "a", 1))
+    assert first.result(10).ok and residency.in_slot("a")
+    deadline = time.monotonic() + 10
+    while "a" not in residency.released and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "a" in residency.released and not residency.in_slot("a")
+    again = engine.submit(job("forward_backward", fwdbwd_body("a", 2, [1, 2, 3]), "a", 2))
+    assert again.result(10).ok and residency.in_slot("a") and not residency.released
+    grads = [p.grad for p in tiny_model.adapter_parameters(residency.runs["a"].slot)]
+    assert all(g is not None for g in grads)  # the first call's grads came back, summed

@@ -210,3 +210,45 @@ def test_the_offload_memory_budget_refuses_new_runs_not_kept_ones(tmp_path):
     assert "max_offload_gib" in refused.error and "2 runs" in refused.error
     for m in ("a", "b", "c"):  # the kept runs go on, each brought back in turn
         run_both((ex,), Plan(train=[fwdbwd(m, 3)]))
+
+
+def test_released_runs_leave_memory_and_come_back_exactly(pair):
+    """An idle run is released: weights, pending grads and AdamW moments go to one file in
+    released_dir and leave both the device slot and the CPU copies; its next call reads them
+    back and trains on exactly as the run that never left memory."""
+    small, ref = pair
+    for m in ("a", "b", "c"):
+        create(small, m, seed=7)
+        create(ref, m, seed=7)
+    for m in ("a", "b", "c"):  # c resident, a offloaded, both with AdamW moments
+        run_both(pair, Plan(train=[fwdbwd(m, 1)]))
+        run_both(pair, Plan(barriers=[optim(m, 2)]))
+    run_both(pair, Plan(train=[fwdbwd("c", 3)]))  # c holds grads not yet stepped
+    assert "a" in small.residency.offloaded and small.residency.in_slot("c")
+
+    small.run(Plan(releases=["a", "c"]))
+    res = small.residency
+    assert set(res.released) == {"a", "c"} and res.offloaded_bytes() == 0
+    assert not res.offloaded and not res.in_slot("a") and not res.in_slot("c")
+    assert small.runs["a"].adam is None and len(res.free_slots["train"]) == 1
+    files = sorted(p.name for p in res.released_dir.iterdir())
+    assert files == ["a.rank0.safetensors", "c.rank0.safetensors"]
+
+    run_both(pair, Plan(barriers=[optim("c", 4)]))  # the grads written out step the same
+    run_both(pair, Plan(train=[fwdbwd("a", 3)]))
+    run_both(pair, Plan(barriers=[optim("a", 4)]))
+    assert not res.released and not list(res.released_dir.iterdir())
+    for m in ("a", "c"):
+        assert small.runs[m].adam.step == ref.runs[m].adam.step == 2
+        assert_same_state(pair, m)
+
+
+def test_a_run_that_cannot_be_written_stays_in_memory(pair, tmp_path):
+    small, _ = pair
+    create(small, "a", seed=1)
+    run_both((small,), Plan(train=[fwdbwd("a", 1)]))
+    small.residency.released_dir = tmp_path / "file"
+    small.residency.released_dir.write_text("not a folder")
+    small.run(Plan(releases=["a"]))
+    assert small.residency.in_slot("a") and not small.residency.released
+    run_both((small,), Plan(barriers=[optim("a", 2)]))

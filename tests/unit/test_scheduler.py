@@ -226,3 +226,33 @@ def test_late_redelivery_is_treated_as_done():
 def test_add_rejects_bad_jobs(bad: Job, tokens: int, fragment: str):
     with pytest.raises(ValueError, match=fragment):
         make().add(bad, num_tokens=tokens)
+
+
+def test_idle_models_are_released_once_until_used_again():
+    s = Scheduler(gap_timeout_s=60, max_tokens_per_tick=1000, release_idle_s=10)
+    for m in ("a", "b"):
+        s.open_model(m)
+    assert s.until_release(0.0) is None  # nothing has run yet: nothing is held
+    s.add(job("a1", "forward_backward", "a", 1))
+    s.add(job("b1", "forward_backward", "b", 1))
+    plan = s.schedule(0.0)
+    s.complete(plan, {}, now=1.0)
+    assert s.until_release(5.0) == 6.0 and s.schedule(10.0).releases == []
+    s.add(job("b2", "optim_step", "b", 2))  # b has a call waiting: never released meanwhile
+    plan = s.schedule(11.0)
+    assert plan.releases == ["a"] and [j.model_id for j in plan.barriers] == ["b"]
+    s.complete(plan, {}, now=11.0)
+    assert s.schedule(30.0).releases == ["b"]  # a is listed no more
+    s.complete(s.schedule(30.0), {}, now=30.0)
+    assert s.until_release(30.0) is None and s.schedule(100.0).empty()
+    s.add(job("a2", "forward", "a", 2))  # used again: held, and released again later
+    s.complete(s.schedule(100.0), {}, now=100.0)
+    assert s.schedule(110.0).releases == ["a"]
+
+
+def test_no_release_when_the_setting_is_zero():
+    s = Scheduler(gap_timeout_s=60, max_tokens_per_tick=1000)
+    s.open_model("a")
+    s.add(job("a1", "forward", "a", 1))
+    s.complete(s.schedule(0.0), {}, now=0.0)
+    assert s.until_release(1e9) is None and s.schedule(1e9).releases == []
