@@ -32,11 +32,17 @@ def main(argv: list[str]) -> None:
     settings = load_settings()
     from tasks import celery_app  # built now, from the environment set above
 
-    celery_app.worker_main([
-        "worker", "-Q", settings.queue, "-P", "threads", "-c", str(settings.worker_concurrency),
-        "-E", "-n", f"{settings.queue}@%h", "--without-mingle", "--without-gossip",
-        "-l", "INFO", *celery_extra,
-    ])
+    try:
+        celery_app.worker_main([
+            "worker", "-Q", settings.queue, "-P", "threads", "-c",
+            str(settings.worker_concurrency), "-E", "-n", f"{settings.queue}@%h",
+            "--without-mingle", "--without-gossip", "-l", "INFO", *celery_extra,
+        ])
+    finally:
+        engine = sys.modules.get("workers.engine")
+        if engine is not None and engine.FATAL:  # the GPU was lost: the supervisor restarts
+            sys.stderr.write(f"tinkerq worker: exiting, the GPU was lost: {engine.FATAL[0]}\n")
+            os._exit(engine.EXIT_GPU_LOST)
 
 
 if __name__ == "__main__":

@@ -15,23 +15,38 @@ Sample requests join the executor's running batch (continuous batching) and answ
 later tick, when their last sequence ends; while it has work, ticks follow each other
 without waiting, so training calls interleave with decode steps.
 
-A failure inside a tick becomes per-request error outcomes; the loop never dies.
+A failure inside a tick becomes per-request error outcomes; the loop never dies, unless the
+GPU itself is lost (an illegal address or a device-side assert poisons the CUDA context for
+every later call): then every call the engine holds is answered with a `server` error, later
+ones too, and `on_fatal` stops the worker (a warm Celery shutdown, then exit status 70) so
+that its supervisor starts a fresh process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from config import Settings
 from protocol.jobs import CREATION_KINDS, Job, Outcome
 from workers.executor import Executor
+from workers.model import device_lost
 from workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+FATAL: list[str] = []  # why this process's GPU was lost (python -m workers exits non-zero)
+EXIT_GPU_LOST = 70
+
+
+def _stop_worker() -> None:
+    """Celery's warm shutdown: tasks in flight store their (failed) answers, then it exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Engine:
@@ -44,6 +59,9 @@ class Engine:
         self._futures: dict[str, list[Future[Outcome]]] = {}
         self._thread = threading.Thread(target=self._loop, name="tinkerq-engine", daemon=True)
         self.ticks = 0
+        self.lost: str | None = None  # set once the device is lost: nothing runs any more
+        self.on_fatal: Callable[[], None] = _stop_worker
+        self.probe: Callable[[], str | None] = lambda: device_lost(executor.model.device)
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -53,12 +71,15 @@ class Engine:
 
     def submit(self, job: Job) -> Future[Outcome]:
         future: Future[Outcome] = Future()
-        self._inbox.put((job, future))
+        if self.lost:
+            future.set_result(self._lost_outcome())
+        else:
+            self._inbox.put((job, future))
         return future
 
     # --- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        while not self.lost:
             try:
                 self._tick()
             except Exception:  # noqa: BLE001 - the loop must survive anything
@@ -92,6 +113,32 @@ class Engine:
         self.scheduler.complete(plan, outcomes, time.monotonic())
         self.ticks += 1
         self._resolve(outcomes)
+        if any(o.category == "server" for o in outcomes.values() if not o.ok):
+            if why := self.probe():
+                self._give_up(why)
+
+    # --- a lost device ------------------------------------------------------------------------
+    def _give_up(self, why: str) -> None:
+        """Answer every call held or still to come with a server error; stop the worker."""
+        self.lost = why
+        FATAL.append(why)
+        log.critical("the GPU is lost (%s): every waiting call fails and the worker stops so "
+                     "that its supervisor starts a fresh one", why)
+        held = [f for futures in self._futures.values() for f in futures]
+        self._futures.clear()
+        while True:
+            try:
+                held.append(self._inbox.get_nowait()[1])
+            except queue.Empty:
+                break
+        for future in held:
+            if not future.done():
+                future.set_result(self._lost_outcome())
+        self.on_fatal()
+
+    def _lost_outcome(self) -> Outcome:
+        return Outcome.fail(f"the worker's GPU failed ({self.lost}); the worker is restarting "
+                            "and the unsaved state of its models is lost", "server")
 
     def _take(self, timeout: float | None) -> bool:
         """Move submitted jobs into the scheduler; False if none came within `timeout`."""

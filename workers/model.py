@@ -295,6 +295,18 @@ class LoraModel:
         return [picked[i, :n] for i, n in enumerate(lengths)]
 
 
+def device_lost(device: torch.device) -> str | None:
+    """Why `device` no longer runs anything (None: it does). A CUDA error such as an illegal
+    address stays with the context: every later call on the device fails the same way."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as e:  # noqa: BLE001 - any failure here means the context is gone
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _leaf(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A fresh fp32 leaf on `device`: never a view of the caller's tensor, which may be
     another model's weights or a slice of a whole matrix."""

@@ -131,10 +131,11 @@ class Stack:
     def _launch(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.backend == "sqlite":
-            self._spawn("redis", [str(BIN / "python"), "-m", "tasks.embedded_redis"])
-        self._spawn("web", [str(BIN / "gunicorn"), "--config", "app/gunicorn_conf.py",
+            self._spawn("redis", [sys.executable, "-m", "tasks.embedded_redis"])
+        # as the Procfile runs them (`python -m ...`: no console script needs to exist)
+        self._spawn("web", [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn_conf.py",
                             "app.factory:create_app()"])
-        self._spawn("worker", [str(BIN / "python"), "-m", "workers"])  # as the Procfile
+        self._spawn("worker", [sys.executable, "-m", "workers"])
         if self.flower:
             self._spawn("flower", ["/bin/sh", "-c", procfile_command("flower")])
         self._wait_until_ready()

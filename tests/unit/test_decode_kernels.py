@@ -205,3 +205,17 @@ def test_the_fused_decode_step_gives_the_eager_steps_tokens_and_logprobs(
     assert outs[0]["a"].sequences[0].tokens == reference_greedy(model, P1, 9, slot=1)
     if gemv:
         assert calls  # (7 rows, at most GEMV_ROWS: the matmuls went through gemv)
+
+
+def test_shapes_the_fused_step_cannot_tile_are_named_at_load():
+    from transformers import Qwen3Config
+
+    def config(head_dim: int, heads: int = 8, kv: int = 4) -> Qwen3Config:
+        return Qwen3Config(hidden_size=256, num_attention_heads=heads, num_key_value_heads=kv,
+                           head_dim=head_dim)
+
+    assert all(dk.unsupported(config(d)) is None for d in (16, 64, 128, 256))
+    assert "head_dim=80" in dk.unsupported(config(80))
+    assert "head_dim=8 " in dk.unsupported(config(8)) + " "
+    assert "head_dim=512" in dk.unsupported(config(512))
+    assert "num_key_value_heads=3" in dk.unsupported(config(64, heads=8, kv=3))

@@ -110,3 +110,37 @@ def test_an_idle_model_is_released_by_the_engine_alone_and_comes_back(tiny_model
     assert again.result(10).ok and residency.in_slot("a") and not residency.released
     grads = [p.grad for p in tiny_model.adapter_parameters(residency.runs["a"].slot)]
     assert all(g is not None for g in grads)  # the first call's grads came back, summed
+
+
+def test_a_lost_gpu_answers_every_call_and_stops_the_worker(tiny_model, tmp_path):
+    """After a call fails with a server error, the engine probes the device; once it is lost
+    (an illegal address poisons the CUDA context), the failed tick's calls, the calls queued
+    behind them and every later call are answered with a server error, and on_fatal stops
+    the worker so that its supervisor restarts it."""
+    engine = start_engine(tiny_model, tmp_path)
+    stopped = []
+    engine.on_fatal = lambda: stopped.append(True)
+    assert engine.submit(job("create_model", create_body("a"), "a")).result(10).ok
+    assert engine.submit(job("forward", fwdbwd_body("a", 1, [1, 2, 3], forward_only=True),
+                             "a", 1)).result(10).ok and not stopped  # probed only on failure
+    engine.probe = lambda: "AcceleratorError: an illegal memory access was encountered"
+    real_run = engine.executor.run
+
+    def run(plan):  # the kernel's fault, as the GPU raises it
+        if plan.train:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(plan)
+
+    engine.executor.run = run
+    # seq 2's tick fails on the device; seq 4 waits behind a gap
+    bad = engine.submit(job("forward", fwdbwd_body("a", 2, [1, 2], forward_only=True),
+                            "a", 2))
+    waiting = engine.submit(job("forward", fwdbwd_body("a", 4, [1, 2], forward_only=True),
+                                "a", 4))
+    first = bad.result(10)
+    assert not first.ok and first.category == "server" and "illegal memory" in first.error
+    queued = waiting.result(10)
+    assert not queued.ok and queued.category == "server" and "illegal memory" in queued.error
+    later = engine.submit(job("forward", fwdbwd_body("a", 3, [1, 2], forward_only=True), "a", 3))
+    assert later.done() and "restarting" in later.result().error
+    assert stopped == [True]

@@ -17,6 +17,7 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 PROGRAMS_PER_SM = 2  # attention programs the splits aim for
+SHARED_SLACK = 32 * 1024  # shared memory a program needs beside its K/V tiles
 
 
 if triton is not None:
@@ -29,7 +30,7 @@ if triton is not None:
         n = tl.program_id(0)
         hk = tl.program_id(1)
         s = tl.program_id(2)
-        start = tl.load(starts_ptr + n)
+        start = tl.load(starts_ptr + n).to(tl.int64)  # arena offsets pass 2**31 elements
         used = tl.load(used_ptr + n)
         chunk = tl.cdiv(tl.cdiv(used, S), BT) * BT  # this row's keys, in S even pieces
         lo = s * chunk
@@ -52,16 +53,21 @@ if triton is not None:
             rows = (start + t)[:, None] * HK * D + hk * D + d[None, :]
             k = tl.load(k_ptr + rows, mask=tm[:, None], other=0.0)
             v = tl.load(v_ptr + rows, mask=tm[:, None], other=0.0)
-            if F32DOT:
+            if F32DOT:  # fp32 dots in IEEE precision: Triton's default for fp32 is TF32
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            sc = tl.dot(q, tl.trans(k)) * qk_scale  # [GP, BT]
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [GP, BT]
+            else:
+                sc = tl.dot(q, tl.trans(k)) * qk_scale
             sc = tl.where(tm[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             p = tl.exp2(sc - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if F32DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         if S == 1:
             out = acc / l[:, None]
@@ -100,6 +106,13 @@ def splits(rows: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     return max(1, min(want, 16, max_len // 64))
 
 
+def _shared_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 227 * 1024  # the interpreter: as on Hopper
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               starts: torch.Tensor, used: torch.Tensor, scale: float, n_splits: int,
               config: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -116,6 +129,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         part = ml = out
     bt, warps, stages = config or (32 if n_splits > 1 else 64, 4, 3)
+    # K and V tiles of every pipeline stage sit in shared memory (227 KiB a program on
+    # Hopper, less elsewhere): fp32 or head_dim 256 shrink the pipeline, then the tile
+    budget = _shared_bytes(q.device) - SHARED_SLACK
+    tile = lambda: 2 * stages * bt * dim * (4 if q.dtype == torch.float32 else 2)  # noqa: E731
+    while tile() > budget and stages > 1:
+        stages -= 1
+    while tile() > budget and bt > 16:
+        bt //= 2
     _attention_kernel[(n, kv_heads, n_splits)](
         q, k_cache, v_cache, starts, used, out, part, ml, scale, HQ=heads, HK=kv_heads,
         G=group, GP=max(16, pow2(group)), D=dim, BT=bt, S=n_splits,

@@ -71,9 +71,11 @@ def compile_sampling() -> None:
         _CHOOSE[0] = torch.compile(choose, dynamic=True)
 
 
+@torch.compiler.disable  # Inductor (torch 2.11) fails to generate this cumsum's scan on CUDA
 def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-k then top-p per row (dropped tokens at -inf, at least one kept). A row with
-    top_p = 1 keeps its whole top-k set, so it comes out as if unfiltered."""
+    top_p = 1 keeps its whole top-k set, so it comes out as if unfiltered. Eager even in the
+    compiled `choose`: the sort dominates it anyway."""
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(scaled.shape[-1], device=scaled.device)
     keep = rank[None, :] < top_k[:, None]

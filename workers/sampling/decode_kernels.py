@@ -51,5 +51,19 @@ def available(device: torch.device) -> bool:
     return INTERPRET
 
 
+def unsupported(config) -> str | None:
+    """Why the fused step's kernels cannot run this model's shapes (None: they can). The
+    kernels tile a head in one block (a power of two, 16 to 256 wide) and a query group
+    with tensor-core dots; other models take the unfused step."""
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads)
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two from 16 to 256"
+    if config.num_attention_heads % config.num_key_value_heads:
+        return (f"num_attention_heads={config.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={config.num_key_value_heads}")
+    return None
+
+
 def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

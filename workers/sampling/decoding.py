@@ -84,6 +84,9 @@ class RunningBatch:
         # through sample_kernels (default: on CUDA, when Triton is there)
         self.fused = (model.device.type == "cuda" and decode_kernels.available(model.device)
                       and fastpath.supported(model.hf)) if fused is None else fused
+        if self.fused and (why := decode_kernels.unsupported(model.config)):
+            log.warning("the sampler takes the unfused decode step: %s", why)
+            self.fused = False
         # the fused step's attention: flash attention for steps of at least this many rows,
         # else (None: always) the Triton kernel, which measured faster at every size
         self.flash_rows: int | None = None
@@ -132,7 +135,10 @@ class RunningBatch:
             dtype = next(m.hf.parameters()).dtype
             per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
                 torch.finfo(dtype).bits // 8)
-            tokens = self._kv_tokens or tp.agree_min(auto_kv_tokens(m.device, per_token), m.tp)
+            # never more than every running sequence at the model's whole context can use
+            most = self.max_num_sequences * getattr(c, "max_position_embeddings", 1 << 20)
+            tokens = self._kv_tokens or tp.agree_min(
+                min(most, auto_kv_tokens(m.device, per_token)), m.tp)
             self.arena = KVArena(c.num_hidden_layers, tokens, kv_heads, head_dim,
                                  dtype, m.device)
             log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,

@@ -52,10 +52,11 @@ if triton is not None:
             b = tl.load(b_ptr + outc[:, None] * b_stride + b_off + j[None, :],
                         mask=(j < last)[None, :], other=0.0)
             if DOT:
-                if F32DOT:
-                    low = low.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc += tl.dot(low, tl.trans(b))
+                if F32DOT:  # IEEE: Triton's default for fp32 dots is TF32
+                    acc += tl.dot(low.to(tl.float32), tl.trans(b.to(tl.float32)),
+                                  input_precision="ieee")
+                else:
+                    acc += tl.dot(low, tl.trans(b))
             else:
                 acc += tl.sum(low.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :],
                               axis=2)
@@ -88,7 +89,7 @@ if triton is not None:
             x2 = (x2 + _lora_rows(y_ptr, y_stride, ns, nm, b_ptr, b_stride, cols_ptr, c2, off,
                                   member * WIDTH, BM, D // 2, BWC, DOT, F32DOT)
                   ).to(dt).to(tl.float32)
-        slot = tl.load(write_ptr + ns * write_stride, mask=nm, other=0)
+        slot = tl.load(write_ptr + ns * write_stride, mask=nm, other=0).to(tl.int64)
         if h >= HQ + HK:  # v: stored as it is
             base = v_ptr + slot[:, None] * HK * D + (h - HQ - HK) * D
             tl.store(base + half[None, :], x1.to(dt), mask=live)

@@ -34,15 +34,16 @@ if triton is not None:
         rows = tl.arange(0, BM)
         k = tl.arange(0, BK)
         xs = x_ptr + rows[:, None] * x_stride + k[None, :]
-        ws = w_ptr + tl.where(live, cols, 0)[:, None] * w_stride + k[None, :]
+        ws = w_ptr + tl.where(live, cols, 0).to(tl.int64)[:, None] * w_stride + k[None, :]
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K, BK):
             xt = tl.load(xs + k0, mask=(rows < M)[:, None], other=0.0)
             wt = tl.load(ws + k0)
-            if F32DOT:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc += tl.dot(xt, tl.trans(wt))
+            if F32DOT:  # IEEE: Triton's default for fp32 dots is TF32
+                acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)),
+                              input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(wt))
         tl.store(out_ptr + rows[:, None] * N + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & live[None, :])
 
