@@ -113,9 +113,9 @@ class Engine:
         self.scheduler.complete(plan, outcomes, time.monotonic())
         self.ticks += 1
         self._resolve(outcomes)
-        if any(o.category == "server" for o in outcomes.values() if not o.ok):
-            if why := self.probe():
-                self._give_up(why)
+        failed = any(o.category == "server" for o in outcomes.values() if not o.ok)
+        if failed and (why := self.probe()):
+            self._give_up(why)
 
     # --- a lost device ------------------------------------------------------------------------
     def _give_up(self, why: str) -> None:
