@@ -178,7 +178,7 @@ class Residency:
         tensors: dict[str, torch.Tensor] = {}
         for name, w in weights.items():
             for part, t in (("A", w.A), ("B", w.B)):
-                tensors[f"w.{name}.{part}"] = t.detach()
+                tensors[f"w.{name}.{part}"] = t
                 if t.grad is not None:
                     tensors[f"w.{name}.{part}.grad"] = t.grad
         if run.adam is not None:
@@ -190,9 +190,7 @@ class Residency:
         save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, partial)
         os.replace(partial, path)
         if self.in_slot(model_id):
-            self.model.drop_adapter(run.slot)
-            self.free_slots["train"].append(run.slot)
-            del self.lru["train", model_id]
+            self._vacate(model_id, run)
         else:
             del self.offloaded[model_id]
         self.released[model_id] = None if run.adam is None else run.adam.step
@@ -254,45 +252,46 @@ class Residency:
         weights = self.model.adapter_weights(run.slot)
         self.offloaded[model_id] = {name: _moved(w, CPU) for name, w in weights.items()}
         _move_adam(run.adam, CPU)
+        self._vacate(model_id, run)
+        log.info("offloaded model %s from slot %d to CPU memory", model_id, run.slot)
+
+    def _vacate(self, model_id: str, run: Run) -> None:
+        """Free the run's device slot (its state is elsewhere now)."""
         self.model.drop_adapter(run.slot)
         self.free_slots["train"].append(run.slot)
         del self.lru["train", model_id]
-        log.info("offloaded model %s from slot %d to CPU memory", model_id, run.slot)
+
+    def _install(self, model_id: str, run: Run, slot: int, factors: dict[str, tuple]) -> None:
+        """Put the run's (A, B, A.grad, B.grad) per layer into `slot`: set_adapter_weights
+        makes fresh leaves on the device, and the pending grads (None: none) follow them."""
+        self.model.set_adapter_weights(
+            slot, run.spec, {name: (A, B) for name, (A, B, _, _) in factors.items()}, full=False)
+        for name, w in self.model.adapter_weights(slot).items():
+            _, _, grad_a, grad_b = factors[name]
+            w.A.grad = None if grad_a is None else grad_a.to(w.A.device)
+            w.B.grad = None if grad_b is None else grad_b.to(w.B.device)
+        run.slot = slot
+        self.lru["train", model_id] = None
 
     def _restore(self, model_id: str, run: Run, slot: int) -> None:
         saved = self.offloaded.pop(model_id)
-        # set_adapter_weights makes fresh leaves on the device; the grads follow them.
-        self.model.set_adapter_weights(
-            slot, run.spec, {name: (w.A.detach(), w.B.detach()) for name, w in saved.items()},
-            full=False,
-        )
-        for name, w in self.model.adapter_weights(slot).items():
-            w.A.grad = _grad_to(saved[name].A, w.A.device)
-            w.B.grad = _grad_to(saved[name].B, w.B.device)
+        self._install(model_id, run, slot, {
+            name: (w.A.detach(), w.B.detach(), w.A.grad, w.B.grad) for name, w in saved.items()})
         _move_adam(run.adam, self.model.device)
-        run.slot = slot
-        self.lru["train", model_id] = None
         log.info("restored model %s from CPU memory into slot %d", model_id, slot)
-
 
     def _reload(self, model_id: str, run: Run, slot: int) -> None:
         path = self._released_file(model_id)
         tensors = load_file(path, device=str(self.model.device))
         names = [k[2:-2] for k in tensors if k.startswith("w.") and k.endswith(".A")]
-        self.model.set_adapter_weights(
-            slot, run.spec, {n: (tensors[f"w.{n}.A"], tensors[f"w.{n}.B"]) for n in names},
-            full=False,
-        )
-        for name, w in self.model.adapter_weights(slot).items():
-            w.A.grad = tensors.get(f"w.{name}.A.grad")
-            w.B.grad = tensors.get(f"w.{name}.B.grad")
+        self._install(model_id, run, slot, {
+            n: tuple(tensors.get(f"w.{n}.{part}") for part in ("A", "B", "A.grad", "B.grad"))
+            for n in names})
         step = self.released.pop(model_id)
         if step is not None:
             count = sum(k.startswith("adam.") for k in tensors) // 2
             run.adam = AdamState(step, [tensors[f"adam.{i}.m"] for i in range(count)],
                                  [tensors[f"adam.{i}.v"] for i in range(count)])
-        run.slot = slot
-        self.lru["train", model_id] = None
         path.unlink()
         log.info("reloaded released model %s into slot %d", model_id, slot)
 

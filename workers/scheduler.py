@@ -160,7 +160,7 @@ class Scheduler:
             opened = job.seq_id is None and outcome is not None and outcome.ok
             if opened and not self.knows(job.model_id):
                 self.open_model(job.model_id)
-        for job in plan.jobs():
+        for job in plan.jobs() if self.release_idle_s else ():
             if job.model_id is not None and self.knows(job.model_id):
                 self._last_used[job.model_id] = now
 

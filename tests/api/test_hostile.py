@@ -174,10 +174,11 @@ def _routes(app):
             yield rule, sorted(rule.methods - {"HEAD", "OPTIONS"})
 
 
-def _answer_is_json_below_500(resp, where) -> None:
+def _answer_is_json_below_500(resp, where) -> int:
     assert resp.status_code < 500, (where, resp.status_code, resp.get_data()[:300])
     if resp.status_code >= 400:
         assert "detail" in resp.get_json(), (where, resp.get_data()[:300])
+    return resp.status_code
 
 
 def test_every_route_answers_hostile_input_with_a_json_4xx(app, api, model_id):
@@ -191,7 +192,9 @@ def test_every_route_answers_hostile_input_with_a_json_4xx(app, api, model_id):
         for method in methods:
             send = getattr(client, method.lower())
             for path in paths:
-                _answer_is_json_below_500(send(path, headers=headers), (method, path))
+                status = _answer_is_json_below_500(send(path, headers=headers), (method, path))
+                if path is paths[0]:  # the route with a real id: what its handler answers
+                    statuses.add(status)
                 checked += 1
             path = paths[0]
             for query in _QUERIES:
@@ -208,7 +211,5 @@ def test_every_route_answers_hostile_input_with_a_json_4xx(app, api, model_id):
                         _answer_is_json_below_500(send(path, json=body, headers=headers),
                                                   (method, path, field_name, value))
                         checked += 1
-        statuses.update(send(paths[0], headers=headers).status_code for method in methods
-                        for send in [getattr(client, method.lower())])
     assert checked > 27 * 10  # every route was reached, not a few
     assert {200, 400, 404} <= statuses, statuses  # reached the handlers, not only a 404

@@ -13,6 +13,7 @@ import torch
 from tinker import types
 
 from tests.e2e.stack import API_KEY, Stack
+from tests.gpu.test_numerics import token_logprobs
 from workers import checkpoints
 from workers.default_model import ensure_default_model
 from workers.lora import BASE_SLOT
@@ -22,14 +23,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 CUDA = torch.device("cuda")
 PROMPT = [9707, 11, 1879, 13, 358, 1079, 264]
 COMPLETION = [1096, 374, 264, 1273, 13]
-
-
-def logprobs_of(model: LoraModel, seq: list[int], slot: int) -> np.ndarray:
-    with torch.no_grad():
-        ids = torch.tensor([seq], device=CUDA)
-        logits, _ = model.forward_logits(ids, torch.ones_like(ids), [slot])
-    lp = torch.log_softmax(logits[0].double(), dim=-1)
-    return lp[:-1].gather(1, ids[0, 1:, None])[:, 0].cpu().numpy()
 
 
 @pytest.mark.parametrize("size", ["default", "0.6b"])
@@ -81,8 +74,8 @@ def test_train_and_sample_through_the_sdk_match_float64(size, tmp_path):
         m.set_adapter_weights(0, spec, weights)
 
     def errors(seq, returned, slot, start):
-        want = logprobs_of(ref, seq, slot)[start:]
-        mine = logprobs_of(own, seq, slot)[start:]
+        want = token_logprobs(ref, [seq], slot)[0][start:]
+        mine = token_logprobs(own, [seq], slot)[0][start:]
         return np.abs(np.asarray(returned) - want).max(), np.abs(mine - want).max()
 
     rows = [errors(PROMPT + COMPLETION, trained, 0, 0)]

@@ -6,6 +6,8 @@ partial softmaxes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from workers.sampling.decode_kernels import INTERPRET, pow2
@@ -106,6 +108,7 @@ def splits(rows: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     return max(1, min(want, 16, max_len // 64))
 
 
+@functools.cache
 def _shared_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return 227 * 1024  # the interpreter: as on Hopper
@@ -131,16 +134,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     bt, warps, stages = config or (32 if n_splits > 1 else 64, 4, 3)
     # K and V tiles of every pipeline stage sit in shared memory (227 KiB a program on
     # Hopper, less elsewhere): fp32 or head_dim 256 shrink the pipeline, then the tile
-    budget = _shared_bytes(q.device) - SHARED_SLACK
-    tile = lambda: 2 * stages * bt * dim * (4 if q.dtype == torch.float32 else 2)  # noqa: E731
-    while tile() > budget and stages > 1:
+    fp32 = q.dtype == torch.float32
+    budget = (_shared_bytes(q.device) - SHARED_SLACK) // (2 * dim * (4 if fp32 else 2))
+    while stages * bt > budget and stages > 1:  # budget: keys (and values) in flight
         stages -= 1
-    while tile() > budget and bt > 16:
+    while stages * bt > budget and bt > 16:
         bt //= 2
     _attention_kernel[(n, kv_heads, n_splits)](
         q, k_cache, v_cache, starts, used, out, part, ml, scale, HQ=heads, HK=kv_heads,
         G=group, GP=max(16, pow2(group)), D=dim, BT=bt, S=n_splits,
-        F32DOT=INTERPRET or q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        F32DOT=INTERPRET or fp32, num_warps=warps, num_stages=stages)
     if n_splits > 1:
         _combine_kernel[(n * heads,)](part, ml, out, S=n_splits, SP=max(2, pow2(n_splits)),
                                       D=dim, num_warps=4)
