@@ -16,15 +16,17 @@ from config.settings import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
 from store.model_info import ModelInfo
-from tasks.submit import Send, Submitter
+from tasks.submit import Retire, Send, Submitter
 
 
-def create_app(settings: Settings | None = None, enqueue: Send | None = None) -> Flask:
+def create_app(settings: Settings | None = None, enqueue: Send | None = None,
+               retire: Retire | None = None) -> Flask:
+    """The API; `enqueue` (and `retire`) given, no Celery app is built (tests)."""
     settings = settings or load_settings()
     if enqueue is None:
-        from tasks.enqueue import make_enqueuer  # lazy: builds the Celery app
+        from tasks.enqueue import make_enqueuer, make_retirer  # lazy: builds the Celery app
 
-        enqueue = make_enqueuer(settings)
+        enqueue, retire = make_enqueuer(settings), make_retirer(settings)
     store = Store(settings.database)
     store.create_schema()
     model = ModelInfo(settings)
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None) ->
         store=store,
         doorbell=Doorbell(settings.redis),
         model=model,
-        submit=Submitter(settings, store, model, enqueue),
+        submit=Submitter(settings, store, model, enqueue, retire=retire),
     )
     errors.init_app(app)
     auth.init_app(app)

@@ -81,6 +81,11 @@ class Store:
             raise
         return row.id
 
+    def session_finished(self, session_id: str) -> bool:
+        with self.transaction() as s:
+            row = s.get(SessionRow, session_id)
+            return row is not None and row.finished_at is not None
+
     def live_models(self, tenant: str, idle_s: float) -> int:
         """The tenant's training runs whose session is neither finished nor silent for more
         than `idle_s` seconds (no heartbeat)."""

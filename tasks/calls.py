@@ -27,7 +27,7 @@ from protocol.checks import (
 from protocol.errors import RequestError, bad
 from protocol.wire import WireError, decode_forward_backward
 from store import checkpoints
-from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow, SessionRow
+from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from tasks.submit import Submitter, future, new_request_id, payload
 
 # --- creations ------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ from tasks.submit import Submitter, future, new_request_id, payload
 def new_model_id(sub: Submitter, tenant: str, body: dict[str, Any]) -> str:
     """ "{session}:train:{model_seq_id}" for a session of the caller's."""
     with sub.store.transaction() as s:
-        session = sub.owned(s, tenant, SessionRow, body.get("session_id"), "session")
+        session = sub.open_session(s, tenant, body.get("session_id"))
     seq = field(body, "model_seq_id", int)
     if seq < 0:
         raise bad(f"model_seq_id={seq} must be >= 0")
@@ -313,7 +313,7 @@ def create_sampler(sub: Submitter, tenant: str, body: dict[str, Any],
 def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: bool
                  ) -> SamplerRow:
     with sub.store.transaction() as s:
-        session = sub.owned(s, tenant, SessionRow, body.get("session_id"), "session")
+        session = sub.open_session(s, tenant, body.get("session_id"))
         n = field(body, "sampling_session_seq_id", int)
         if n < 0:
             raise bad(f"sampling_session_seq_id={n} must be >= 0")

@@ -33,6 +33,20 @@ def make_enqueuer(settings: Settings) -> Callable[[RequestRow], None]:
     return enqueue
 
 
+RELEASE_TASK = "tinkerq.release_runs"
+
+
+def make_retirer(settings: Settings) -> Callable[[str, list[str]], None]:
+    """Ask a queue's worker to release runs from memory once their calls are done (their
+    session finished)."""
+    from tasks.celery_app import celery_app
+
+    def retire(queue: str, model_ids: list[str]) -> None:
+        celery_app.send_task(RELEASE_TASK, args=[model_ids], queue=queue)
+
+    return retire
+
+
 def signature(row: RequestRow) -> Signature:
     """The immutable signature of a stored call (a batch's chain): its verb's task, its
     queue, its id."""

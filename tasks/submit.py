@@ -16,6 +16,9 @@ what they share:
   on a gap. Batch scripts number their own calls, so for them (`claim_rejected=False`) a bad
   call raises before anything is written.
 - Every lookup filters on the tenant: another tenant's id is a missing id (404).
+- A finished session (`ServiceClient.close`) takes no more calls: its runs are released from
+  the worker's memory (`retire_runs`), and new calls on them or new runs and samplers in it
+  are refused (400).
 """
 
 from __future__ import annotations
@@ -34,10 +37,19 @@ from config import Settings
 from protocol.errors import RequestError
 from store.db import Store
 from store.model_info import ModelInfo
-from store.schema import FAILED, CheckpointRow, ModelRow, RequestRow, SamplerRow, utcnow
+from store.schema import (
+    FAILED,
+    CheckpointRow,
+    ModelRow,
+    RequestRow,
+    SamplerRow,
+    SessionRow,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 Send = Callable[[RequestRow], None]
+Retire = Callable[[str, list[str]], None]  # (queue, model ids): release them once idle
 Build = Callable[[], tuple[bytes, str]]  # validates; returns (payload, summary)
 T = TypeVar("T")
 
@@ -61,12 +73,13 @@ class Submitter:
     """The submit path of one process (the web app, or a batch script)."""
 
     def __init__(self, settings: Settings, store: Store, model: ModelInfo, send: Send | None,
-                 claim_rejected: bool = True):
+                 claim_rejected: bool = True, retire: Retire | None = None):
         self.settings = settings
         self.store = store
         self.model = model  # the served base model's config (vocabulary size)
         self.send = send  # None: the caller sends the tasks itself (a batch's chain)
         self.claim_rejected = claim_rejected
+        self.retire = retire  # None: finished sessions' runs leave memory when idle only
 
     # --- lookups within a tenant ----------------------------------------------------------
 
@@ -74,6 +87,13 @@ class Submitter:
         row = s.get(row_type, row_id) if isinstance(row_id, str) else None
         if row is None or row.tenant != tenant:  # type: ignore[attr-defined]
             raise RequestError(404, f"{what} {row_id!r} not found")
+        return row
+
+    def open_session(self, s: Session, tenant: str, session_id: Any) -> SessionRow:
+        """The caller's session, refused (400) once it is finished."""
+        row = self.owned(s, tenant, SessionRow, session_id, "session")
+        if row.finished_at is not None:
+            raise RequestError(400, finished_message(row.id))
         return row
 
     def checkpoint(self, s: Session, tenant: str, tinker_path: str) -> CheckpointRow:
@@ -152,6 +172,8 @@ class Submitter:
             summary=f"model={model.id} seq={seq_id}",
         )
         try:
+            if self.store.session_finished(model.session_id):
+                raise RequestError(400, finished_message(model.session_id))
             row.payload, summary = build()
         except RequestError as e:
             if e.status != 400 or not self.claim_rejected:
@@ -159,6 +181,21 @@ class Submitter:
             self.reject(row, e.message)
         row.summary = f"{kind} {row.summary} {summary}"[:256]
         return future(self.submit(row), model.id)
+
+    def retire_runs(self, runs: list[tuple[str, str]]) -> None:
+        """Ask each run's worker to release it from memory once its calls are done. Best
+        effort: a run whose message is lost is released when idle (release_idle_s)."""
+        if self.retire is None:
+            return
+        by_queue: dict[str, list[str]] = {}
+        for model_id, queue in runs:
+            by_queue.setdefault(queue, []).append(model_id)
+        for queue, model_ids in by_queue.items():
+            try:
+                self.retire(queue, model_ids)
+            except Exception:  # noqa: BLE001 - the broker is away: idle release covers it
+                log.warning("could not ask queue %s to release %s", queue, model_ids,
+                            exc_info=True)
 
     def creation(self, model: ModelRow, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """A run's creation (create_model, create-via-load): seq_id 0, with its model row.
@@ -179,3 +216,8 @@ class Submitter:
             summary=f"{kind} model={model.id} base={model.base_model} rank={model.lora_rank}",
         )
         return future(self.submit(row, model), model.id)
+
+
+def finished_message(session_id: str) -> str:
+    return (f"session {session_id!r} is finished (ServiceClient.close): it takes no more "
+            "calls; start a new ServiceClient, and load saved state into it to go on")

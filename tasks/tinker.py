@@ -24,7 +24,7 @@ from store.db import Store
 from store.doorbell import Doorbell
 from store.schema import DONE, FAILED, RequestRow, utcnow
 from tasks.celery_app import celery_app
-from tasks.enqueue import task_name
+from tasks.enqueue import RELEASE_TASK, task_name
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,14 @@ def run_request(request_id: str) -> str:
             _store(store, request_id, outcome)
     doorbell.ring(request_id)
     return "ok" if outcome.ok else f"failed ({outcome.category}): {outcome.error}"[:200]
+
+
+@celery_app.task(name=RELEASE_TASK)
+def release_runs(model_ids: list[str]) -> str:
+    """These runs' session finished: the engine releases them from memory once their calls
+    are done (their state goes to the worker's disk, as for runs idle past release_idle_s)."""
+    context.get()[2].retire(list(model_ids))
+    return f"{len(model_ids)} run(s) released once idle"
 
 
 def _register(kind: str) -> None:

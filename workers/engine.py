@@ -9,7 +9,8 @@ thread gathers whatever has been submitted, then runs one tick:
     scheduler.complete(plan, outcomes)   # advance each model's seq_id order
 
 A model with no call for release_idle_s is released: its state goes to the worker's disk
-and its memory is freed, until its next call loads it back (see workers.residency).
+and its memory is freed, until its next call loads it back (see workers.residency). A model
+whose session finished (`retire`) is released as soon as its pending calls are done.
 
 Sample requests join the executor's running batch (continuous batching) and answer in a
 later tick, when their last sequence ends; while it has work, ticks follow each other
@@ -55,7 +56,8 @@ class Engine:
         self.executor = executor
         self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick,
                                    settings.release_idle_s)
-        self._inbox: queue.Queue[tuple[Job, Future[Outcome]]] = queue.Queue()
+        # submitted calls, or the ids of models to retire (see `retire`)
+        self._inbox: queue.Queue[tuple[Job, Future[Outcome]] | list[str]] = queue.Queue()
         self._futures: dict[str, list[Future[Outcome]]] = {}
         self._thread = threading.Thread(target=self._loop, name="tinkerq-engine", daemon=True)
         self.ticks = 0
@@ -76,6 +78,11 @@ class Engine:
         else:
             self._inbox.put((job, future))
         return future
+
+    def retire(self, model_ids: list[str]) -> None:
+        """These models' session finished: release them once their pending calls are done."""
+        if model_ids and not self.lost:
+            self._inbox.put(list(model_ids))
 
     # --- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -128,7 +135,9 @@ class Engine:
         self._futures.clear()
         while True:
             try:
-                held.append(self._inbox.get_nowait()[1])
+                item = self._inbox.get_nowait()
+                if not isinstance(item, list):
+                    held.append(item[1])
             except queue.Empty:
                 break
         for future in held:
@@ -143,16 +152,22 @@ class Engine:
     def _take(self, timeout: float | None) -> bool:
         """Move submitted jobs into the scheduler; False if none came within `timeout`."""
         try:
-            self._admit(*self._inbox.get(timeout=timeout))
+            self._admit(self._inbox.get(timeout=timeout))
         except queue.Empty:
             return False
         while True:
             try:
-                self._admit(*self._inbox.get_nowait())
+                self._admit(self._inbox.get_nowait())
             except queue.Empty:
                 return True
 
-    def _admit(self, job: Job, future: Future[Outcome]) -> None:
+    def _admit(self, item: tuple[Job, Future[Outcome]] | list[str]) -> None:
+        if isinstance(item, list):
+            log.info("session finished: releasing model(s) %s once idle", ", ".join(item))
+            for model_id in item:
+                self.scheduler.retire(model_id)
+            return
+        job, future = item
         job.enqueued_at = time.monotonic()
         if self._orphaned(job):
             # A call of a model this process never created: its state died with an earlier

@@ -49,6 +49,7 @@ class Scheduler:
         self.max_tokens_per_tick = max_tokens_per_tick
         self.release_idle_s = release_idle_s  # 0: models are never released
         self._last_used: dict[str, float] = {}  # models held in memory: when a job last ended
+        self._retiring: set[str] = set()  # models whose session finished: release when idle
         self._pending: dict[str, Job] = {}  # by request_id, in arrival order
         self._tokens: dict[str, int] = {}  # by request_id: the job's share of the budget
         self._next_seq: dict[str, int] = {}  # open models: the seq_id that runs next
@@ -79,13 +80,21 @@ class Scheduler:
         self._lost.pop(model_id, None)
 
     def until_release(self, now: float) -> float | None:
-        """Seconds until the next model falls idle past release_idle_s (None: none held)."""
+        """Seconds until the next model is due for release (None: none will be)."""
+        if self._retiring:
+            return 0.0
         if not self.release_idle_s or not self._last_used:
             return None
         return max(0.0, min(self._last_used.values()) + self.release_idle_s - now)
 
     def knows(self, model_id: str) -> bool:
         return model_id in self._next_seq
+
+    def retire(self, model_id: str) -> None:
+        """The model's session finished: release it once its pending jobs are done, whatever
+        release_idle_s says. A model this scheduler does not know holds nothing to release."""
+        if self.knows(model_id):
+            self._retiring.add(model_id)
 
     # --- the tick -----------------------------------------------------------------------
     def schedule(self, now: float) -> Plan:
@@ -118,7 +127,8 @@ class Scheduler:
            by the same budget rule (one oversized sample runs alone).
         8. Release: a model with no pending job whose last job ended release_idle_s or more
            ago is in `releases` (its state leaves memory for disk); it is listed again only
-           after another of its jobs ends.
+           after another of its jobs ends. A retired model (its session finished) with no
+           pending job is in `releases` at once.
         """
         plan = Plan()
         runs: list[list[Job]] = []
@@ -133,9 +143,10 @@ class Scheduler:
         plan.barriers.sort(key=_age)
         self._fill(sorted((run for run in runs if run), key=lambda r: _age(r[0])), plan)
         plan.samples = self._fit(sorted(samples, key=_age))
-        if self.release_idle_s:
-            plan.releases = [m for m, t in self._last_used.items()
-                             if now - t >= self.release_idle_s and m not in by_model]
+        idle = ([m for m, t in self._last_used.items() if now - t >= self.release_idle_s]
+                if self.release_idle_s else [])
+        plan.releases = [m for m in dict.fromkeys(idle + sorted(self._retiring))
+                         if m not in by_model]
         return plan
 
     def complete(self, plan: Plan, outcomes: dict[str, Outcome], now: float = 0.0) -> None:
@@ -149,6 +160,7 @@ class Scheduler:
         """
         for model_id in plan.releases:
             self._last_used.pop(model_id, None)
+            self._retiring.discard(model_id)
         for job in plan.jobs():
             self._pending.pop(job.request_id, None)
             self._tokens.pop(job.request_id, None)

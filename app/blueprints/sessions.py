@@ -52,12 +52,18 @@ def session_heartbeat() -> tuple[dict[str, Any], int]:
 
 @bp.post("/sessions/<session_id>/finish")
 def finish_session(session_id: str) -> dict[str, Any]:
+    """The session takes no more calls; its runs leave the worker's memory once their calls
+    are done. The first finish reason stays."""
     body = json_body()
     reason = body.get("reason")
     with services().store.transaction() as s:
         row = owned(s, SessionRow, session_id, "session")
-        row.finished_at = row.finished_at or utcnow()
-        row.finish_reason = str(reason.get("type")) if isinstance(reason, dict) else None
+        if row.finished_at is None:
+            row.finished_at = utcnow()
+            row.finish_reason = str(reason.get("type"))[:32] if isinstance(reason, dict) else None
+        runs = s.execute(select(ModelRow.id, ModelRow.queue)
+                         .where(ModelRow.session_id == row.id)).all()
+    services().submit.retire_runs([(model_id, queue) for model_id, queue in runs])
     return {}
 
 

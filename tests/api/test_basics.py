@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tinker import types
 
-from tests.api.conftest import ALIAS, Api
+from store.schema import FAILED, SessionRow
+from tests.api.conftest import ALIAS, Api, create_model_body
 
 
 def test_client_config_dynamic_config_telemetry(api):
@@ -95,3 +96,28 @@ def test_heartbeat_and_finish(api, other, session_id):
 def test_unknown_session_is_404(api):
     resp = api.post("session_heartbeat", {"session_id": "sess-000000000000"})
     assert resp.status_code == 404 and "sess-000000000000" in resp.get_json()["detail"]
+
+
+def test_a_finished_session_releases_its_runs_and_takes_no_more_calls(
+        api, services, session_id, model_id, enqueued):
+    """Finishing asks the run's queue to release it (once); after that a call on the run, a
+    new run or a new sampler in the session is a 400 naming the session, and the refused
+    call still claims its seq_id so that the worker's order skips it."""
+    retired: list[tuple[str, list[str]]] = []
+    services.submit.retire = lambda queue, ids: retired.append((queue, ids))
+    api.ok(f"sessions/{session_id}/finish", {"reason": {"type": "success"}})
+    assert retired == [(services.settings.queue, [model_id])]
+    api.ok(f"sessions/{session_id}/finish", {"reason": {"type": "errored"}})  # first wins
+    with services.store.transaction() as s:
+        assert s.get(SessionRow, session_id).finish_reason == "success"
+    adam = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    calls = [("optim_step", {"model_id": model_id, "seq_id": 1, "adam_params": adam}),
+             ("create_model", create_model_body(session_id, seq=1)),
+             ("create_sampling_session", {"session_id": session_id,
+                                          "sampling_session_seq_id": 0, "base_model": ALIAS})]
+    for route, body in calls:
+        resp = api.post(route, body)
+        assert resp.status_code == 400, (route, resp.get_json())
+        assert session_id in resp.get_json()["detail"] and "finished" in resp.get_json()["detail"]
+    assert [row.seq_id for row in enqueued] == [1]  # the refused optim_step, stored failed
+    assert enqueued[0].state == FAILED and enqueued[0].kind == "optim_step"

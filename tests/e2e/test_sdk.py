@@ -206,6 +206,25 @@ def test_rest_and_close(stack):
     caps = rest.get_server_capabilities().result()
     assert BASE in [m.model_name for m in caps.supported_models]
     service.close("success").result()
+    # The closed session's run leaves the worker's memory at once (not after release_idle_s)
+    # and takes no more calls; its saved state loads into a new session.
+    log = stack.data_dir / "worker.log"
+    deadline = time.monotonic() + 30
+    while (f"released model {tc.model_id}:" not in log.read_text(errors="replace")
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    text = log.read_text(errors="replace")
+    assert f"session finished: releasing model(s) {tc.model_id}" in text, stack.logs()
+    assert f"released model {tc.model_id}:" in text
+    # (the SDK itself refuses calls through a closed client: ask over HTTP)
+    adam = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    resp = httpx.post(f"{stack.url}/api/v1/optim_step", headers={"X-API-Key": API_KEY},
+                      json={"model_id": tc.model_id, "seq_id": 3, "adam_params": adam})
+    assert resp.status_code == 400 and "is finished" in resp.json()["detail"], resp.text
+    again = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
+    path = listed["weights/listed"].tinker_path
+    resumed = again.create_training_client_from_state_with_optimizer(path).result()
+    assert all(math.isfinite(x) for x in train_steps(resumed, 1))
 
 
 def rl_datum(prompt: list[int], completion: list[int], advantage: float) -> types.Datum:

@@ -112,6 +112,23 @@ def test_an_idle_model_is_released_by_the_engine_alone_and_comes_back(tiny_model
     assert all(g is not None for g in grads)  # the first call's grads came back, summed
 
 
+def test_a_finished_sessions_model_is_released_after_its_pending_calls(tiny_model, tmp_path):
+    """retire() (the session finished) releases a model once the calls it already holds are
+    answered, with idle releases off; the other model stays in memory."""
+    engine = start_engine(tiny_model, tmp_path, release_idle_s=0)
+    residency = engine.executor.residency
+    for m in ("a", "b"):
+        assert engine.submit(job("create_model", create_body(m), m)).result(10).ok
+    pending = engine.submit(job("forward_backward", fwdbwd_body("a", 1, [1, 2, 3]), "a", 1))
+    engine.retire(["a"])
+    assert pending.result(10).ok
+    deadline = time.monotonic() + 10
+    while "a" not in residency.released and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "a" in residency.released and not residency.in_slot("a")
+    assert residency.in_slot("b") and "b" not in residency.released
+
+
 def test_a_lost_gpu_answers_every_call_and_stops_the_worker(tiny_model, tmp_path):
     """After a call fails with a server error, the engine probes the device; once it is lost
     (an illegal address poisons the CUDA context), the failed tick's calls, the calls queued

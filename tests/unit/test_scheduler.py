@@ -256,3 +256,23 @@ def test_no_release_when_the_setting_is_zero():
     s.add(job("a1", "forward", "a", 1))
     s.complete(s.schedule(0.0), {}, now=0.0)
     assert s.until_release(1e9) is None and s.schedule(1e9).releases == []
+
+
+def test_a_retired_model_is_released_once_its_pending_jobs_are_done():
+    """A finished session's model leaves memory as soon as it has nothing pending, even
+    with idle releases off; an unknown model is not listed."""
+    s = Scheduler(gap_timeout_s=60, max_tokens_per_tick=1000)
+    for m in ("a", "b"):
+        s.open_model(m)
+    s.add(job("a1", "forward_backward", "a", 1))
+    s.retire("a")
+    s.retire("b")
+    s.retire("never-opened")
+    assert s.until_release(0.0) == 0.0
+    plan = s.schedule(0.0)
+    assert plan.releases == ["b"] and [j.request_id for j in plan.train] == ["a1"]
+    s.complete(plan, {}, now=0.0)
+    plan = s.schedule(0.0)
+    assert plan.releases == ["a"] and not plan.jobs()
+    s.complete(plan, {}, now=0.0)
+    assert s.until_release(0.0) is None and s.schedule(0.0).empty()
