@@ -4,7 +4,8 @@
 with gevent, the Celery GPU worker; with `flower=True` also the Procfile's own `flower` line,
 through a shell as honcho runs it) with their own data folder and ports, waits until the
 API answers, and `stop()` ends them all. Logs go to files in the data folder and are
-printed when a test fails.
+printed when a test fails. A stack whose web answered any request with a 500 (an unhandled
+error in its log) fails at `stop()`: no 500 is an expected answer anywhere.
 """
 
 from __future__ import annotations
@@ -199,3 +200,8 @@ class Stack:
         if self.pg_db:
             _drop_postgres_db(self.pg_db)
             self.pg_db = None
+        web_log = self.data_dir / "web.log"
+        text = web_log.read_text(errors="replace") if web_log.exists() else ""
+        if "unhandled error" in text:
+            at = text.index("unhandled error")
+            raise AssertionError(f"the web answered a 500:\n{text[max(0, at - 500):at + 3000]}")
