@@ -199,7 +199,6 @@ _UNSUPPORTED_SAMPLE = (
     "prompt_alt_tokens_k",
     "prompt_logprobs_last_n",
     "target_prompt_logprobs",
-    "record_stability_info",
 )
 
 

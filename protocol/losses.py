@@ -26,7 +26,15 @@ LOSSES: dict[str, LossSpec] = {
     "cispo": LossSpec(RL_INPUTS, dict(CLIP_DEFAULTS)),
     # Tinker does not publish dro's default beta; 0.05 is ours (stated in the README).
     "dro": LossSpec(RL_INPUTS, {"beta": 0.05}),
+    # `sampled_mask` and the sampled positions of `logprobs` come from the server's record
+    # of the sampled sequences (protocol.provenance), never from the client. Tinker does
+    # not publish stable_reinforce's formula; this one is ours (workers/training/losses.py).
+    "stable_reinforce": LossSpec(RL_INPUTS + ("sampled_mask",),
+                                 {"kl_coeff": 0.0, "clip_high_threshold": 2.0}),
 }
+# Losses whose data must name recorded samples (Datum.with_provenance): the API resolves
+# them before the call is stored.
+PROVENANCE_LOSSES = frozenset({"stable_reinforce"})
 
 # Inputs that may ride along with any loss and are ignored when the loss does not use them
 # (the cookbook sends `mask` with RL data).

@@ -5,8 +5,10 @@ copy. NumPy only (no torch): the API decodes to validate, the worker decodes to 
 encodes the results.
 
   decode_forward_backward(body)          -> FwdBwdRequest
+  replace_loss_inputs(body, inputs)      -> bytes (the same request, some inputs replaced)
   encode_forward_backward_output(...)    -> bytes (ForwardBackwardOutput)
   encode_sample_response(...)            -> bytes (SampleResponse)
+  decode_sample_sequences(result)        -> [WireSequence]
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Span:
+    """A provenance run (`Datum.with_provenance`): the datum's next `length` positions are
+    positions [offset, offset + length) of a recorded sequence's prompt or sampled tokens."""
+
+    sampled: bool  # SampledProvenanceSpan (else PromptProvenanceSpan)
+    sequence_id: str
+    offset: int
+    length: int
+
+
 @dataclass
 class WireDatum:
     tokens: np.ndarray  # int64 [N], the model input (text chunks concatenated)
     inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, 1-D arrays
+    input_spans: list[Span] | None = None  # provenance of `tokens`
+    target_spans: list[Span] | None = None  # provenance of inputs["target_tokens"]
 
 
 @dataclass
@@ -45,8 +60,9 @@ class FwdBwdRequest:
         return sum(len(d.tokens) for d in self.data)
 
 
-__all__ = ["FwdBwdRequest", "WireDatum", "WireError", "decode_forward_backward",
-           "encode_forward_backward_output", "encode_sample_response"]
+__all__ = ["FwdBwdRequest", "Span", "WireDatum", "WireError", "decode_forward_backward",
+           "decode_sample_sequences", "encode_forward_backward_output",
+           "encode_sample_response", "replace_loss_inputs"]
 
 
 MAX_DENSE_ELEMENTS = 1 << 27  # a sparse loss input made dense: 512 MiB of float32 at most
@@ -102,12 +118,28 @@ def _tokens(datum: pb.Datum, index: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def decode_forward_backward(body: bytes) -> FwdBwdRequest:
+def _spans(spans: Any) -> list[Span] | None:
+    out = []
+    for span in spans:
+        arm = span.WhichOneof("span")
+        if arm is None:
+            raise WireError("a provenance span names neither prompt_tokens nor sampled_tokens")
+        run = getattr(span, arm)
+        out.append(Span(arm == "sampled_tokens", run.sequence_id, run.offset, run.length))
+    return out or None
+
+
+def _parse(body: bytes) -> pb.ForwardBackwardRequest:
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
     except DecodeError as e:
         raise WireError(f"body is not a ForwardBackwardRequest protobuf: {e}") from e
+    return msg
+
+
+def decode_forward_backward(body: bytes) -> FwdBwdRequest:
+    msg = _parse(body)
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 carries strings too; it wins when set
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
@@ -115,6 +147,8 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
         WireDatum(
             tokens=_tokens(d, i),
             inputs={name: _tensor(t, name) for name, t in d.loss_fn_inputs.items()},
+            input_spans=_spans(d.model_input_spans),
+            target_spans=_spans(d.loss_fn_input_spans),
         )
         for i, d in enumerate(msg.data)
     ]
@@ -126,6 +160,18 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
         forward_only=msg.forward_only,
         data=data,
     )
+
+
+def replace_loss_inputs(body: bytes, inputs: list[dict[str, np.ndarray]]) -> bytes:
+    """The request `body` with datum i's loss_fn_inputs named in inputs[i] set (dense
+    float32, 1-D) and everything else as it came."""
+    msg = _parse(body)
+    for datum, replaced in zip(msg.data, inputs, strict=True):
+        for name, arr in replaced.items():
+            values = np.ascontiguousarray(arr, dtype="<f4")
+            datum.loss_fn_inputs[name].CopyFrom(pb.Tensor(
+                dense=values.tobytes(), dtype=pb.DTYPE_FLOAT32, shape=list(values.shape)))
+    return msg.SerializeToString()
 
 
 def _batched(arrays: list[np.ndarray], dtype: pb.DType.ValueType) -> pb.BatchedTensor:
@@ -186,3 +232,17 @@ def encode_sample_response(
     if topk_prompt is not None:
         msg.topk_prompt_logprobs.CopyFrom(_topk(*topk_prompt))
     return msg.SerializeToString()
+
+
+def decode_sample_sequences(result: bytes) -> list[WireSequence]:
+    """The sequences of a stored SampleResponse (tokens, sampled-token logprobs)."""
+    msg = pb.SampleResponse()
+    msg.ParseFromString(result)
+    return [
+        WireSequence(
+            tokens=np.frombuffer(seq.tokens, dtype="<i4").tolist(),
+            logprobs=np.frombuffer(seq.logprobs, dtype="<f4").tolist(),
+            stop_reason="stop" if seq.stop_reason == pb.STOP_REASON_STOP else "length",
+        )
+        for seq in msg.sequences
+    ]

@@ -128,6 +128,8 @@ class RequestRow(Base):
     compute_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # a sample recorded for stable_reinforce (record_stability_info): usable until then
+    stability_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     @property
     def finished(self) -> bool:

@@ -25,9 +25,11 @@ from protocol.checks import (
     field,
 )
 from protocol.errors import RequestError, bad
+from protocol.losses import PROVENANCE_LOSSES
 from protocol.wire import WireError, decode_forward_backward
 from store import checkpoints
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
+from tasks import stability
 from tasks.submit import Submitter, future, new_request_id, payload
 
 # --- creations ------------------------------------------------------------------------------
@@ -163,8 +165,11 @@ def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]
     kind = "forward" if req.forward_only else "forward_backward"
 
     def build() -> tuple[bytes, str]:
+        stored = body
+        if req.loss_fn in PROVENANCE_LOSSES:  # the record's sampler log-probs go in
+            stored = stability.resolve(sub, model, req, body)
         check_forward_backward(req, sub.settings, sub.model.vocab_size)
-        return body, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
+        return stored, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
 
     return sub.numbered(model, check_seq_id(req.seq_id), kind, build)
 
@@ -347,6 +352,7 @@ def sample(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
     data = check_sample(body, sub.settings, sub.model.vocab_size,
                         sub.model.max_position_embeddings)
     data["adapter_dir"] = sampler.checkpoint_dir
+    record = field(body, "record_stability_info", bool, False)
     row = RequestRow(
         id=new_request_id(),
         tenant=sampler.tenant,
@@ -359,6 +365,7 @@ def sample(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
             f"sample sampler={sampler.id} seq={seq_id} n={data['num_samples']} "
             f"prompt={len(data['prompt'])} max_tokens={data['max_tokens']}"
         )[:256],
+        stability_expires_at=stability.expiry() if record else None,
     )
     request_id = sub.submit(row)
     ids = [f"{request_id}:{j}" for j in range(data["num_samples"])]

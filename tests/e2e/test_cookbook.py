@@ -170,10 +170,12 @@ def test_recipe_sl_loop_under_a_hub_name(stack, tmp_path, monkeypatch):
 
 
 def test_recipe_rl_loop_under_a_hub_name(stack, tmp_path, monkeypatch):
-    """rl_loop with `loss_fn=importance_sampling` (its default, stable_reinforce, is not
-    served here). Its GSM8K grader needs pylatexenc, which this environment lacks, and the
-    random model never writes a \\boxed answer, so the import is stubbed and the grader is
-    replaced by one the random model can satisfy; every request is the recipe's own."""
+    """rl_loop with its default loss, stable_reinforce: it samples with
+    record_stability_info=True and names each sampled sequence in its datums' provenance,
+    which the server checks against its record. Its GSM8K grader needs pylatexenc, which
+    this environment lacks, and the random model never writes a \\boxed answer, so the import
+    is stubbed and the grader is replaced by one the random model can satisfy; every request
+    is the recipe's own."""
     import datasets
 
     monkeypatch.setitem(sys.modules, "pylatexenc", types.ModuleType("pylatexenc"))
@@ -185,9 +187,10 @@ def test_recipe_rl_loop_under_a_hub_name(stack, tmp_path, monkeypatch):
     problems = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(4)]
     monkeypatch.setattr(datasets, "load_dataset", fake_hub_dataset(problems))  # gsm8k
     monkeypatch.setattr(rl_loop, "get_reward", lambda response, answer: len(response) % 2)
-    rl_loop.main(rl_loop.Config(base_url=stack.url, log_path=str(tmp_path), model_name=HUB_NAME,
-                                batch_size=2, group_size=4, max_tokens=8, save_every=0,
-                                loss_fn="importance_sampling"))
+    config = rl_loop.Config(base_url=stack.url, log_path=str(tmp_path), model_name=HUB_NAME,
+                            batch_size=2, group_size=4, max_tokens=8, save_every=0)
+    assert config.loss_fn == "stable_reinforce"  # left at the recipe's default
+    rl_loop.main(config)
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/total" in r]

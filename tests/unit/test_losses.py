@@ -27,6 +27,10 @@ def _ref_objective_and_grad(loss_fn: str, lp: float, x: dict[str, float], cfg: d
     r = math.exp(lp - q)
     if loss_fn == "importance_sampling":
         return r * a, r * a
+    if loss_fn == "stable_reinforce":
+        m, c, kl = x["sampled_mask"], cfg["clip_high_threshold"], cfg["kl_coeff"]
+        objective = m * (min(r, c) * lp * a - kl * (r - 1 - (lp - q)))
+        return objective, m * (min(r, c) * a - kl * (r - 1))
     if loss_fn == "dro":
         beta = cfg["beta"]
         return lp * a - 0.5 * beta * (lp - q) ** 2, a - beta * (lp - q)
@@ -50,15 +54,22 @@ def _random_inputs(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.n
         "weights": rng.normal(size=N),  # negative weights too
         "logprobs": q,
         "advantages": rng.normal(size=N),
+        "sampled_mask": (rng.uniform(size=N) < 0.7).astype(np.float64),
     }
     return lp, x
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"])
+CONFIGS = {"dro": {"beta": 0.3},
+           # a cap inside the ratios' spread, so that both sides of it are hit
+           "stable_reinforce": {"kl_coeff": 0.3, "clip_high_threshold": 1.2}}
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro",
+                                     "stable_reinforce"])
 def test_loss_and_grad_match_float64_reference(loss_fn):
     rng = np.random.default_rng(0)
     lp_np, x_np = _random_inputs(rng)
-    cfg = resolve_loss_config(loss_fn, {"beta": 0.3} if loss_fn == "dro" else {})
+    cfg = resolve_loss_config(loss_fn, CONFIGS.get(loss_fn, {}))
     lp = torch.tensor(lp_np, dtype=torch.float32, requires_grad=True)
     inputs = {k: torch.tensor(v, dtype=torch.float32) for k, v in x_np.items()}
     per_token = token_losses(loss_fn, lp, inputs, cfg)  # [N]

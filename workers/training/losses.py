@@ -3,7 +3,22 @@
 Notation (all [N], one entry per target token of the datum):
   lp  learner log-probability of the target token (differentiable)
   q   sampler log-probability (`loss_fn_inputs["logprobs"]`)
-  A   advantages;  r = exp(lp - q), the importance ratio
+  A   advantages;  r = exp(lp - q), the importance ratio;  sg() stops the gradient
+
+  cross_entropy        -(lp * w)
+  importance_sampling  -(r * A)
+  ppo                  -min(r * A, clip(r, lo, hi) * A)
+  cispo                -(sg(clip(r, lo, hi)) * lp * A)
+  dro                  -(lp * A - beta/2 * (lp - q)**2)
+  stable_reinforce     m * (-(sg(min(r, c)) * lp * A) + kl_coeff * (r - 1 - log r))
+      where q is the sampler's own log-prob, recorded when it sampled (not the client's
+      copy), m is 1 on sampled target tokens and 0 on prompt ones, c is
+      clip_high_threshold (default 2) and kl_coeff defaults to 0. The first term is
+      REINFORCE with the importance weight truncated at c and held constant, so a token
+      the learner now favours far more than the sampler did cannot blow the step up; the
+      second is the k3 estimate of KL(sampler || learner) from the sampled tokens, whose
+      gradient (r - 1) pulls the learner back toward the sampling policy. Tinker does not
+      publish its formula; this is tinkerq's.
 
 Each loss is `-objective`, per token. The datum's loss is `token_losses(...).sum()` and the
 batch loss is the sum over datums: Tinker does no normalisation, so neither do we. The
@@ -48,12 +63,21 @@ def _dro(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
     return -(lp * x["advantages"] - penalty)
 
 
+def _stable_reinforce(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    log_r = lp - x["logprobs"]
+    r = torch.exp(log_r)
+    weight = r.clamp(max=cfg["clip_high_threshold"]).detach()
+    kl = r - 1 - log_r
+    return x["sampled_mask"] * (-(weight * lp * x["advantages"]) + cfg["kl_coeff"] * kl)
+
+
 LOSS_FNS: dict[str, Callable[[torch.Tensor, Inputs, Config], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "importance_sampling": _importance_sampling,
     "ppo": _ppo,
     "cispo": _cispo,
     "dro": _dro,
+    "stable_reinforce": _stable_reinforce,
 }
 
 
