@@ -29,6 +29,9 @@ LOSSES: dict[str, LossSpec] = {
     # `sampled_mask` and the sampled positions of `logprobs` come from the server's record
     # of the sampled sequences (protocol.provenance), never from the client. Tinker does
     # not publish stable_reinforce's formula; this one is ours (workers/training/losses.py).
+    # gspo's sequence ratio over the positions sequence_ratio_mask marks (the cookbook: the
+    # sampled tokens); Tinker publishes no default thresholds, so PPO's are used.
+    "gspo": LossSpec(RL_INPUTS + ("sequence_ratio_mask",), dict(CLIP_DEFAULTS)),
     "stable_reinforce": LossSpec(RL_INPUTS + ("sampled_mask",),
                                  {"kl_coeff": 0.0, "clip_high_threshold": 2.0}),
 }

@@ -228,6 +228,7 @@ class LoraModel:
         row_loss: packed.RowLoss,
         chunk_tokens: int = 4096,
         checkpoint_layers: bool = False,
+        prepare: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> PassResult:
         """One packed forward (and, for rows that train, backward) over the rows.
 
@@ -235,6 +236,8 @@ class LoraModel:
         For every slot with a training row: the gradient of the summed losses of its rows
         with respect to `adapter_parameters(slot)` (None where a tensor got none). No
         padding, chunked loss side (`packed.fused_head`); nothing is written to `.grad`.
+        `prepare`, if given, first receives every row's log-probs (no gradient), for losses
+        that need a whole row's before any token's (`row_loss` runs after it).
         """
         pack = packed.make_pack(tokens, targets, slots, self.device)
         trains = [t and s in self.adapters for s, t in zip(slots, trains, strict=True)]
@@ -244,6 +247,8 @@ class LoraModel:
                        for t in (lm_head.adapters[s].A, lm_head.adapters[s].B)]
         with torch.set_grad_enabled(bool(train_slots)):
             h = packed.hidden_states(self.hf, self.router, pack, checkpoint_layers, self.fast)
+        if prepare is not None:
+            prepare(packed.head_logprobs(lm_head, h.detach(), pack, chunk_tokens))
         head = packed.fused_head(lm_head, h, pack, chunk_tokens, row_loss, trains,
                                  head_params)
         grads = dict(head.head_grads)

@@ -247,6 +247,13 @@ def test_every_loss_and_a_custom_loss_through_the_sdk(service):
         out = tc.forward_backward(rl, loss_fn, config).result()
         assert math.isfinite(out.metrics["loss:sum"]), loss_fn
         assert [len(o["logprobs"].tolist()) for o in out.loss_fn_outputs] == [7, 7, 7]
+    # gspo: the sequence ratio over the completion tokens, as the cookbook's rl_loop marks them
+    masks = [np.array([0.0] * (len(p) - 1) + [1.0] * len(c), dtype=np.float32) for p, c in PAIRS]
+    gspo = [types.Datum(model_input=d.model_input,
+                        loss_fn_inputs=dict(d.loss_fn_inputs) | {"sequence_ratio_mask": m})
+            for d, m in zip(rl, masks, strict=True)]
+    out = tc.forward_backward(gspo, "gspo", {"clip_low_threshold": 0.5}).result()
+    assert math.isfinite(out.metrics["loss:sum"]) and out.metrics["loss:sum"] != 0
     # Negative and fractional weights are legal for cross_entropy (custom losses rely on it).
     custom = tc.forward_backward_custom(
         DATA, lambda data, logprobs: (sum(-lp.sum() for lp in logprobs), {"custom:sum": 1.0})

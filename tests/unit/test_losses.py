@@ -14,7 +14,7 @@ import torch
 from protocol.jobs import UserError
 from protocol.losses import resolve_loss_config
 from workers.model import AdapterSpec
-from workers.training.losses import token_losses
+from workers.training.losses import ROW_STATS, token_losses
 
 N = 64
 
@@ -182,3 +182,79 @@ def test_multi_adapter_grads_are_isolated(tiny_model):
     assert all(g.abs().sum() > 0 for g in alone)
     for gm, ga in zip(mixed, alone, strict=True):
         torch.testing.assert_close(gm, ga, rtol=0, atol=1e-6)
+
+
+def _gspo_reference(lp: np.ndarray, x: dict[str, np.ndarray], lo: float, hi: float):
+    """The datum's per-token gspo objective and d/d(lp), by hand in float64."""
+    mask = x["sequence_ratio_mask"] != 0
+    s = math.exp(float(np.mean((lp - x["logprobs"])[mask]))) if mask.any() else 1.0
+    objective, grad = [], []
+    for a in x["advantages"]:
+        sc = min(max(s, lo), hi)
+        if s * a <= sc * a:  # the unclipped branch decides: gradient s * A through lp_t
+            objective.append(s * a)
+            grad.append(s * a)
+        else:
+            objective.append(sc * a)
+            grad.append(s * a if lo < s < hi else 0.0)
+    return np.array(objective), np.array(grad)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, -0.4])  # inside, above and below the clip range
+def test_gspo_matches_float64_reference(shift):
+    rng = np.random.default_rng(1)
+    lp_np = rng.uniform(-4, -0.05, N)
+    x_np = {"logprobs": lp_np - shift + rng.normal(0, 0.05, N),
+            "advantages": rng.normal(size=N),
+            "sequence_ratio_mask": (np.arange(N) >= 10).astype(np.float64)}
+    cfg = resolve_loss_config("gspo", {})
+    lp = torch.tensor(lp_np, dtype=torch.float32, requires_grad=True)
+    inputs = {k: torch.tensor(v, dtype=torch.float32) for k, v in x_np.items()}
+    inputs |= ROW_STATS["gspo"](lp.detach(), inputs)
+    per_token = token_losses("gspo", lp, inputs, cfg)
+    per_token.sum().backward()
+    x64 = {k: v.double().numpy() for k, v in inputs.items()}
+    objective, grad = _gspo_reference(lp.detach().double().numpy(), x64,
+                                      cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+    np.testing.assert_allclose(per_token.detach().double().numpy(), -objective, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(lp.grad.double().numpy(), -grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gspo_through_the_chunked_pass_equals_the_whole_sequence_formula(tiny_model):
+    """packed_pass with the whole-row statistics first and 5-token loss chunks (rows cut
+    across chunks) gives the losses and adapter gradients of the formula applied to each
+    whole sequence with autograd."""
+    _train_adapter(tiny_model, 0, seed=1)
+    tokens, targets, _ = _data(5, rows=3)
+    g = torch.Generator().manual_seed(9)
+    inputs = [{"logprobs": -torch.rand(len(t), generator=g) * 3 - 4.0,
+               "advantages": torch.randn(len(t), generator=g),
+               "sequence_ratio_mask": (torch.arange(len(t)) >= 2).float()} for t in tokens]
+    cfg = resolve_loss_config("gspo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5})
+    rows = [dict(x) for x in inputs]
+
+    def prepare(lps):
+        for x, lp in zip(rows, lps, strict=True):
+            x.update(ROW_STATS["gspo"](lp, x))
+
+    def row_loss(k, offset, lp):
+        part = {name: t[offset:offset + len(lp)] for name, t in rows[k].items()}
+        return token_losses("gspo", lp, part, cfg)
+
+    out = tiny_model.packed_pass(tokens, targets, [0] * 3, [True] * 3, row_loss,
+                                 chunk_tokens=5, prepare=prepare)
+    # the reference: the docs' form on each whole sequence, differentiated by autograd
+    lps = tiny_model.target_logprobs(tokens, targets, [0, 0, 0])
+    total = 0.0
+    for lp, x, losses in zip(lps, inputs, out.losses, strict=True):
+        mask = x["sequence_ratio_mask"] != 0
+        log_ratio = (lp.detach() - x["logprobs"])[mask].mean()
+        s = torch.exp(log_ratio + lp - lp.detach())
+        ref = -torch.minimum(s * x["advantages"], s.clamp(0.5, 1.5) * x["advantages"])
+        torch.testing.assert_close(losses, ref.detach(), rtol=1e-4, atol=1e-5)
+        total = total + ref.sum()
+    total.backward()
+    assert any(p.grad.abs().sum() > 0 for p in tiny_model.adapter_parameters(0))
+    for got, p in zip(out.grads[0], tiny_model.adapter_parameters(0), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-6)

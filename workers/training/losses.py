@@ -19,6 +19,12 @@ Notation (all [N], one entry per target token of the datum):
       second is the k3 estimate of KL(sampler || learner) from the sampled tokens, whose
       gradient (r - 1) pulls the learner back toward the sampling policy. Tinker does not
       publish its formula; this is tinkerq's.
+  gspo                 -min(s_t * A, clip(s_t, lo, hi) * A)
+      with the sequence ratio s = exp(mean over M of sg(lp) - q), M the positions whose
+      `sequence_ratio_mask` is non-zero (s = 1 when M is empty), and the per-token
+      s_t = s * exp(lp - sg(lp)): equal to s, with gradient s through its own token only
+      (the Tinker docs' GSPO-token form). s needs the whole datum's log-probs before any
+      token's loss: `ROW_STATS` computes it first (per-token input `sequence_log_ratio`).
 
 Each loss is `-objective`, per token. The datum's loss is `token_losses(...).sum()` and the
 batch loss is the sum over datums: Tinker does no normalisation, so neither do we. The
@@ -71,6 +77,21 @@ def _stable_reinforce(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
     return x["sampled_mask"] * (-(weight * lp * x["advantages"]) + cfg["kl_coeff"] * kl)
 
 
+def _gspo(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    s = torch.exp(x["sequence_log_ratio"] + lp - lp.detach())
+    adv = x["advantages"]
+    return -torch.minimum(s * adv, s.clamp(*_clip_range(cfg)) * adv)
+
+
+def _gspo_stats(lp: torch.Tensor, x: Inputs) -> Inputs:
+    """The datum's log sequence ratio from its whole (detached) log-probs, as a per-token
+    input the element-wise `_gspo` can slice."""
+    mask = x["sequence_ratio_mask"].to(lp) != 0
+    diff = (lp.detach() - x["logprobs"].to(lp))[mask]
+    log_ratio = diff.mean() if diff.numel() else lp.new_zeros(())
+    return {"sequence_log_ratio": log_ratio.expand(lp.shape[0]).clone()}
+
+
 LOSS_FNS: dict[str, Callable[[torch.Tensor, Inputs, Config], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "importance_sampling": _importance_sampling,
@@ -78,7 +99,11 @@ LOSS_FNS: dict[str, Callable[[torch.Tensor, Inputs, Config], torch.Tensor]] = {
     "cispo": _cispo,
     "dro": _dro,
     "stable_reinforce": _stable_reinforce,
+    "gspo": _gspo,
 }
+# Losses that need per-datum statistics of the whole datum's log-probs before any token's
+# loss: (lp [N] detached, inputs) -> extra per-token inputs.
+ROW_STATS: dict[str, Callable[[torch.Tensor, Inputs], Inputs]] = {"gspo": _gspo_stats}
 
 
 def token_losses(loss_fn: str, lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:

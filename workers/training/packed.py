@@ -232,6 +232,25 @@ def fused_head(
     return HeadResult(logprobs, losses, grad_h, head_grads)
 
 
+def head_logprobs(lm_head, h: torch.Tensor, pack: Pack, chunk_tokens: int
+                  ) -> list[torch.Tensor]:
+    """log p(target) per caller row ([N_i] fp32), without gradients: what a loss that needs a
+    whole datum's log-probs before any token's (gspo's sequence ratio) reads first."""
+    with torch.no_grad():
+        lp = torch.cat([
+            chunk_logprobs(lm_head, h[s:e], pack.targets[s:e],
+                           [(slot, max(a, s) - s, min(b, e) - s)
+                            for slot, a, b in pack.segments if a < e and b > s])
+            for s, e in ((s, min(s + chunk_tokens, pack.num_tokens))
+                         for s in range(0, pack.num_tokens, chunk_tokens))
+        ]).float()
+    cu = pack.cu_seqlens
+    out: list[torch.Tensor] = [torch.empty(0)] * len(pack.order)
+    for k, i in enumerate(pack.order):
+        out[i] = lp[cu[k]:cu[k + 1]]
+    return out
+
+
 def chunk_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, segments) -> torch.Tensor:
     """log p(target) [C] fp32 for C positions: one [C, vocab] logits tensor at a time (under
     tensor parallelism [C, vocab/N] per rank, combined by `tp.vocab_logprobs`)."""

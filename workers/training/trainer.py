@@ -30,7 +30,7 @@ import torch
 from protocol.wire import FwdBwdRequest, WireDatum
 from workers.model import LoraModel
 from workers.parallel import tp
-from workers.training.losses import token_losses
+from workers.training.losses import ROW_STATS, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,18 @@ class Trainer:
             part = {name: t[offset : offset + len(lp)] for name, t in inputs[k].items()}
             return token_losses(job.request.loss_fn, lp, part, job.config)
 
+        def prepare(logprobs: list[torch.Tensor]) -> None:
+            for k, lp in enumerate(logprobs):  # whole-row statistics (gspo's ratio)
+                if stats := ROW_STATS.get(jobs[batch[k].job].request.loss_fn):
+                    inputs[k].update(stats(lp, inputs[k]))
+
+        needs_rows = any(jobs[r.job].request.loss_fn in ROW_STATS for r in batch)
+
         out = self.model.packed_pass(
             [r.datum.tokens.tolist() for r in batch],
             [r.datum.inputs["target_tokens"].tolist() for r in batch],
             [r.slot for r in batch], [r.needs_grad for r in batch], row_loss,
-            self.chunk_tokens, self.checkpoint_layers,
+            self.chunk_tokens, self.checkpoint_layers, prepare if needs_rows else None,
         )
         owners = {r.slot: r.job for r in batch if r.needs_grad}  # one job per slot (see top)
         for slot, grads in out.grads.items():
