@@ -118,6 +118,7 @@ def check_adam(params: dict[str, Any]) -> dict[str, float]:
 
 
 def check_tokens(tokens: np.ndarray, vocab: int, where: str) -> None:
+    tokens = tokens.ravel()  # [N, K] top-k targets: positions are flat indices
     outside = np.flatnonzero((tokens < 0) | (tokens >= vocab))
     if outside.size:
         i = int(outside[0])

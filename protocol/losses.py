@@ -42,6 +42,10 @@ PROVENANCE_LOSSES = frozenset({"stable_reinforce"})
 # Inputs that may ride along with any loss and are ignored when the loss does not use them
 # (the cookbook sends `mask` with RL data).
 OPTIONAL_INPUTS = frozenset({"mask"})
+# Losses whose target_tokens and weights may be [N, K]: K candidate tokens per position, each
+# with its own weight (top-k distillation); the loss sums over both axes.
+TOPK_LOSSES = frozenset({"cross_entropy"})
+MAX_TOPK = 128
 INTEGER_INPUTS = frozenset({"target_tokens"})
 
 
@@ -80,9 +84,26 @@ def check_loss_inputs(loss_fn: str, index: int, n_tokens: int, inputs: dict) -> 
             f"data[{index}] has loss_fn_inputs {unknown} that {loss_fn!r} does not take "
             f"(it takes {list(spec.inputs)})"
         )
+    if loss_fn in TOPK_LOSSES and inputs["target_tokens"].ndim == 2:
+        _check_topk(index, n_tokens, inputs)
+        return
     for name, arr in inputs.items():
         if arr.ndim != 1 or arr.shape[0] != n_tokens:
             raise ProtocolError(
                 f"data[{index}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; it must be "
                 f"[{n_tokens}], the length of the model input"
             )
+
+
+def _check_topk(index: int, n_tokens: int, inputs: dict) -> None:
+    targets = inputs["target_tokens"]
+    k = targets.shape[1]
+    if not 1 <= k <= MAX_TOPK:
+        raise ProtocolError(f"data[{index}].loss_fn_inputs['target_tokens'] has {k} candidates "
+                            f"per position; at most {MAX_TOPK}")
+    for name, arr in inputs.items():
+        want = [n_tokens, k] if name in ("target_tokens", "weights") else [n_tokens]
+        if list(arr.shape) != want:
+            raise ProtocolError(
+                f"data[{index}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; with "
+                f"[N, K] targets it must be {want}")

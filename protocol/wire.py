@@ -185,12 +185,27 @@ def _batched(arrays: list[np.ndarray], dtype: pb.DType.ValueType) -> pb.BatchedT
 def encode_forward_backward_output(
     outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]
 ) -> bytes:
-    """One ArrayRecord with every datum's float32 fields (e.g. logprobs, elementwise_loss)."""
-    record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(outputs))
-    for name in outputs[0] if outputs else ():
-        record.fields[name].CopyFrom(_batched([o[name] for o in outputs], pb.DTYPE_FLOAT32))
+    """Every datum's float32 fields (e.g. logprobs, elementwise_loss) as ArrayRecords, in
+    datum order: one record per run of datums whose fields have the same trailing shape
+    (logprobs are [N] for 1-D targets, [N, K] for top-k ones), since a record's field has
+    one `trailing_shape`."""
     msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics=metrics)
-    msg.loss_fn_outputs.append(record)
+    runs: list[list[dict[str, np.ndarray]]] = []
+    for out in outputs:
+        key = [np.shape(v)[1:] for v in out.values()]
+        if runs and [np.shape(v)[1:] for v in runs[-1][0].values()] == key:
+            runs[-1].append(out)
+        else:
+            runs.append([out])
+    if not runs:
+        msg.loss_fn_outputs.append(pb.ArrayRecord(type_tag="ArrayRecord", num_datums=0))
+    for run in runs:
+        record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(run))
+        for name, first in run[0].items():
+            batched = _batched([o[name] for o in run], pb.DTYPE_FLOAT32)
+            batched.trailing_shape.extend(np.shape(first)[1:])
+            record.fields[name].CopyFrom(batched)
+        msg.loss_fn_outputs.append(record)
     return msg.SerializeToString()
 
 

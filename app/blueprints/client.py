@@ -19,7 +19,8 @@ def client_config() -> dict[str, Any]:
 
 @bp.post("/client/dynamic_config")
 def dynamic_config() -> dict[str, Any]:
-    return {}
+    # abandoned samples are cancelled (cancel_future) instead of running to the end
+    return {"sample_cancel_enabled": True, "sample_cancel_max_batch_size": 64}
 
 
 @bp.post("/telemetry")

@@ -11,7 +11,9 @@ from tests.api.conftest import ALIAS, Api, create_model_body
 def test_client_config_dynamic_config_telemetry(api):
     assert api.ok("client/config", {"sdk_version": "0.38.0"}) == {}
     types.ClientConfigResponse.model_validate(api.ok("client/config"))
-    assert api.ok("client/dynamic_config", {"sdk_version": "0.38.0"}) == {}
+    dynamic = types.ClientDynamicConfigResponse.model_validate(
+        api.ok("client/dynamic_config", {"sdk_version": "0.38.0"}))
+    assert dynamic.sample_cancel_enabled
     assert api.ok("telemetry", {"events": [], "session_id": "x"}) == {"status": "accepted"}
 
 

@@ -13,7 +13,7 @@ from tinker.types.request_failed_response import RequestFailedResponse
 from tinker.types.try_again_response import TryAgainResponse
 
 from protocol.wire import WireSequence, encode_sample_response
-from tests.api.conftest import create_model_body
+from tests.api.conftest import ALIAS, create_model_body
 
 
 @pytest.fixture
@@ -82,3 +82,27 @@ def test_unknown_or_foreign_future_is_404(api, other, request_id):
     resp = poll(api, "req-doesnotexist")
     assert resp.status_code == 404 and "req-doesnotexist" in resp.get_json()["detail"]
     assert api.post("retrieve_future", {}).status_code == 400
+
+
+def test_cancel_future_ends_a_pending_sample_only(api, other, services, session_id, model_id,
+                                                  finish):
+    """A pending sample ends failed (user) and its poller is answered; a finished one is left
+    as it is; a training call is a 400; another key's or an unknown id a 404."""
+    from tests.api.test_sampling import sample_body
+
+    sampler = api.ok("create_sampling_session", {"session_id": session_id,
+                                                 "sampling_session_seq_id": 0,
+                                                 "base_model": ALIAS})["sampling_session_id"]
+    pending = api.ok("asample", sample_body(sampler))["request_id"]
+    assert other.post("cancel_future", {"request_id": pending}).status_code == 404
+    assert api.ok("cancel_future", {"request_id": pending}) == {"cancelled": True}
+    answer = api.ok("retrieve_future", {"request_id": pending})
+    assert answer["category"] == "user" and "cancelled" in answer["error"]
+    done = api.ok("asample", sample_body(sampler, seq_id=1))["request_id"]
+    finish(done, proto=b"")
+    assert api.ok("cancel_future", {"request_id": done}) == {"cancelled": False}
+    train = api.ok("optim_step", {"model_id": model_id, "seq_id": 1, "adam_params": {
+        "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}})["request_id"]
+    resp = api.post("cancel_future", {"request_id": train})
+    assert resp.status_code == 400 and "only sample" in resp.get_json()["detail"]
+    assert api.post("cancel_future", {"request_id": "req-nope"}).status_code == 404

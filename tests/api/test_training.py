@@ -311,3 +311,19 @@ def test_json_body_on_forward_backward_is_400(api, model_id, enqueued):
     resp = api.post("forward_backward", {"model_id": model_id, "seq_id": 1})
     assert resp.status_code == 400 and "protobuf" in resp.get_json()["detail"]
     assert enqueued == []
+
+
+def test_top_k_cross_entropy_shapes(api, model_id, enqueued):
+    """[N, K] targets with [N, K] weights are accepted; mismatched or too wide ones are 400s
+    naming the field and the limit."""
+    targets = np.array([[2, 7, 9], [3, 1, 0], [4, 4, 4]], dtype=np.int64)
+    ok = datum([1, 2, 3], targets, weights=np.full((3, 3), 0.5, dtype=np.float32))
+    resp = api.post("forward_backward", fwdbwd_body(model_id, 1, [ok]), headers=PROTO)
+    assert resp.status_code == 200, resp.get_json()
+    cases = [(datum([1, 2, 3], targets), "must be [3, 3]"),  # 1-D weights beside [N, K]
+             (datum([1, 2, 3], np.zeros((3, 200), dtype=np.int64),
+                    weights=np.zeros((3, 200), dtype=np.float32)), "at most 128")]
+    for seq, (bad_datum, needle) in enumerate(cases, start=2):
+        resp = api.post("forward_backward", fwdbwd_body(model_id, seq, [bad_datum]),
+                        headers=PROTO)
+        assert resp.status_code == 400 and needle in resp.get_json()["detail"], resp.get_json()

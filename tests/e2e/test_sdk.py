@@ -254,6 +254,20 @@ def test_every_loss_and_a_custom_loss_through_the_sdk(service):
             for d, m in zip(rl, masks, strict=True)]
     out = tc.forward_backward(gspo, "gspo", {"clip_low_threshold": 0.5}).result()
     assert math.isfinite(out.metrics["loss:sum"]) and out.metrics["loss:sum"] != 0
+    # Top-k distillation: [N, K] targets and weights (torch tensors travel as sparse CSR);
+    # logprobs come back [N, K] beside a plain datum's [N]
+    import torch
+
+    tokens = PAIRS[0][0] + PAIRS[0][1]
+    n = len(tokens) - 1
+    top = torch.tensor([[t, 13, 11] for t in tokens[1:]])
+    topk = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tinker.TensorData.from_torch(top),
+        "weights": tinker.TensorData.from_torch(torch.tensor([[0.6, 0.3, 0.1]] * n))})
+    out = tc.forward_backward([topk, DATA[1]], "cross_entropy").result()
+    shapes = [tuple(o["logprobs"].shape) for o in out.loss_fn_outputs]
+    assert shapes == [(n, 3), (len(PAIRS[1][0]) + len(PAIRS[1][1]) - 1,)], shapes
+    assert math.isfinite(out.metrics["loss:sum"])
     # Negative and fractional weights are legal for cross_entropy (custom losses rely on it).
     custom = tc.forward_backward_custom(
         DATA, lambda data, logprobs: (sum(-lp.sum() for lp in logprobs), {"custom:sum": 1.0})

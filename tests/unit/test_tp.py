@@ -84,6 +84,12 @@ def check_rank(rank: int, size: int, port: int) -> None:
     try:
         whole, part = build(rank, size)
         close = dict(atol=2e-5, rtol=1e-4)
+        # top-k targets ([C, K]) over a vocabulary split between the ranks
+        logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+        ids = torch.randint(0, 64, (5, 3), generator=torch.Generator().manual_seed(4))
+        lo, n = rank * 64 // size, 64 // size
+        got = tp.vocab_logprobs(logits[:, lo:lo + n], ids, lo, tp.TP(rank, size, dist.group.WORLD))
+        torch.testing.assert_close(got, torch.log_softmax(logits, -1).gather(-1, ids), **close)
         # fresh adapters: the same A numbers as one GPU draws (this rank's part)
         fresh_whole, fresh_part = (LoraModel.from_config(
             tiny_qwen3_config(), torch.device("cpu"), torch.float32, seed=0) for _ in "ab")

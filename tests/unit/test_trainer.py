@@ -179,3 +179,45 @@ def test_warm_up_runs_a_pass_and_leaves_no_adapter_behind():
     assert 99 not in model.adapters
     assert {name: sorted(layer.adapters) for name, layer in model.layers.items()} == before
     assert all(p.grad is None for p in model.adapter_parameters(0))
+
+
+def topk_job(slot: int, seq: list[int], k: int, seed: int) -> TrainJob:
+    """Top-k distillation data: k candidate targets per position, each with a weight."""
+    rng = np.random.default_rng(seed)
+    n = len(seq) - 1
+    targets = np.concatenate([np.array(seq[1:])[:, None], rng.integers(0, 64, (n, k - 1))], 1)
+    data = [WireDatum(np.array(seq[:-1]), {"target_tokens": targets,
+                                           "weights": rng.uniform(-0.5, 1, (n, k))})]
+    return TrainJob(FwdBwdRequest("m", 1, "cross_entropy", {}, False, data), {}, slot)
+
+
+def test_top_k_cross_entropy_beside_plain_rows_matches_log_softmax():
+    """[N, K] targets and weights (K = 3, and a K = 2 row padded beside it) and a plain row in
+    one pack, with 4-token loss chunks: the logprobs ([N, K] per top-k datum), the loss and
+    the gradients are those of -sum w * log_softmax[targets] computed directly."""
+    model = model_with([0, 1, 3])
+    jobs = [topk_job(0, [1, 2, 3, 4, 5, 6], 3, seed=1), job(1, SEQS[1]),
+            topk_job(3, [9, 8, 7, 6], 2, seed=2)]
+    out = Trainer(model, chunk_tokens=4).run(jobs)
+    assert all(r.error is None for r in out)
+    got = {s: grads(model, s) for s in (0, 1, 3)}
+    for s in (0, 1, 3):
+        for p in model.adapter_parameters(s):
+            p.grad = None
+    for job_, result in zip(jobs, out, strict=True):
+        datum = job_.request.data[0]
+        mask = torch.ones(1, len(datum.tokens), dtype=torch.long)
+        logits, _ = model.forward_logits(torch.tensor([datum.tokens.tolist()]), mask,
+                                         [job_.slot])
+        logp = torch.log_softmax(logits[0].float(), -1)
+        y = torch.tensor(datum.inputs["target_tokens"])
+        picked = logp.gather(-1, y.view(len(y), -1)).view(y.shape)
+        loss = -(picked * torch.tensor(datum.inputs["weights"], dtype=torch.float32)).sum()
+        loss.backward()
+        assert result.outputs[0]["logprobs"].shape == tuple(y.shape)
+        np.testing.assert_allclose(result.outputs[0]["logprobs"], picked.detach().numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        assert result.loss_sum == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-4)
+    for s in (0, 1, 3):
+        for a, p in zip(got[s], model.adapter_parameters(s), strict=True):
+            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)

@@ -116,17 +116,20 @@ def gather_vocab(logits: torch.Tensor, tp: TP | None) -> torch.Tensor:
 
 def vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, lo: int,
                    tp: TP) -> torch.Tensor:
-    """log p(target) [C] fp32 from this rank's logits shard [C, V/n] (vocabulary rows
-    [lo, lo + V/n)): the max, the sum of exponentials and the target's logit are combined
-    over the ranks, so no rank holds the whole vocabulary."""
+    """log p(target) fp32 ([C], or [C, K] for K targets per position) from this rank's
+    logits shard [C, V/n] (vocabulary rows [lo, lo + V/n)): the max, the sum of exponentials
+    and the targets' logits are combined over the ranks, so no rank holds the whole
+    vocabulary."""
     x = logits.float()
-    top = x.detach().amax(-1)
+    top = x.detach().amax(-1, keepdim=True)
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp.group)
-    total = reduce_from((x - top[:, None]).exp().sum(-1), tp)
-    mine = (targets >= lo) & (targets < lo + x.shape[-1])
-    local = (targets - lo).clamp(0, x.shape[-1] - 1)
-    picked = reduce_from(x.gather(-1, local[:, None])[:, 0] * mine, tp)
-    return picked - top - total.log()
+    total = reduce_from((x - top).exp().sum(-1, keepdim=True), tp)
+    ids = targets.view(targets.shape[0], -1)
+    mine = (ids >= lo) & (ids < lo + x.shape[-1])
+    local = (ids - lo).clamp(0, x.shape[-1] - 1)
+    picked = reduce_from(x.gather(-1, local) * mine, tp)
+    lp = picked - top - total.log()
+    return lp if targets.dim() == 2 else lp[:, 0]
 
 
 # --- sharding ---------------------------------------------------------------------------------

@@ -68,9 +68,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits.float())[t, targets[t]] without a [C, V] log-softmax tensor."""
+    """log_softmax(logits.float())[t, targets[t]] without a [C, V] log-softmax tensor;
+    targets [C] give [C], targets [C, K] (K candidates per position) give [C, K]."""
     logits = logits.float()
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.view(targets.shape[0], -1))
+    lp = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return lp if targets.dim() == 2 else lp[:, 0]
 
 
 @dataclass

@@ -5,7 +5,7 @@ Notation (all [N], one entry per target token of the datum):
   q   sampler log-probability (`loss_fn_inputs["logprobs"]`)
   A   advantages;  r = exp(lp - q), the importance ratio;  sg() stops the gradient
 
-  cross_entropy        -(lp * w)
+  cross_entropy        -(lp * w)   (top-k targets [N, K]: -sum_k lp_k * w_k per position)
   importance_sampling  -(r * A)
   ppo                  -min(r * A, clip(r, lo, hi) * A)
   cispo                -(sg(clip(r, lo, hi)) * lp * A)
@@ -44,8 +44,10 @@ Config = dict[str, float]
 
 
 def _cross_entropy(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
-    # Weights may be any real number (negative ones push a token down).
-    return -(lp * x["weights"])
+    # Weights may be any real number (negative ones push a token down). Top-k targets:
+    # lp and weights [N, K], summed over the K candidates of each position.
+    loss = -(lp * x["weights"])
+    return loss.sum(-1) if loss.dim() == 2 else loss
 
 
 def _importance_sampling(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:

@@ -139,22 +139,30 @@ class Trainer:
         device = self.model.device
         inputs = [{k: torch.tensor(v, device=device) for k, v in r.datum.inputs.items()
                    if k != "target_tokens"} for r in batch]
+        targets, widths = _targets(batch, inputs)
+
+        def narrow(k: int, lp: torch.Tensor) -> torch.Tensor:
+            """Row k's own log-probs from the pack's [n, K] (K: the widest top-k row)."""
+            if lp.dim() == 1:
+                return lp
+            return lp[:, 0] if widths[k] == 0 else lp[:, :widths[k]]
 
         def row_loss(k: int, offset: int, lp: torch.Tensor) -> torch.Tensor:
             job = jobs[batch[k].job]
             part = {name: t[offset : offset + len(lp)] for name, t in inputs[k].items()}
+            lp = lp if widths[k] else narrow(k, lp)  # a top-k row keeps its padding columns
             return token_losses(job.request.loss_fn, lp, part, job.config)
 
         def prepare(logprobs: list[torch.Tensor]) -> None:
             for k, lp in enumerate(logprobs):  # whole-row statistics (gspo's ratio)
                 if stats := ROW_STATS.get(jobs[batch[k].job].request.loss_fn):
-                    inputs[k].update(stats(lp, inputs[k]))
+                    inputs[k].update(stats(narrow(k, lp), inputs[k]))
 
         needs_rows = any(jobs[r.job].request.loss_fn in ROW_STATS for r in batch)
 
         out = self.model.packed_pass(
             [r.datum.tokens.tolist() for r in batch],
-            [r.datum.inputs["target_tokens"].tolist() for r in batch],
+            targets,
             [r.slot for r in batch], [r.needs_grad for r in batch], row_loss,
             self.chunk_tokens, self.checkpoint_layers, prepare if needs_rows else None,
         )
@@ -169,8 +177,8 @@ class Trainer:
             pairs = [(a, g) for a, g in zip(staged[job], grads, strict=True) if g is not None]
             if pairs:
                 torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
-        for i, lp, loss in zip(micro, out.logprobs, out.losses, strict=True):
-            per_row[i] = (lp, loss)  # copied to the host at the end: no sync per micro-batch
+        for k, (i, lp, loss) in enumerate(zip(micro, out.logprobs, out.losses, strict=True)):
+            per_row[i] = (narrow(k, lp), loss)  # to the host at the end: no sync per micro-batch
 
     def _commit(self, jobs, results, staged) -> None:
         """Add each fully-run job's gradients to its adapter (they accumulate until optim)."""
@@ -241,3 +249,23 @@ def _free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+
+def _targets(batch: list[_Row], inputs: list[dict[str, torch.Tensor]]
+             ) -> tuple[list[list[int]] | list[list[list[int]]], list[int]]:
+    """The rows' targets for one pack, and each row's top-k width (0: one target per
+    position). With any top-k row in the batch every row's targets become [n, K] for the
+    widest K: a plain row's single target in column 0, a narrower top-k row's padded with
+    token 0 at weight 0 (so the padding adds nothing to its loss)."""
+    arrays = [r.datum.inputs["target_tokens"] for r in batch]
+    widths = [a.shape[1] if a.ndim == 2 else 0 for a in arrays]
+    k_max = max(widths)
+    if k_max == 0:
+        return [a.tolist() for a in arrays], widths
+    padded = []
+    for a, width, x in zip(arrays, widths, inputs, strict=True):
+        wide = np.zeros((a.shape[0], k_max), dtype=np.int64)
+        wide[:, :max(width, 1)] = a if width else a[:, None]
+        padded.append(wide.tolist())
+        if 0 < width < k_max:
+            x["weights"] = torch.nn.functional.pad(x["weights"], (0, k_max - width))
+    return padded, widths
