@@ -157,7 +157,12 @@ def check_forward_backward(req: FwdBwdRequest, settings: Settings, vocab: int) -
         raise bad(str(e)) from e
 
 
-def check_prompt(prompt: Any, vocab: int) -> list[int]:
+def text_only(settings: Settings) -> str:
+    """What an image or audio chunk is told: every served model is text-only."""
+    return f"the served base models {settings.served_model_names()} are text-only"
+
+
+def check_prompt(prompt: Any, vocab: int, settings: Settings) -> list[int]:
     chunks = prompt.get("chunks") if isinstance(prompt, dict) else None
     if not isinstance(chunks, list):
         raise bad("prompt must be a ModelInput object {'chunks': [...]}")
@@ -165,7 +170,7 @@ def check_prompt(prompt: Any, vocab: int) -> list[int]:
     for i, chunk in enumerate(chunks):
         kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
         if kind != "encoded_text":
-            raise bad(f"prompt.chunks[{i}] has type {kind!r}; this server takes encoded_text only")
+            raise bad(f"prompt.chunks[{i}] has type {kind!r}; {text_only(settings)}")
         ids = chunk.get("tokens")
         if not isinstance(ids, list) or any(type(t) is not int for t in ids):
             raise bad(f"prompt.chunks[{i}].tokens must be a list of integers")
@@ -213,7 +218,7 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
     n = field(body, "num_samples", int, 1)
     if not 1 <= n <= MAX_NUM_SAMPLES:
         raise bad(f"num_samples={n} must be in [1, {MAX_NUM_SAMPLES}]")
-    prompt = check_prompt(body.get("prompt"), vocab)
+    prompt = check_prompt(body.get("prompt"), vocab, settings)
     params = field(body, "sampling_params", dict, {})
     where = "sampling_params."
     limit, limit_name = settings.max_seq_len, "max_seq_len"

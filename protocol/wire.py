@@ -60,9 +60,9 @@ class FwdBwdRequest:
         return sum(len(d.tokens) for d in self.data)
 
 
-__all__ = ["FwdBwdRequest", "Span", "WireDatum", "WireError", "decode_forward_backward",
-           "decode_sample_sequences", "encode_forward_backward_output",
-           "encode_sample_response", "replace_loss_inputs"]
+__all__ = ["FwdBwdRequest", "Span", "TextOnlyError", "WireDatum", "WireError",
+           "decode_forward_backward", "decode_sample_sequences",
+           "encode_forward_backward_output", "encode_sample_response", "replace_loss_inputs"]
 
 
 MAX_DENSE_ELEMENTS = 1 << 27  # a sparse loss input made dense: 512 MiB of float32 at most
@@ -70,6 +70,10 @@ MAX_DENSE_ELEMENTS = 1 << 27  # a sparse loss input made dense: 512 MiB of float
 
 class WireError(ValueError):
     """A body that does not decode, or decodes to something malformed."""
+
+
+class TextOnlyError(WireError):
+    """An image or audio chunk: the served models take text only (the caller names them)."""
 
 
 def _tensor(msg: pb.Tensor, name: str) -> np.ndarray:
@@ -113,7 +117,7 @@ def _tokens(datum: pb.Datum, index: int) -> np.ndarray:
     for chunk in datum.model_input:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise WireError(f"data[{index}] has a {kind!r} chunk; this server takes text only")
+            raise TextOnlyError(f"data[{index}] has a {kind!r} chunk")
         parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 

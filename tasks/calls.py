@@ -23,10 +23,11 @@ from protocol.checks import (
     check_sample,
     check_seq_id,
     field,
+    text_only,
 )
 from protocol.errors import RequestError, bad
 from protocol.losses import PROVENANCE_LOSSES
-from protocol.wire import WireError, decode_forward_backward
+from protocol.wire import TextOnlyError, WireError, decode_forward_backward
 from store import checkpoints
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from tasks import stability
@@ -159,6 +160,8 @@ def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]
     """forward_backward, or forward (`forward_only`): the body is stored as it came."""
     try:
         req = decode_forward_backward(body)
+    except TextOnlyError as e:
+        raise bad(f"{e}; {text_only(sub.settings)}") from e
     except (WireError, ValueError) as e:
         raise bad(str(e)) from e
     model = sub.load_model(tenant, req.model_id)

@@ -13,6 +13,7 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from store.schema import FAILED, RequestRow, SamplerRow
+from tests.api.conftest import ALIAS
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 
@@ -327,3 +328,24 @@ def test_top_k_cross_entropy_shapes(api, model_id, enqueued):
         resp = api.post("forward_backward", fwdbwd_body(model_id, seq, [bad_datum]),
                         headers=PROTO)
         assert resp.status_code == 400 and needle in resp.get_json()["detail"], resp.get_json()
+
+
+def test_image_chunks_are_a_400_naming_the_text_only_models(api, model_id, session_id):
+    """An image chunk in forward_backward (protobuf) or in a sample prompt (JSON) is refused,
+    and the answer names the served base models as text-only."""
+    from tinker.proto import tinker_public_pb2 as pb
+
+    msg = pb.ForwardBackwardRequest(model_id=model_id, seq_id=1, loss_fn="cross_entropy")
+    msg.data.add().model_input.add().image.data = b"\x89PNG"
+    resp = api.post("forward_backward", msg.SerializeToString(), headers=PROTO)
+    assert resp.status_code == 400, resp.get_json()
+    assert "'image' chunk" in resp.get_json()["detail"] and ALIAS in resp.get_json()["detail"]
+    sampler = api.ok("create_sampling_session", {"session_id": session_id,
+                                                 "sampling_session_seq_id": 0,
+                                                 "base_model": ALIAS})["sampling_session_id"]
+    body = {"num_samples": 1, "sampling_session_id": sampler, "seq_id": 0,
+            "prompt": {"chunks": [{"type": "image", "data": "x", "format": "png"}]},
+            "sampling_params": {"max_tokens": 2}}
+    resp = api.post("asample", body)
+    assert resp.status_code == 400 and "text-only" in resp.get_json()["detail"]
+    assert ALIAS in resp.get_json()["detail"]
