@@ -43,6 +43,9 @@ class SessionRow(Base):
     """A client session (`create_session`); models and samplers hang off it."""
 
     __tablename__ = "sessions"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_sessions_tenant_idempotency"),
+    )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     tags: Mapped[list[Any]] = mapped_column(default=list)
@@ -54,6 +57,7 @@ class SessionRow(Base):
     last_heartbeat: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))  # the SDK's, on creation
 
 
 class ModelRow(Base):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, request
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from app.blueprints.common import (
     json_body,
@@ -17,6 +18,7 @@ from app.blueprints.common import (
     tenant,
 )
 from protocol.checks import field
+from protocol.errors import RequestError
 from store.schema import ModelRow, SamplerRow, SessionRow, utcnow
 
 bp = Blueprint("sessions", __name__)
@@ -24,7 +26,14 @@ bp = Blueprint("sessions", __name__)
 
 @bp.post("/create_session")
 def create_session() -> dict[str, Any]:
+    """A new session; a retry carrying the same X-Idempotency-Key (the SDK reuses one per
+    request across its retries) answers the session the first attempt made."""
     body = json_body()
+    key = request.headers.get("X-Idempotency-Key") or None
+    if key is not None and len(key) > 128:
+        raise RequestError(400, f"X-Idempotency-Key has {len(key)} characters; at most 128")
+    if key is not None and (found := _session_for_key(key)):
+        return {"type": "create_session", "session_id": found}
     row = SessionRow(
         id=f"sess-{uuid.uuid4().hex[:12]}",
         tenant=tenant(),
@@ -33,10 +42,22 @@ def create_session() -> dict[str, Any]:
         display_name=field(body, "display_name", str, None),
         project_id=field(body, "project_id", str, None),
         sdk_version=field(body, "sdk_version", str, None, max_len=32),
+        idempotency_key=key,
     )
-    with services().store.transaction() as s:
-        s.add(row)
+    try:
+        with services().store.transaction() as s:
+            s.add(row)
+    except IntegrityError:  # a concurrent retry with the same key won
+        if key is None or not (found := _session_for_key(key)):
+            raise
+        return {"type": "create_session", "session_id": found}
     return {"type": "create_session", "session_id": row.id}
+
+
+def _session_for_key(key: str) -> str | None:
+    with services().store.transaction() as s:
+        return s.scalar(select(SessionRow.id).where(SessionRow.tenant == tenant(),
+                                                    SessionRow.idempotency_key == key))
 
 
 @bp.post("/session_heartbeat")

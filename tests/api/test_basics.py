@@ -123,3 +123,21 @@ def test_a_finished_session_releases_its_runs_and_takes_no_more_calls(
         assert session_id in resp.get_json()["detail"] and "finished" in resp.get_json()["detail"]
     assert [row.seq_id for row in enqueued] == [1]  # the refused optim_step, stored failed
     assert enqueued[0].state == FAILED and enqueued[0].kind == "optim_step"
+
+
+def test_create_session_retried_with_its_idempotency_key_answers_the_same_session(api, other):
+    body = {"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}
+
+    def create(client, key=None):
+        headers = {"X-Idempotency-Key": key} if key else {}
+        resp = client.post("create_session", body, headers=headers)
+        assert resp.status_code == 200, resp.get_json()
+        return resp.get_json()["session_id"]
+
+    first = create(api, "stainless-python-retry-1")
+    assert create(api, "stainless-python-retry-1") == first  # the SDK's retry
+    assert create(api, "stainless-python-retry-2") != first
+    assert create(other, "stainless-python-retry-1") != first  # keys are per tenant
+    assert create(api) != create(api)  # no key: every call is a new session
+    resp = api.post("create_session", body, headers={"X-Idempotency-Key": "k" * 200})
+    assert resp.status_code == 400 and "at most 128" in resp.get_json()["detail"]
