@@ -1,4 +1,5 @@
-"""API-key check: every /api/v1 call carries `X-API-Key: tml-...` (healthz excepted).
+"""API-key check: every /api/v1 call carries `X-API-Key: tml-...` (healthz excepted, and
+the downloads of exported weights, whose signed URL is their permission).
 
 The key is never stored; `g.tenant` is its hash (store.schema.tenant_of) and every lookup of a
 client-named row filters on it, so another tenant's id answers 404 like a missing one.
@@ -12,10 +13,12 @@ from protocol.errors import RequestError
 from store.schema import tenant_of
 
 OPEN_PATHS = frozenset({"/api/v1/healthz"})
+OPEN_PREFIXES = ("/api/v1/downloads/",)
 
 
 def _check_key() -> None:
-    if not request.path.startswith("/api/v1/") or request.path in OPEN_PATHS:
+    path = request.path
+    if not path.startswith("/api/v1/") or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return
     key = request.headers.get("X-API-Key", "")
     if not key:

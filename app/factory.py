@@ -10,11 +10,21 @@ from __future__ import annotations
 from flask import Flask
 
 from app import auth, errors
-from app.blueprints import client, futures, models, runs, sampling, sessions, training
+from app.blueprints import (
+    checkpoints,
+    client,
+    futures,
+    models,
+    runs,
+    sampling,
+    sessions,
+    training,
+)
 from app.services import Services
 from config.settings import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
+from store.downloads import Signer, signing_key
 from store.model_info import ModelInfo
 from tasks.submit import Retire, Send, Submitter
 
@@ -39,9 +49,10 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
         doorbell=Doorbell(settings.redis),
         model=model,
         submit=Submitter(settings, store, model, enqueue, retire=retire),
+        signer=Signer(signing_key(settings), settings.download_url_ttl_s),
     )
     errors.init_app(app)
     auth.init_app(app)
-    for module in (client, sessions, models, training, sampling, futures, runs):
+    for module in (client, sessions, models, training, sampling, futures, runs, checkpoints):
         app.register_blueprint(module.bp, url_prefix="/api/v1")
     return app

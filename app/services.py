@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from store.db import Store
 from store.doorbell import Doorbell
+from store.downloads import Signer
 from store.model_info import ModelInfo
 from tasks.submit import Submitter
 
@@ -18,3 +19,4 @@ class Services:
     doorbell: Doorbell
     model: ModelInfo
     submit: Submitter  # the one submit path (validate, write the row, dedupe, send)
+    signer: Signer  # download URLs of exported weights

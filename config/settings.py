@@ -46,6 +46,21 @@ class Settings:
     long_poll_seconds: float = _opt(
         25.0, "How long retrieve_future holds a request before answering try_again (< 45 s)."
     )
+    public_url: str = _opt(
+        "", "Base URL clients reach the API at (e.g. https://tinker.example.com), used in signed "
+        "download URLs; empty = the host each request came to."
+    )
+    secret_key: str = _opt(
+        "", "Key that signs download URLs; empty = one made at first use and kept in "
+        "<data_dir>/secret_key. Give every API host of one deployment the same key."
+    )
+    download_url_ttl_s: int = _opt(
+        3600, "How long a signed download URL of exported weights stays valid, in seconds."
+    )
+    checkpoint_sweep_s: float = _opt(
+        60.0, "How often the worker deletes checkpoints past their ttl_seconds (their rows "
+        "and files); expired ones are hidden from listings and loads at once. 0 = never."
+    )
     # --- models -------------------------------------------------------------------------
     base_model: str = _opt(
         DEFAULT_BASE_MODEL,
@@ -181,10 +196,12 @@ class Settings:
                      "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
                      "loss_chunk_tokens", "max_models_per_tenant",
-                     "worker_concurrency", "tensor_parallel_size"):
+                     "worker_concurrency", "tensor_parallel_size", "download_url_ttl_s"):
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")
+        if self.checkpoint_sweep_s < 0:
+            raise SettingsError(f"checkpoint_sweep_s={self.checkpoint_sweep_s} must be >= 0")
         if self.max_offload_gib < 0 or self.release_idle_s < 0 or self.session_idle_s <= 0:
             raise SettingsError(f"max_offload_gib={self.max_offload_gib} and release_idle_s="
                                 f"{self.release_idle_s} must be >= 0, session_idle_s="

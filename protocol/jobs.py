@@ -26,6 +26,10 @@ forward_backward:
                       {"checkpoint_dir", "tinker_path"|None, "sampling_session_id"|None,
                        "ttl_seconds"|None, "user_metadata"|None}
                       -> {"path", "sampling_session_id", "type": "save_weights_for_sampler"}
+    save_weights_external
+                      {"checkpoint_dir", "tinker_path", "age_recipients": [str]|None,
+                       "ttl_seconds"|None, "user_metadata"|None}
+                      -> {"path", "size_bytes", "type": "save_weights_external"}
     sample            {"prompt": [int], "num_samples", "max_tokens", "temperature", "top_k",
                        "top_p", "seed"|None, "stop_strings": [str], "stop_token_ids": [int],
                        "stop_at_eos": bool, "prompt_logprobs": bool,
@@ -45,7 +49,8 @@ from typing import Any, Literal
 # Kinds that change or checkpoint a model's state: a batch of forward/backward calls of a
 # model never runs past one of these.
 BARRIER_KINDS = frozenset(
-    {"create_model", "load_weights", "optim_step", "save_weights", "save_weights_for_sampler"}
+    {"create_model", "load_weights", "optim_step", "save_weights", "save_weights_for_sampler",
+     "save_weights_external"}
 )
 # Kinds that bring a model into being (their seq_id is None: they precede seq_id 1).
 CREATION_KINDS = frozenset({"create_model", "load_weights"})
@@ -119,7 +124,7 @@ class Outcome:
     """The answer to one job: a JSON object, protobuf bytes, or an error.
 
     `checkpoint` (optional) describes a checkpoint the job wrote, for the task to record:
-    {"model_id", "kind": "training"|"sampler", "name", "tinker_path", "local_dir",
+    {"model_id", "kind": "training"|"sampler"|"external", "name", "tinker_path", "local_dir",
      "size_bytes", "ttl_seconds", "user_metadata"}.
     """
 

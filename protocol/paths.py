@@ -2,6 +2,8 @@
 
     tinker://<run>/weights/<name>           a training checkpoint (adapter + optimizer)
     tinker://<run>/sampler_weights/<name>   sampler weights (the peft adapter)
+    tinker://<run>/external_weights/<name>  the peft adapter for download, its files
+                                            optionally age-encrypted (save_weights_external)
 
 Run ids are "{session}:train:{n}" and sampler ids "{session}:sample:{n}": the SDK derives
 the first itself on the create-via-load path (protocol note §5.2).
@@ -14,7 +16,9 @@ from typing import Any
 
 from protocol.errors import bad
 
-SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}  # segment -> checkpoint kind
+# segment -> checkpoint kind, and back
+SEGMENTS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+SEGMENT_OF = {kind: segment for segment, kind in SEGMENTS.items()}
 # A checkpoint name is a folder of its own below its run's segment: never ".", "..", a
 # hidden name, a separator or anything a shell or a file system reads specially.
 MAX_NAME_LEN = 128
@@ -48,10 +52,10 @@ def check_name(name: Any) -> str:
 
 
 def parse_tinker_path(path: Any) -> tuple[str, str, str]:
-    """tinker://<run>/<weights|sampler_weights>/<name> -> (run, checkpoint kind, name)."""
+    """tinker://<run>/<segment>/<name> -> (run, checkpoint kind, name)."""
     parts = path.removeprefix("tinker://").split("/") if isinstance(path, str) else []
     if not (isinstance(path, str) and path.startswith("tinker://")) or len(parts) != 3:
-        raise bad(f"path {path!r} is not a tinker://<run>/<weights|sampler_weights>/<name> path")
+        raise bad(f"path {path!r} is not a tinker://<run>/<{'|'.join(SEGMENTS)}>/<name> path")
     if parts[1] not in SEGMENTS:
         raise bad(f"path {path!r}: segment {parts[1]!r} must be one of {sorted(SEGMENTS)}")
     if not parts[0] or "\x00" in parts[0]:

@@ -88,14 +88,14 @@ class Store:
 
     def live_models(self, tenant: str, idle_s: float) -> int:
         """The tenant's training runs whose session is neither finished nor silent for more
-        than `idle_s` seconds (no heartbeat)."""
+        than `idle_s` seconds (no heartbeat); copies (copy_weights) hold no worker memory."""
         cutoff = utcnow() - dt.timedelta(seconds=idle_s)
         with self.transaction() as s:
             return s.scalar(
                 select(func.count(ModelRow.id))
                 .join(SessionRow, SessionRow.id == ModelRow.session_id)
                 .where(ModelRow.tenant == tenant, SessionRow.finished_at.is_(None),
-                       SessionRow.last_heartbeat >= cutoff)
+                       SessionRow.last_heartbeat >= cutoff, ModelRow.copied_from.is_(None))
             ) or 0
 
     def create_schema(self) -> None:

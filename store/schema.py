@@ -22,8 +22,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from protocol.paths import SEGMENT_OF
 
 
 def utcnow() -> dt.datetime:
@@ -81,6 +84,8 @@ class ModelRow(Base):
     queue: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # copy_weights: the run holds one copied checkpoint and takes no calls
+    copied_from: Mapped[str | None] = mapped_column(String(512))
 
 
 class SamplerRow(Base):
@@ -141,14 +146,15 @@ class RequestRow(Base):
 
 
 class CheckpointRow(Base):
-    """A saved checkpoint: `kind` training (adapter + optimizer) or sampler (peft adapter)."""
+    """A saved checkpoint: `kind` training (adapter + optimizer), sampler (peft adapter) or
+    external (the peft adapter for download). `public`: other keys may read it."""
 
     __tablename__ = "checkpoints"
     __table_args__ = (UniqueConstraint("model_id", "kind", "name", name="uq_checkpoint_name"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     model_id: Mapped[str] = mapped_column(String(128), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "training" | "sampler"
+    kind: Mapped[str] = mapped_column(String(16))  # "training" | "sampler" | "external"
     name: Mapped[str] = mapped_column(String(256))
     tinker_path: Mapped[str] = mapped_column(String(512), unique=True)
     local_dir: Mapped[str] = mapped_column(String(1024))
@@ -156,7 +162,8 @@ class CheckpointRow(Base):
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     @property
     def segment(self) -> str:
-        return "weights" if self.kind == "training" else "sampler_weights"
+        return SEGMENT_OF[self.kind]

@@ -66,7 +66,7 @@ from protocol.errors import RequestError
 from store.db import Store
 from store.model_info import ModelInfo
 from store.schema import ModelRow, RequestRow, SessionRow, tenant_of
-from tasks import batch_status, calls
+from tasks import batch_status, calls, saves
 from tasks.celery_app import celery_app
 from tasks.enqueue import request_id, signature, task_name
 from tasks.submit import Submitter
@@ -285,11 +285,11 @@ class TrainingRun:
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> Signature:
         """Adapter + optimizer state at tinker://<model>/weights/<name>."""
-        return self._save("save_weights", calls.save_weights, name, ttl_seconds)
+        return self._save("save_weights", saves.save_weights, name, ttl_seconds)
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> Signature:
         """The peft adapter at `sampler_path(name)`, for `Batch.sampler(model_path=...)`."""
-        verb = calls.save_weights_for_sampler
+        verb = saves.save_weights_for_sampler
         return self._save("save_weights_for_sampler", verb, name, ttl_seconds)
 
     def sampler_path(self, name: str) -> str:

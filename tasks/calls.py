@@ -1,7 +1,8 @@
 """Every Tinker call that writes a request row, as a function of (submitter, tenant, body):
 the body is what the SDK sends, a JSON object (or the protobuf bytes of forward_backward),
 and the answer is the future REST returns. The REST blueprints and batch scripts
-(`tasks.batch`) both call these, through one `Submitter` each (tasks/submit.py).
+(`tasks.batch`) both call these, through one `Submitter` each (tasks/submit.py). The saves
+of a run's checkpoints are in tasks/saves.py.
 
 Run ids are "{session_id}:train:{model_seq_id}" (the SDK derives exactly this id on the
 create-via-load path), sampler ids "{session_id}:sample:{n}" (protocol/paths.py).
@@ -28,9 +29,9 @@ from protocol.checks import (
 from protocol.errors import RequestError, bad
 from protocol.losses import PROVENANCE_LOSSES
 from protocol.wire import TextOnlyError, WireError, decode_forward_backward
-from store import checkpoints
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from tasks import stability
+from tasks.saves import checkpoint_dir
 from tasks.submit import Submitter, future, new_request_id, payload
 
 # --- creations ------------------------------------------------------------------------------
@@ -80,8 +81,11 @@ def lora_of(model: ModelRow) -> dict[str, Any]:
     }
 
 
-def weights_source(sub: Submitter, tenant: str, path: Any) -> tuple[CheckpointRow, ModelRow]:
-    """The caller's `weights` checkpoint at `path` and the run that saved it."""
+def weights_source(sub: Submitter, tenant: str, body: dict[str, Any]
+                   ) -> tuple[CheckpointRow, ModelRow]:
+    """The `weights` checkpoint at the body's `path` (the caller's, a published one, or one
+    its `weights_access_token` may read) and the run that saved it."""
+    path = body.get("path")
     _, kind, _ = paths.parse_tinker_path(path)
     if kind != "training":
         raise bad(
@@ -89,8 +93,11 @@ def weights_source(sub: Submitter, tenant: str, path: Any) -> tuple[CheckpointRo
             f"(tinker://<run>/weights/<name>), got {path!r}"
         )
     with sub.store.transaction() as s:
-        ckpt = sub.checkpoint(s, tenant, path)
-        source = sub.owned(s, tenant, ModelRow, ckpt.model_id, "training run")
+        ckpt = sub.checkpoint(s, tenant, path, read=True,
+                              access_token=body.get("weights_access_token"))
+        source = s.get(ModelRow, ckpt.model_id)
+        if source is None:
+            raise RequestError(404, f"the training run of {path!r} no longer exists")
     return ckpt, source
 
 
@@ -114,7 +121,7 @@ def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
     model_id = new_model_id(sub, tenant, body)
     if found := sub.store.request_holding(model_id, None, 0):
         return future(found, model_id)
-    ckpt, source = weights_source(sub, tenant, body.get("path"))
+    ckpt, source = weights_source(sub, tenant, body)
     if body.get("base_model") is not None:
         check_base_model(field(body, "base_model", str), sub.settings)
     check_optimizer_config(body.get("optimizer_config"))
@@ -141,7 +148,7 @@ def load_into(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, An
     seq = check_seq_id(body.get("seq_id"))
 
     def build() -> tuple[bytes, str]:
-        ckpt, source = weights_source(sub, tenant, body.get("path"))
+        ckpt, source = weights_source(sub, tenant, body)
         if source.lora_rank != model.lora_rank:
             raise bad(
                 f"checkpoint {ckpt.tinker_path!r} has LoRA rank "
@@ -190,126 +197,13 @@ def optim_step(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, A
     return sub.numbered(model, check_seq_id(body.get("seq_id")), "optim_step", build)
 
 
-def _checkpoint_dir(sub: Submitter, model: ModelRow, segment: str, name: str) -> str:
-    root = sub.settings.checkpoint_root
-    return str(checkpoints.folder(root, model.tenant, model.id, segment, name))
-
-
-def _check_new_name(sub: Submitter, model: ModelRow, kind: str, name: str,
-                    overwrite: bool) -> None:
-    """400 (never 409: the SDK retries 409 for minutes) when the name is taken."""
-    if not overwrite and checkpoints.name_taken(sub.store, model.id, kind, name):
-        raise bad(f"checkpoint {name!r} already exists for {model.id!r}; "
-                  "choose another name or pass overwrite=true")
-
-
-MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
-
-
-def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
-    """What a named checkpoint keeps besides its files: its lifetime and the caller's tags."""
-    ttl = field(body, "ttl_seconds", int, None)
-    if ttl is not None and not 1 <= ttl <= MAX_TTL_SECONDS:
-        raise bad(f"ttl_seconds={ttl} must be between 1 and {MAX_TTL_SECONDS} (10 years); "
-                  "omit it: never expires")
-    return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
-
-
-def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Adapter + optimizer state at tinker://<run>/weights/<path>."""
-    model = sub.load_model(tenant, body.get("model_id"))
-
-    def build() -> tuple[bytes, str]:
-        name = paths.check_name(body.get("path"))
-        _check_new_name(sub, model, "training", name, field(body, "overwrite", bool, False))
-        path = paths.checkpoint_path(model.id, "weights", name)
-        data = {"checkpoint_dir": _checkpoint_dir(sub, model, "weights", name),
-                "tinker_path": path, **checkpoint_extras(body)}
-        return payload(data), f"path={path}"
-
-    return sub.numbered(model, check_seq_id(body.get("seq_id")), "save_weights", build)
-
-
-def check_kind(body: dict[str, Any]) -> None:
-    kind = body.get("kind", "snapshot")
-    if kind != "snapshot":
-        raise bad(f"kind={kind!r} is not supported (supported: 'snapshot')")
-
-
-def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
-                             ) -> dict[str, Any]:
-    """The peft adapter at tinker://<run>/sampler_weights/<path>; without a path, for a
-    new sampling session (`save_weights_and_get_sampling_client`)."""
-    model = sub.load_model(tenant, body.get("model_id"))
-    if body.get("path") is None and body.get("sampling_session_seq_id") is not None:
-        return save_for_session(sub, model, body)
-
-    def build() -> tuple[bytes, str]:
-        check_kind(body)
-        name = paths.check_name(body.get("path"))
-        _check_new_name(sub, model, "sampler", name, False)
-        path = paths.checkpoint_path(model.id, "sampler_weights", name)
-        data = {
-            "checkpoint_dir": _checkpoint_dir(sub, model, "sampler_weights", name),
-            "tinker_path": path,
-            "sampling_session_id": None,
-            **checkpoint_extras(body),
-        }
-        return payload(data), f"path={path}"
-
-    seq = check_seq_id(body.get("seq_id"))
-    return sub.numbered(model, seq, "save_weights_for_sampler", build)
-
-
-def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> dict[str, Any]:
-    """Path-less save: the sampling session is created now, with the folder the save will
-    write, so the answer can name it."""
-    seq_id = check_seq_id(body.get("seq_id"))
-    if found := sub.store.request_holding(model.id, None, seq_id):
-        return future(found, model.id)
-    n = body.get("sampling_session_seq_id")
-    sampler_id = paths.sampler_id(model.session_id, n)  # type: ignore[arg-type]
-    row = RequestRow(
-        id=new_request_id(),
-        tenant=model.tenant,
-        kind="save_weights_for_sampler",
-        model_id=model.id,
-        seq_id=seq_id,
-        queue=model.queue,
-        summary=f"model={model.id} seq={seq_id} sampler={sampler_id}",
-    )
-    try:
-        check_kind(body)
-        if type(n) is not int or n < 0:
-            raise bad(f"sampling_session_seq_id={n!r} must be an integer >= 0")
-        with sub.store.transaction() as s:
-            if s.get(SamplerRow, sampler_id) is not None:
-                raise bad(f"sampling session {sampler_id!r} already exists")
-    except RequestError as e:
-        sub.reject(row, e.message)
-    folder = _checkpoint_dir(sub, model, "sampler_weights", f"_session/{sampler_id}")
-    sampler = SamplerRow(
-        id=sampler_id,
-        tenant=model.tenant,
-        session_id=model.session_id,
-        base_model=model.base_model,
-        model_path=None,
-        checkpoint_dir=folder,
-        queue=model.queue,
-    )
-    row.payload = payload(
-        {"checkpoint_dir": folder, "tinker_path": None, "sampling_session_id": sampler_id}
-    )
-    row.summary = f"save_weights_for_sampler {row.summary}"
-    return future(sub.submit(row, sampler), model.id)
-
-
 # --- sampling -------------------------------------------------------------------------------
 
 
 def create_sampler(sub: Submitter, tenant: str, body: dict[str, Any],
                    planned: bool = False) -> SamplerRow:
-    """A sampling session on the base model or on sampler weights; a retried creation
+    """A sampling session on the base model or on a checkpoint's adapter (sampler weights,
+    or a training checkpoint's; the caller's or a published one); a retried creation
     answers the first. `planned`: the weights may be a save that a batch's chain makes
     later, so they need not exist yet (their run must be the caller's)."""
     try:
@@ -332,14 +226,15 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
                              queue=sub.settings.queue, base_model="", model_path=None)
         if (path := body.get("model_path")) is not None:
             run_id, kind, name = paths.parse_tinker_path(path)
-            if kind != "sampler":
-                raise bad(f"model_path {path!r} must be a sampler_weights checkpoint")
+            if kind == "external":
+                raise bad(f"model_path {path!r} is an export for download; sample from a "
+                          "sampler_weights or weights checkpoint")
             if planned:
                 source = sub.owned(s, tenant, ModelRow, run_id, "training run")
-                folder = _checkpoint_dir(sub, source, "sampler_weights", name)
-            else:
-                ckpt = sub.checkpoint(s, tenant, path)
-                source = sub.owned(s, tenant, ModelRow, ckpt.model_id, "training run")
+                folder = checkpoint_dir(sub, source, paths.SEGMENT_OF[kind], name)
+            else:  # both kinds hold the peft adapter files the sampler reads
+                ckpt = sub.checkpoint(s, tenant, path, read=True)
+                source = sub.owned(s, ckpt.tenant, ModelRow, ckpt.model_id, "training run")
                 folder = ckpt.local_dir
             sampler.base_model, sampler.model_path = source.base_model, path
             sampler.checkpoint_dir = folder

@@ -15,7 +15,10 @@ what they share:
   stored failed and sent, so that the worker's per-model order skips it instead of waiting
   on a gap. Batch scripts number their own calls, so for them (`claim_rejected=False`) a bad
   call raises before anything is written.
-- Every lookup filters on the tenant: another tenant's id is a missing id (404).
+- Every lookup filters on the tenant: another tenant's id is a missing id (404). A
+  checkpoint is the one exception: its owner may publish it for every key to read, or the
+  caller may show the owner's key as a `weights_access_token`. An expired checkpoint is
+  missing for everyone, before the sweeper has deleted it.
 - A finished session (`ServiceClient.close`) takes no more calls: its runs are released from
   the worker's memory (`retire_runs`), and new calls on them or new runs and samplers in it
   are refused (400).
@@ -44,6 +47,7 @@ from store.schema import (
     RequestRow,
     SamplerRow,
     SessionRow,
+    tenant_of,
     utcnow,
 )
 
@@ -52,6 +56,10 @@ Send = Callable[[RequestRow], None]
 Retire = Callable[[str, list[str]], None]  # (queue, model ids): release them once idle
 Build = Callable[[], tuple[bytes, str]]  # validates; returns (payload, summary)
 T = TypeVar("T")
+
+
+def expired(row: CheckpointRow | None) -> bool:
+    return row is not None and row.expires_at is not None and row.expires_at <= utcnow()
 
 
 def new_request_id() -> str:
@@ -96,13 +104,19 @@ class Submitter:
             raise RequestError(400, finished_message(row.id))
         return row
 
-    def checkpoint(self, s: Session, tenant: str, tinker_path: str) -> CheckpointRow:
+    def checkpoint(self, s: Session, tenant: str, tinker_path: str, *, read: bool = False,
+                   access_token: Any = None) -> CheckpointRow:
+        """The checkpoint at `tinker_path` if the caller owns it; with `read`, also one its
+        owner published, or one owned by the key given as `access_token`."""
         row = s.scalars(
-            select(CheckpointRow).where(
-                CheckpointRow.tinker_path == tinker_path, CheckpointRow.tenant == tenant
-            )
+            select(CheckpointRow).where(CheckpointRow.tinker_path == tinker_path)
         ).first()
-        if row is None:
+        readers = {tenant}
+        if isinstance(access_token, str) and access_token.startswith("tml-"):
+            readers.add(tenant_of(access_token))
+        visible = row is not None and (row.tenant == tenant or read and (
+            row.public or row.tenant in readers))
+        if not visible or expired(row):
             raise RequestError(404, f"checkpoint {tinker_path!r} not found")
         return row
 
@@ -172,6 +186,10 @@ class Submitter:
             summary=f"model={model.id} seq={seq_id}",
         )
         try:
+            if model.copied_from is not None:
+                raise RequestError(400, f"training run {model.id!r} is a copy of "
+                                        f"{model.copied_from!r}: it takes no calls; load its "
+                                        "checkpoint into a new run to train on it")
             if self.store.session_finished(model.session_id):
                 raise RequestError(400, finished_message(model.session_id))
             row.payload, summary = build()

@@ -23,6 +23,7 @@ from store import checkpoints
 from store.db import Store
 from store.doorbell import Doorbell
 from store.schema import DONE, FAILED, RequestRow, utcnow
+from tasks import housekeeping
 from tasks.celery_app import celery_app
 from tasks.enqueue import RELEASE_TASK, task_name
 
@@ -57,14 +58,15 @@ STARTED = time.time()  # this worker process's start: what it was handed later i
 @signals.worker_ready.connect
 def _warm_up(sender: Any = None, **_: Any) -> None:
     """Take back what a dead predecessor held, then load the model as soon as the GPU
-    worker is up, not on the first call."""
+    worker is up, not on the first call, and start the checkpoint sweep."""
     queue = celery_app.conf.tinkerq_settings.queue
     if queue in _consumed_queues(sender):
         restored = restore_orphans(queue, STARTED)
         if restored:
             log.warning("put back %d call(s) that a previous worker of queue %s had taken "
                         "and not finished", restored, queue)
-        context.get()
+        store = context.get()[0]
+        housekeeping.start(store, celery_app.conf.tinkerq_settings)
 
 
 def restore_orphans(queue: str, before: float) -> int:

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protocol.jobs import UserError
+from store import encryption
 from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
 from workers.model import AdapterSpec, LoraModel
 from workers.parallel import tp
@@ -50,13 +51,21 @@ LayerWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A,
 
 
 # --- sampler weights (peft format) ---------------------------------------------------------
-def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str) -> int:
-    """Write the adapter in `slot` as a peft LoRA folder; returns the bytes written."""
+def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str,
+                         encrypt_to: list[str] | None = None) -> int:
+    """Write the adapter in `slot` as a peft LoRA folder, each file age-encrypted to the
+    recipients `encrypt_to` when given; returns the bytes written."""
     spec = _spec_of(model, slot)
     tensors = _peft_tensors(model, slot)
     if not _writes(model):
         return 0
-    return _write_atomic(Path(path), lambda d: _write_peft(d, tensors, spec, base_model))
+
+    def write(folder: Path) -> None:
+        _write_peft(folder, tensors, spec, base_model)
+        if encrypt_to:
+            encryption.encrypt_folder(folder, encrypt_to)
+
+    return _write_atomic(Path(path), write)
 
 
 def load_sampler_weights(path: Path) -> tuple[AdapterSpec, LayerWeights]:

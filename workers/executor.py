@@ -238,17 +238,21 @@ class Executor:
         )
 
     def _save_weights_for_sampler(self, job: Job, body: dict[str, Any]) -> Outcome:
-        run = self._run(job.model_id)
-        folder = Path(body["checkpoint_dir"])
-        size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model)
+        run, folder = self._run(job.model_id), Path(body["checkpoint_dir"])
+        size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model,
+                                                body.get("age_recipients"))
         self.residency.forget_sampler(str(folder))  # an overwritten folder must be reloaded
-        answer = {"path": body.get("tinker_path"), "type": "save_weights_for_sampler"}
-        if body.get("sampling_session_id"):
-            answer["sampling_session_id"] = body["sampling_session_id"]
+        kind = "external" if job.kind == "save_weights_external" else "sampler"
+        answer = {"path": body.get("tinker_path"), "type": job.kind,
+                  "sampling_session_id": body.get("sampling_session_id"),
+                  "size_bytes": size if kind == "external" else None}
+        answer = {k: v for k, v in answer.items() if v is not None}
         if not body.get("tinker_path"):  # a sampling session's weights: no checkpoint row
             return Outcome(json=answer)
-        return Outcome(json=answer, checkpoint=checkpoints.written(job.model_id, "sampler",
-                                                                   body, size))
+        return Outcome(json=answer, checkpoint=checkpoints.written(job.model_id, kind, body,
+                                                                   size))
+
+    _save_weights_external = _save_weights_for_sampler  # the same files, to download
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:

@@ -84,8 +84,9 @@ def owned(session: Any, row_type: type[T], row_id: Any, what: str) -> T:
     return services().submit.owned(session, tenant(), row_type, row_id, what)
 
 
-def checkpoint_by_path(session: Any, tinker_path: str) -> CheckpointRow:
-    return services().submit.checkpoint(session, tenant(), tinker_path)
+def checkpoint_by_path(session: Any, tinker_path: str, read: bool = False) -> CheckpointRow:
+    """The caller's checkpoint; with `read`, also one its owner published."""
+    return services().submit.checkpoint(session, tenant(), tinker_path, read=read)
 
 
 # --- listings -------------------------------------------------------------------------------

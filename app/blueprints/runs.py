@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Any
 
 from flask import Blueprint
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from app.blueprints.common import (
     checkpoint_by_path,
@@ -22,7 +22,7 @@ from app.blueprints.common import (
 from protocol.checks import field
 from protocol.paths import parse_tinker_path
 from store import checkpoints
-from store.schema import CheckpointRow, ModelRow
+from store.schema import CheckpointRow, ModelRow, utcnow
 
 bp = Blueprint("runs", __name__)
 
@@ -38,16 +38,20 @@ def checkpoint_json(c: CheckpointRow) -> dict[str, Any]:
         "time": iso(c.created_at),
         "tinker_path": c.tinker_path,
         "size_bytes": c.size_bytes,
-        "public": False,
+        "public": c.public,
         "user_metadata": str_values(c.user_metadata),
         "expires_at": iso(c.expires_at),
     }
 
 
+def unexpired() -> Any:
+    return or_(CheckpointRow.expires_at.is_(None), CheckpointRow.expires_at > utcnow())
+
+
 def latest(s: Any, model_id: str, kind: str) -> dict[str, Any] | None:
     row = s.scalars(
         select(CheckpointRow)
-        .where(CheckpointRow.model_id == model_id, CheckpointRow.kind == kind)
+        .where(CheckpointRow.model_id == model_id, CheckpointRow.kind == kind, unexpired())
         .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
     ).first()
     return checkpoint_json(row) if row else None
@@ -92,7 +96,7 @@ def get_run(run_id: str) -> dict[str, Any]:
 
 
 def list_checkpoints(where: Any, limit: int, offset: int) -> dict[str, Any]:
-    query = select(CheckpointRow).where(CheckpointRow.tenant == tenant(), where)
+    query = select(CheckpointRow).where(CheckpointRow.tenant == tenant(), where, unexpired())
     with services().store.transaction() as s:
         total = count(s, query)
         rows = s.scalars(
@@ -135,8 +139,8 @@ def weights_info() -> dict[str, Any]:
     path = field(json_body(), "tinker_path", str)
     parse_tinker_path(path)
     with services().store.transaction() as s:
-        ckpt = checkpoint_by_path(s, path)
-        m = owned(s, ModelRow, ckpt.model_id, "training run")
+        ckpt = checkpoint_by_path(s, path, read=True)  # a published one too
+        m = services().submit.owned(s, ckpt.tenant, ModelRow, ckpt.model_id, "training run")
     return {
         "base_model": m.base_model,
         "is_lora": True,

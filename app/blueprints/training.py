@@ -1,5 +1,6 @@
 """A model's numbered calls: forward_backward (and forward), optim_step, save_weights,
-save_weights_for_sampler. Each claims the model's seq_id, valid or not (tasks/submit.py)."""
+save_weights_for_sampler, save_weights_external. Each claims the model's seq_id, valid or
+not (tasks/submit.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from flask import Blueprint, request
 
 from app.blueprints.common import json_body, services, tenant
 from protocol.errors import RequestError
-from tasks import calls
+from tasks import calls, saves
 
 bp = Blueprint("training", __name__)
 MAX_BODY = 1 << 30  # decompressed forward_backward bodies larger than this are refused
@@ -44,9 +45,14 @@ def optim_step() -> dict[str, Any]:
 
 @bp.post("/save_weights")
 def save_weights() -> dict[str, Any]:
-    return calls.save_weights(services().submit, tenant(), json_body())
+    return saves.save_weights(services().submit, tenant(), json_body())
 
 
 @bp.post("/save_weights_for_sampler")
 def save_weights_for_sampler() -> dict[str, Any]:
-    return calls.save_weights_for_sampler(services().submit, tenant(), json_body())
+    return saves.save_weights_for_sampler(services().submit, tenant(), json_body())
+
+
+@bp.post("/save_weights_external")
+def save_weights_external() -> dict[str, Any]:
+    return saves.save_weights_external(services().submit, tenant(), json_body())

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text, update
 
 from app.factory import create_app
 from config.settings import load_settings
+from protocol.paths import SEGMENT_OF
 from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -182,7 +183,7 @@ def add_checkpoint(services):
     def _add(model_id: str, kind: str, name: str, key: str = KEY) -> CheckpointRow:
         from store.schema import tenant_of
 
-        segment = "weights" if kind == "training" else "sampler_weights"
+        segment = SEGMENT_OF[kind]
         tenant = tenant_of(key)
         folder = services.settings.checkpoint_root / tenant / model_id / segment / name
         folder.mkdir(parents=True)

@@ -67,6 +67,17 @@ def test_sampler_from_model_path(api, session_id, model_id, add_checkpoint):
     assert answer.model_path == ckpt.tinker_path and answer.base_model == ALIAS
 
 
+def test_sampler_from_a_weights_checkpoint(api, session_id, model_id, add_checkpoint):
+    """A training checkpoint holds the same peft files: the sampler reads them from its
+    folder (the optimizer state beside them is not read)."""
+    weights = add_checkpoint(model_id, "training", "w")
+    body = {"session_id": session_id, "sampling_session_seq_id": 5,
+            "model_path": weights.tinker_path}
+    sid = api.ok("create_sampling_session", body)["sampling_session_id"]
+    answer = types.GetSamplerResponse.model_validate(api.get(f"samplers/{sid}").get_json())
+    assert answer.model_path == weights.tinker_path
+
+
 def test_create_sampling_session_rejects(api, other, session_id, model_id, add_checkpoint):
     base = {"session_id": session_id, "sampling_session_seq_id": 3}
     resp = api.post("create_sampling_session", base | {"base_model": "other/model"})
@@ -74,9 +85,9 @@ def test_create_sampling_session_rejects(api, other, session_id, model_id, add_c
     path = f"tinker://{model_id}/sampler_weights/missing"
     resp = api.post("create_sampling_session", base | {"model_path": path})
     assert resp.status_code == 404 and path in resp.get_json()["detail"]
-    weights = add_checkpoint(model_id, "training", "w")
-    resp = api.post("create_sampling_session", base | {"model_path": weights.tinker_path})
-    assert resp.status_code == 400
+    export = f"tinker://{model_id}/external_weights/e"
+    resp = api.post("create_sampling_session", base | {"model_path": export})
+    assert resp.status_code == 400 and "download" in resp.get_json()["detail"]
     sampler = add_checkpoint(model_id, "sampler", "s")
     other_sid = other.ok("create_session", {})["session_id"]
     body = {

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
-from store.schema import FAILED, RequestRow, tenant_of
+from store.schema import FAILED, RequestRow, SamplerRow, tenant_of
 from tasks.batch import Batch, request_id
 from tests.api.conftest import ALIAS, KEY, VOCAB, create_model_body
 from tests.api.test_training import PROTO, datum, fwdbwd_body
@@ -115,5 +115,9 @@ def test_a_batch_sampler_may_name_weights_saved_later(app, settings, batch, serv
     data = json.loads(row.payload)
     assert data["adapter_dir"].endswith(f"{run.model_id}/sampler_weights/later")
     assert (data["prompt"], data["num_samples"], data["max_tokens"]) == ([1, 2], 2, 4)
-    with pytest.raises(ValueError, match="must be a sampler_weights checkpoint"):
-        batch.sampler(model_path=f"tinker://{run.model_id}/weights/x")
+    later = batch.sampler(model_path=f"tinker://{run.model_id}/weights/x")  # a save_state's
+    with services.store.transaction() as s:
+        folder = s.get(SamplerRow, later.sampler_id).checkpoint_dir
+    assert folder.endswith(f"{run.model_id}/weights/x")
+    with pytest.raises(ValueError, match="export for download"):
+        batch.sampler(model_path=f"tinker://{run.model_id}/external_weights/x")

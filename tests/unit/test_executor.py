@@ -142,6 +142,39 @@ def test_train_save_load_and_sample(executor, tmp_path):
     assert decoded.prompt_logprobs[0] is None  # the SDK turns the leading NaN into None
 
 
+def test_save_weights_external_writes_the_peft_files_maybe_encrypted(executor, tmp_path):
+    """An export is the sampler weights' peft folder; with recipients, each file is replaced
+    by its age encryption, which the recipient's identity decrypts to the same bytes."""
+    import pyrage
+
+    create(executor, "a", seed=3)
+    identity = pyrage.x25519.Identity.generate()
+    folders = {n: tmp_path / n for n in ("ref", "plain", "locked")}
+    saves = [
+        job("save_weights_for_sampler", {"checkpoint_dir": str(folders["ref"]),
+                                         "tinker_path": "tinker://a/sampler_weights/ref"}, "a", 1),
+        job("save_weights_external", {"checkpoint_dir": str(folders["plain"]),
+                                      "tinker_path": "tinker://a/external_weights/plain",
+                                      "age_recipients": None}, "a", 2),
+        job("save_weights_external", {"checkpoint_dir": str(folders["locked"]),
+                                      "tinker_path": "tinker://a/external_weights/locked",
+                                      "age_recipients": [str(identity.to_public())]}, "a", 3),
+    ]
+    out = executor.run(Plan(barriers=saves))
+    plain = out["save_weights_external-a-2"]
+    assert plain.json == {"path": "tinker://a/external_weights/plain",
+                          "type": "save_weights_external",
+                          "size_bytes": plain.checkpoint["size_bytes"]}
+    assert plain.checkpoint["kind"] == "external" and plain.checkpoint["size_bytes"] > 0
+    names = ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folders["ref"].iterdir()) == names
+    assert sorted(p.name for p in folders["locked"].iterdir()) == [f"{n}.age" for n in names]
+    for name in names:
+        ref = (folders["ref"] / name).read_bytes()
+        assert (folders["plain"] / name).read_bytes() == ref
+        assert pyrage.decrypt((folders["locked"] / f"{name}.age").read_bytes(), [identity]) == ref
+
+
 def test_random_seed_replays_unseeded_inits_and_samples(tmp_path):
     """With random_seed set, a create without a seed and a sample without one come out the
     same in a second worker; a different seed gives another adapter and other samples."""

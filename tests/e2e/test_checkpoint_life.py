@@ -1,0 +1,152 @@
+"""A checkpoint's life through the real SDK, its CLI and tinker_cookbook on a live stack:
+`tinker checkpoint download` and `weights.download` (save_weights_external, signed URLs,
+age encryption, the temporary export's TTL and deletion), publishing to another key, TTL
+expiry swept by the worker, and copy_weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tinker
+from safetensors.torch import load_file
+from tinker import types
+
+from tests.e2e.stack import API_KEY, BIN, Stack
+from tests.e2e.test_sdk import BASE, train_steps
+
+pytestmark = pytest.mark.e2e
+OTHER_KEY = "tml-e2e-someone-else"
+FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack.start(tmp_path_factory.mktemp("stack-ckpt"), "sqlite", checkpoint_sweep_s="1")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def service(stack):
+    return tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def rest(stack):
+    return tinker.RestClient(base_url=stack.url, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def trained(service):
+    """A run trained two steps, its state saved, and its sampler weights at the same step."""
+    tc = service.create_lora_training_client(BASE, rank=4, seed=11).result()
+    train_steps(tc, 2)
+    state = tc.save_state("final").result().path
+    sampler = tc.save_weights_for_sampler("final").result().path
+    return tc, state, sampler
+
+
+def server_folder(stack: Stack, tinker_path: str) -> Path:
+    run, segment, name = tinker_path.removeprefix("tinker://").split("/")
+    [folder] = Path(stack.data_dir, "checkpoints").glob(f"*/{run}/{segment}/{name}")
+    return folder
+
+
+def assert_same_adapter(folder: Path, reference: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == FILES
+    ours, theirs = (load_file(f / FILES[1]) for f in (folder, reference))
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+def exports(rest) -> list[str]:
+    listed = rest.list_user_checkpoints(limit=1000).result()
+    return [c.tinker_path for c in listed.checkpoints if c.checkpoint_type == "external"]
+
+
+def test_the_cli_downloads_a_training_checkpoint(stack, service, rest, trained, tmp_path):
+    _, state, sampler = trained
+    env = {**os.environ, "TINKER_BASE_URL": stack.url, "TINKER_API_KEY": API_KEY,
+           "TINKER_TELEMETRY": "0"}
+    done = subprocess.run([str(BIN / "tinker"), "checkpoint", "download", state,
+                           "--output", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
+    folder = tmp_path / state.removeprefix("tinker://").replace("/", "_")
+    assert_same_adapter(folder, server_folder(stack, sampler))
+    assert exports(rest) == []  # the CLI's temporary export was deleted
+
+
+def test_cookbook_download_decrypts_an_age_encrypted_export(stack, service, rest, trained, tmp_path,
+                                                            monkeypatch):
+    from tinker_cookbook import weights
+
+    _, state, sampler = trained
+    monkeypatch.setenv("TINKER_API_KEY", API_KEY)
+    out = weights.download(tinker_path=state, output_dir=str(tmp_path / "adapter"),
+                           base_url=stack.url)
+    assert_same_adapter(Path(out), server_folder(stack, sampler))
+    assert exports(rest) == []
+
+
+def test_an_export_s_urls_serve_its_encrypted_files(stack, service, rest, trained):
+    import pyrage
+
+    tc, _, sampler = trained
+    identity = pyrage.x25519.Identity.generate()
+    saved = tc.save_weights_external("kept", age_encryption_recipients=[
+        str(identity.to_public())]).result()
+    assert saved.path == f"tinker://{tc.model_id}/external_weights/kept"
+    urls = rest.get_external_weights_urls(saved.path).result()
+    assert sorted(urls.urls) == [f"{f}.age" for f in FILES]
+    blob = httpx.get(  # no API key: the signed URL is the permission
+        urls.urls[f"{FILES[0]}.age"]).raise_for_status().content
+    plain = (server_folder(stack, sampler) / FILES[0]).read_bytes()
+    assert pyrage.decrypt(blob, [identity]) == plain
+
+
+def test_a_published_checkpoint_samples_for_another_key(stack, service, rest, trained):
+    _, _, sampler = trained
+    other = tinker.ServiceClient(base_url=stack.url, api_key=OTHER_KEY)
+    with pytest.raises(tinker.NotFoundError):
+        other.create_sampling_client(model_path=sampler).result()
+    rest.publish_checkpoint_from_tinker_path(sampler).result()
+    prompt = types.ModelInput.from_ints([9707, 11, 1879])
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+    theirs = other.create_sampling_client(model_path=sampler).result()
+    ours = service.create_sampling_client(model_path=sampler).result()
+    tokens = [c.sample(prompt, 1, greedy).result().sequences[0].tokens for c in (theirs, ours)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6
+    rest.unpublish_checkpoint_from_tinker_path(sampler).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.create_sampling_client(model_path=sampler).result()
+
+
+def test_an_expired_checkpoint_is_deleted_by_the_worker(stack, service, rest, trained):
+    tc, _, _ = trained
+    path = tc.save_state("short-lived").result().path
+    folder = server_folder(stack, path)
+    rest.set_checkpoint_ttl_from_tinker_path(path, 1).result()
+    deadline = time.monotonic() + 30
+    while folder.exists() and time.monotonic() < deadline:  # the sweep runs every second
+        time.sleep(0.2)
+    assert not folder.exists(), stack.logs()
+    listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert path not in [c.tinker_path for c in listed]
+    assert f"checkpoint {path} expired: deleted" in (stack.data_dir / "worker.log").read_text()
+
+
+def test_copy_weights_makes_a_sampleable_copy(stack, service, rest, trained):
+    _, _, sampler = trained
+    copy = rest.copy_weights(sampler, "archive", ttl_seconds=7200).result()
+    assert copy != sampler and copy.endswith("/sampler_weights/final")
+    assert_same_adapter(server_folder(stack, copy), server_folder(stack, sampler))
+    prompt = types.ModelInput.from_ints([3838, 374, 220])
+    greedy = types.SamplingParams(max_tokens=5, temperature=0.0)
+    tokens = [service.create_sampling_client(model_path=p).result().sample(prompt, 1, greedy)
+              .result().sequences[0].tokens for p in (sampler, copy)]
+    assert tokens[0] == tokens[1]
