@@ -46,19 +46,29 @@ CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "tinkerq_state.json"
 PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before module names
+EXPORT_UNEMBED = "model.unembed_tokens"  # the unembedding's name in Tinker's exports
 
 LayerWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A, B)
 
 
 # --- sampler weights (peft format) ---------------------------------------------------------
-def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str,
-                         encrypt_to: list[str] | None = None) -> int:
-    """Write the adapter in `slot` as a peft LoRA folder, each file age-encrypted to the
-    recipients `encrypt_to` when given; returns the bytes written."""
+def save_sampler_weights(model: LoraModel, slot: int, path: Path, base_model: str, *,
+                         export: bool = False, encrypt_to: list[str] | None = None) -> int:
+    """Write the adapter in `slot` as a peft LoRA folder; returns the bytes written.
+
+    `export` (save_weights_external): the unembedding's adapter goes under Tinker's export
+    name, `model.unembed_tokens`, which tinker_cookbook's merge and conversion tools map to
+    `lm_head`, or to the embedding of a model with tied embeddings (peft's `lm_head` name
+    has no tensor to land on there). `encrypt_to`: age recipients each file is encrypted to.
+    """
     spec = _spec_of(model, slot)
     tensors = _peft_tensors(model, slot)
     if not _writes(model):
         return 0
+    if export:
+        head = f"{PEFT_PREFIX}{UNEMBED[0]}."
+        tensors = {k.replace(head, f"{PEFT_PREFIX}{EXPORT_UNEMBED}.", 1): v
+                   for k, v in tensors.items()}
 
     def write(folder: Path) -> None:
         _write_peft(folder, tensors, spec, base_model)

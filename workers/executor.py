@@ -239,10 +239,11 @@ class Executor:
 
     def _save_weights_for_sampler(self, job: Job, body: dict[str, Any]) -> Outcome:
         run, folder = self._run(job.model_id), Path(body["checkpoint_dir"])
-        size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model,
-                                                body.get("age_recipients"))
-        self.residency.forget_sampler(str(folder))  # an overwritten folder must be reloaded
         kind = "external" if job.kind == "save_weights_external" else "sampler"
+        size = checkpoints.save_sampler_weights(self.model, run.slot, folder, run.base_model,
+                                                export=kind == "external",
+                                                encrypt_to=body.get("age_recipients"))
+        self.residency.forget_sampler(str(folder))  # an overwritten folder must be reloaded
         answer = {"path": body.get("tinker_path"), "type": job.kind,
                   "sampling_session_id": body.get("sampling_session_id"),
                   "size_bytes": size if kind == "external" else None}
@@ -252,7 +253,7 @@ class Executor:
         return Outcome(json=answer, checkpoint=checkpoints.written(job.model_id, kind, body,
                                                                    size))
 
-    _save_weights_external = _save_weights_for_sampler  # the same files, to download
+    _save_weights_external = _save_weights_for_sampler  # the same adapter, to download
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import tinker
 from safetensors.torch import load_file
@@ -57,9 +58,13 @@ def server_folder(stack: Stack, tinker_path: str) -> Path:
     return folder
 
 
-def assert_same_adapter(folder: Path, reference: Path) -> None:
+def assert_same_adapter(folder: Path, sampler_folder: Path) -> None:
+    """An export holds the sampler weights' adapter, its unembedding under Tinker's export
+    name (model.unembed_tokens) rather than peft's lm_head."""
     assert sorted(p.name for p in folder.iterdir()) == FILES
-    ours, theirs = (load_file(f / FILES[1]) for f in (folder, reference))
+    ours, theirs = (load_file(f / FILES[1]) for f in (folder, sampler_folder))
+    if not any(".lm_head." in k for k in ours):  # an export (a copy keeps the names)
+        theirs = {k.replace(".lm_head.", ".model.unembed_tokens."): v for k, v in theirs.items()}
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
 
 
@@ -91,6 +96,49 @@ def test_cookbook_download_decrypts_an_age_encrypted_export(stack, service, rest
                            base_url=stack.url)
     assert_same_adapter(Path(out), server_folder(stack, sampler))
     assert exports(rest) == []
+    # The cookbook's merge takes it: with tied embeddings (the tiny model's), the unembedding
+    # adapter lands on the shared embedding matrix.
+    base = stack.data_dir / "models" / "tiny-qwen3"
+    weights.build_hf_model(base_model=str(base), adapter_path=out,
+                           output_path=str(tmp_path / "merged"), merge_strategy="full",
+                           dtype="float32")
+    embed = "model.embed_tokens.weight"
+    merged, original = (load_file(next(f.glob("*.safetensors")))[embed]
+                        for f in (tmp_path / "merged", base))
+    assert not merged.equal(original)
+
+
+def test_a_merged_export_gives_the_server_s_logprobs(stack, service, tmp_path, monkeypatch):
+    """Without an unembedding adapter, the cookbook's merged model is exactly the adapted
+    model the server samples from."""
+    from tinker_cookbook import weights
+
+    tc = service.create_lora_training_client(BASE, rank=4, seed=12, train_unembed=False).result()
+    train_steps(tc, 2)
+    state = tc.save_state("merge-me").result().path
+    sampler = tc.save_weights_for_sampler("merge-me").result().path
+    monkeypatch.setenv("TINKER_API_KEY", API_KEY)
+    out = weights.download(tinker_path=state, output_dir=str(tmp_path / "adapter"),
+                           base_url=stack.url)
+    weights.build_hf_model(base_model=str(stack.data_dir / "models" / "tiny-qwen3"),
+                           adapter_path=out, output_path=str(tmp_path / "merged"),
+                           merge_strategy="full", dtype="float32")
+    tokens = [9707, 11, 1879, 1096, 374, 264]
+    server = service.create_sampling_client(model_path=sampler).result().compute_logprobs(
+        types.ModelInput.from_ints(tokens)).result()
+    np.testing.assert_allclose(merged_logprobs(tmp_path / "merged", tokens),
+                               np.array(server[1:], dtype=np.float64), atol=2e-4)
+
+
+def merged_logprobs(folder: Path, tokens: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(tokens[1:])[:, None])
+    return logp[:, 0].numpy()
 
 
 def test_an_export_s_urls_serve_its_encrypted_files(stack, service, rest, trained):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import (
@@ -169,10 +170,19 @@ def test_save_weights_external_writes_the_peft_files_maybe_encrypted(executor, t
     names = ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in folders["ref"].iterdir()) == names
     assert sorted(p.name for p in folders["locked"].iterdir()) == [f"{n}.age" for n in names]
-    for name in names:
-        ref = (folders["ref"] / name).read_bytes()
-        assert (folders["plain"] / name).read_bytes() == ref
-        assert pyrage.decrypt((folders["locked"] / f"{name}.age").read_bytes(), [identity]) == ref
+    ref_config = (folders["ref"] / names[0]).read_bytes()
+    assert (folders["plain"] / names[0]).read_bytes() == ref_config
+    locked = {n: pyrage.decrypt((folders["locked"] / f"{n}.age").read_bytes(), [identity])
+              for n in names}
+    assert locked[names[0]] == ref_config
+    assert locked[names[1]] == (folders["plain"] / names[1]).read_bytes()
+    # The export names the unembedding as Tinker's exports do; every tensor is the sampler's.
+    ref, plain = (load_file(folders[n] / names[1]) for n in ("ref", "plain"))
+    head = "base_model.model.lm_head.lora_B.weight"
+    assert head in ref and head not in plain
+    renamed = {k.replace(".lm_head.", ".model.unembed_tokens."): v for k, v in ref.items()}
+    assert renamed.keys() == plain.keys()
+    assert all(renamed[k].equal(plain[k]) for k in plain)
 
 
 def test_random_seed_replays_unseeded_inits_and_samples(tmp_path):
