@@ -107,6 +107,10 @@ class Settings:
     sample_max_num_sequences: int = _opt(
         256, "Sequences in the sampler's running batch at once; more requests wait their turn."
     )
+    sample_max_pending: int = _opt(
+        4096, "Unanswered samples a worker's queue may hold before a client that accepts "
+        "backpressure (the SDK's X-Tinker-Sampling-Backpressure) gets 429 and sends again."
+    )
     sample_kv_tokens: int = _opt(
         0, "Tokens of the sampler's KV cache; 0 = 30% of the GPU memory free when it starts."
     )
@@ -196,7 +200,8 @@ class Settings:
                      "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
                      "loss_chunk_tokens", "max_models_per_tenant",
-                     "worker_concurrency", "tensor_parallel_size", "download_url_ttl_s"):
+                     "worker_concurrency", "tensor_parallel_size", "download_url_ttl_s",
+                     "sample_max_pending"):
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")

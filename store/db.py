@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.engine import make_engine
 from store.migrate import upgrade
-from store.schema import ModelRow, RequestRow, SessionRow, utcnow
+from store.schema import PENDING, ModelRow, RequestRow, SessionRow, utcnow
 
 
 class Store:
@@ -50,6 +50,13 @@ class Store:
         key = RequestRow.model_id == model_id if model_id else RequestRow.sampler_id == sampler_id
         with self.transaction() as s:
             return s.scalars(select(RequestRow.id).where(key, RequestRow.seq_id == seq_id)).first()
+
+    def pending_samples(self, queue: str) -> int:
+        """Samples sent to `queue` and not yet answered."""
+        with self.transaction() as s:
+            return s.scalar(select(func.count(RequestRow.id)).where(
+                RequestRow.queue == queue, RequestRow.kind == "sample",
+                RequestRow.state == PENDING)) or 0
 
     def add_request(self, row: RequestRow, *creates: Any) -> str:
         """Insert `row` and the rows it brings into being (a model, a sampler) in one

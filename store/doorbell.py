@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 CHANNEL = "tinkerq:results"
 
 
+def sampler_bell(sampler_id: str) -> str:
+    """What rings, besides its request id, when a sample of this session is answered
+    (retrieve_futures waits on it)."""
+    return f"sampler:{sampler_id}"
+
+
 class Doorbell:
     def __init__(self, redis_url: str, channel: str = CHANNEL):
         self.channel = channel

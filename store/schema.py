@@ -100,6 +100,8 @@ class SamplerRow(Base):
     checkpoint_dir: Mapped[str | None] = mapped_column(String(1024))
     queue: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # join_sampling_session: clone ids handed out so far (the original client is 0)
+    clients: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 # Request states. A row is written `pending` by the API, moved to `done` or `failed` by its
@@ -139,6 +141,8 @@ class RequestRow(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     # a sample recorded for stable_reinforce (record_stability_info): usable until then
     stability_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # retrieve_futures: the cursor of the poll that first reported this finished sample
+    report_cursor: Mapped[int | None] = mapped_column(BigInteger)
 
     @property
     def finished(self) -> bool:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
 from store import checkpoints
 from store.db import Store
-from store.doorbell import Doorbell
+from store.doorbell import Doorbell, sampler_bell
 from store.schema import DONE, FAILED, RequestRow, utcnow
 from tasks import housekeeping
 from tasks.celery_app import celery_app
@@ -163,6 +163,8 @@ def run_request(request_id: str) -> str:
                                    f"{type(e).__name__}: {e}", "server")
             _store(store, request_id, outcome)
     doorbell.ring(request_id)
+    if job.sampler_id is not None:
+        doorbell.ring(sampler_bell(job.sampler_id))
     return "ok" if outcome.ok else f"failed ({outcome.category}): {outcome.error}"[:200]
 
 

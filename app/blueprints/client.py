@@ -14,7 +14,11 @@ bp = Blueprint("client", __name__)
 
 @bp.post("/client/config")
 def client_config() -> dict[str, Any]:
-    return {}  # every SDK default suits this server (no JWT, plain proto bodies)
+    # Otherwise the SDK's defaults suit this server (no JWT, plain proto bodies).
+    return {
+        "sample_use_retrieve_futures": True,  # one long-poll per sampling client
+        "sample_join_sampling_session": True,  # unpickled clients get unique clone ids
+    }
 
 
 @bp.post("/client/dynamic_config")

@@ -1,5 +1,6 @@
-"""retrieve_future: the long-poll every future goes through (protocol note §4.2); and
-cancel_future, which the SDK sends for a sample it stopped waiting for.
+"""retrieve_future: the long-poll every future goes through (protocol note §4.2);
+retrieve_futures, one long-poll for every sample of a sampling session (store/completions.py);
+and cancel_future, which the SDK sends for a sample it stopped waiting for.
 
 Answers at once when the request is finished; otherwise waits on the doorbell (not a
 database loop) up to `long_poll_seconds`, then answers `try_again` (the SDK re-polls at
@@ -17,6 +18,8 @@ from sqlalchemy import select
 from app.blueprints.common import json_body, services, tenant
 from protocol.checks import field
 from protocol.errors import RequestError
+from store.completions import report as completions_since
+from store.doorbell import sampler_bell
 from store.schema import DONE, FAILED, PENDING, RequestRow, utcnow
 
 bp = Blueprint("futures", __name__)
@@ -74,6 +77,32 @@ def retrieve_future() -> Response:
     return answer(request_id, row)
 
 
+@bp.post("/retrieve_futures")
+def retrieve_futures() -> dict[str, Any]:
+    """The target session's samples finished since the client's cursor (the SDK turns this
+    on through `sample_use_retrieve_futures`); waits up to `long_poll_seconds`, or `timeout`
+    when less, for the first one."""
+    body = json_body()
+    target = field(body, "target", dict)
+    sampler_id = field(target, "sampling_session_id", str, where="target.")
+    clone = field(target, "cloned_sampler_id", int, 0, where="target.")
+    prev = field(body, "prev_cursor", int, 0)
+    limit = services().settings.long_poll_seconds
+    wait = min(max(field(body, "timeout", float, limit), 0.0), limit)
+    if clone < 0 or prev < 0:
+        raise RequestError(400, f"cloned_sampler_id={clone} and prev_cursor={prev} must be "
+                                ">= 0")
+    services().submit.load_sampler(tenant(), sampler_id)  # the caller's, or 404
+    store, deadline = services().store, time.monotonic() + wait
+    with services().doorbell.listen(sampler_bell(sampler_id)) as rang:
+        completions, cursor = completions_since(store, sampler_id, clone, prev)
+        while not completions and (left := deadline - time.monotonic()) > 0:
+            rang.wait(left)
+            rang.clear()
+            completions, cursor = completions_since(store, sampler_id, clone, prev)
+    return {"completions": completions, "cursor": cursor}
+
+
 CANCELLED = "cancelled by the client (cancel_future) before it ran"
 
 
@@ -97,4 +126,5 @@ def cancel_future() -> dict[str, Any]:
             row.finished_at = utcnow()
     if cancelled:
         services().doorbell.ring(request_id)
+        services().doorbell.ring(sampler_bell(row.sampler_id or ""))
     return {"cancelled": cancelled}

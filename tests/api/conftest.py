@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, text, update
 from app.factory import create_app
 from config.settings import load_settings
 from protocol.paths import SEGMENT_OF
+from store.doorbell import sampler_bell
 from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -171,7 +172,10 @@ def finish(services):
             values |= {"state": DONE, "result": json.dumps(result).encode(), "result_type": "json"}
         with services.store.transaction() as s:
             s.execute(update(RequestRow).where(RequestRow.id == request_id).values(**values))
+            sampler = s.get(RequestRow, request_id).sampler_id
         services.doorbell.ring(request_id)
+        if sampler is not None:
+            services.doorbell.ring(sampler_bell(sampler))
 
     return _finish
 

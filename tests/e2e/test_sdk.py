@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -296,6 +297,13 @@ def test_sampling_features(service):
     with_prompt = sampler.sample(prompt, 1, params, include_prompt_logprobs=True).result()
     assert with_prompt.prompt_logprobs[0] is None
     assert all(lp < 0 for lp in with_prompt.prompt_logprobs[1:])
+
+    # Every sample above waited on the session's retrieve_futures poll; an unpickled clone
+    # (as the cookbook's workers get) joins the session for a clone id of its own.
+    clone = pickle.loads(pickle.dumps(sampler))
+    cloned = clone.sample(prompt, 3, params).result().sequences
+    assert [s.tokens for s in cloned] == [s.tokens for s in first.sequences]
+    assert clone._cloned_sampler_id == 1
 
 
 def test_hostile_checkpoint_names_and_ttls_are_refused(service):
