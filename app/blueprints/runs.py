@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, request
 from sqlalchemy import or_, select
 
 from app.blueprints.common import (
@@ -95,7 +95,8 @@ def get_run(run_id: str) -> dict[str, Any]:
         return run_json(s, owned(s, ModelRow, run_id, "training run"))
 
 
-def list_checkpoints(where: Any, limit: int, offset: int) -> dict[str, Any]:
+def list_checkpoints(where: Any, limit: int | None, offset: int) -> dict[str, Any]:
+    """A page of the caller's unexpired checkpoints, newest first (all of them: no limit)."""
     query = select(CheckpointRow).where(CheckpointRow.tenant == tenant(), where, unexpired())
     with services().store.transaction() as s:
         total = count(s, query)
@@ -106,15 +107,17 @@ def list_checkpoints(where: Any, limit: int, offset: int) -> dict[str, Any]:
         )
         return {
             "checkpoints": [checkpoint_json(c) for c in rows],
-            "cursor": cursor(offset, limit, total),
+            "cursor": cursor(offset, total if limit is None else limit, total),
         }
 
 
 @bp.get("/training_runs/<run_id>/checkpoints")
 def run_checkpoints(run_id: str) -> dict[str, Any]:
+    """Every checkpoint of the run (the SDK asks for no page), or a page when asked."""
     with services().store.transaction() as s:
         owned(s, ModelRow, run_id, "training run")
-    return list_checkpoints(CheckpointRow.model_id == run_id, 1000, 0)
+    limit, offset = page_args() if request.args else (None, 0)
+    return list_checkpoints(CheckpointRow.model_id == run_id, limit, offset)
 
 
 @bp.get("/checkpoints")

@@ -8,7 +8,7 @@ import pytest
 from tinker import types
 
 from store import checkpoints
-from tests.api.conftest import ALIAS
+from tests.api.conftest import ALIAS, KEY
 
 
 def test_training_runs(api, other, model_id, add_checkpoint):
@@ -48,6 +48,26 @@ def test_checkpoint_lists(api, other, model_id, add_checkpoint):
     assert len(mine.checkpoints) == 1 and mine.cursor.total_count == 2
     assert other.get(f"training_runs/{model_id}/checkpoints").status_code == 404
     assert other.get("checkpoints").get_json()["checkpoints"] == []
+
+
+def test_listings_go_past_1000_checkpoints(api, model_id, services):
+    """A run's listing has no page in the SDK: it holds every checkpoint, not the first
+    1,000; the user listing pages past 1,000 with offset."""
+    from store.schema import CheckpointRow, tenant_of
+
+    with services.store.transaction() as s:
+        s.add_all(CheckpointRow(
+            tenant=tenant_of(KEY), model_id=model_id, kind="sampler", name=f"c{i}",
+            tinker_path=f"tinker://{model_id}/sampler_weights/c{i}", local_dir=f"/nowhere/{i}",
+        ) for i in range(1005))
+    per_run = api.get(f"training_runs/{model_id}/checkpoints").get_json()
+    assert len(per_run["checkpoints"]) == 1005 == per_run["cursor"]["total_count"]
+    page = api.get(f"training_runs/{model_id}/checkpoints?limit=10&offset=1000").get_json()
+    assert len(page["checkpoints"]) == 5
+    tail = api.get("checkpoints?limit=1000&offset=1000").get_json()
+    assert len(tail["checkpoints"]) == 5 and tail["cursor"]["total_count"] == 1005
+    names = {c["checkpoint_id"] for c in per_run["checkpoints"]}
+    assert names == {f"sampler_weights/c{i}" for i in range(1005)}
 
 
 def test_delete_checkpoint(api, other, model_id, add_checkpoint):
