@@ -1,19 +1,55 @@
-"""API-key check: every /api/v1 call carries `X-API-Key: tml-...` (healthz excepted, and
-the downloads of exported weights, whose signed URL is their permission).
+"""Who is calling: every /api/v1 call carries `X-API-Key`, either an API key (`tml-...`) or
+a JWT this API issued for one (`auth/token`); healthz and the downloads of exported weights
+(whose signed URL is their permission) need neither.
 
-The key is never stored; `g.tenant` is its hash (store.schema.tenant_of) and every lookup of a
-client-named row filters on it, so another tenant's id answers 404 like a missing one.
+The key is never stored; `g.tenant` is its hash (store.schema.tenant_of) and every lookup of
+a client-named row filters on it, so another tenant's id answers 404 like a missing one. Any
+`tml-` key is a tenant of its own (the open mode); a revoked key (`tinker auth logout`,
+DELETE auth/apikey/me) is refused, and so are the JWTs issued for it.
+
+JWTs (HS256 over the deployment's secret key, `JWT_LIFETIME_S`) carry the identity claims
+the SDK reads for `whoami`: `sub` (tml:user:<tenant>), `org_id`, `email`. The SDK asks for
+one when client/config sets `pjwt_auth_enabled`, sends it instead of the key, and swaps it
+for a new one before it expires or when a 401 says `invalid_token`.
 """
 
 from __future__ import annotations
 
+import time
+
+import jwt
 from flask import Flask, g, request
 
+from app.blueprints.common import services
 from protocol.errors import RequestError
+from store import keys
 from store.schema import tenant_of
 
 OPEN_PATHS = frozenset({"/api/v1/healthz"})
 OPEN_PREFIXES = ("/api/v1/downloads/",)
+JWT_LIFETIME_S = 3600
+ISSUER = "tinkerq"
+ORG = "tinkerq"
+_INVALID = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+def issue_token(tenant: str) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": f"tml:user:{tenant}", "tenant": tenant, "org_id": ORG,
+              "email": "", "iat": now, "exp": now + JWT_LIFETIME_S}
+    return jwt.encode(claims, services().jwt_key, algorithm="HS256")
+
+
+def _tenant_of_token(token: str) -> str:
+    try:
+        claims = jwt.decode(token, services().jwt_key, algorithms=["HS256"], issuer=ISSUER,
+                            options={"require": ["exp", "iat", "tenant"]})
+    except jwt.ExpiredSignatureError:
+        raise RequestError(401, "the token has expired; exchange the API key for a new one "
+                                "(auth/token)", _INVALID) from None
+    except jwt.InvalidTokenError as e:
+        raise RequestError(401, f"invalid token: {e}", _INVALID) from None
+    return str(claims["tenant"])
 
 
 def _check_key() -> None:
@@ -23,9 +59,15 @@ def _check_key() -> None:
     key = request.headers.get("X-API-Key", "")
     if not key:
         raise RequestError(401, "missing X-API-Key header")
-    if not key.startswith("tml-"):
+    if key.startswith("tml-"):
+        tenant = tenant_of(key)
+    elif key.startswith("eyJ"):
+        tenant = _tenant_of_token(key)
+    else:
         raise RequestError(401, "invalid API key: it must start with 'tml-'")
-    g.tenant = tenant_of(key)
+    if keys.revoked(services().store, tenant):
+        raise RequestError(401, "this API key was revoked", _INVALID)
+    g.tenant = tenant
 
 
 def init_app(app: Flask) -> None:

@@ -40,7 +40,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(RequestError)
     def _api_error(e: RequestError) -> tuple[Response, int]:
-        return _answer(e.status, e.message)
+        response, status = _answer(e.status, e.message)
+        response.headers.update(e.headers)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:

@@ -20,3 +20,4 @@ class Services:
     model: ModelInfo
     submit: Submitter  # the one submit path (validate, write the row, dedupe, send)
     signer: Signer  # download URLs of exported weights
+    jwt_key: str  # signs the JWTs of auth/token (app/auth.py)

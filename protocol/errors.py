@@ -11,10 +11,11 @@ from __future__ import annotations
 class RequestError(Exception):
     """A call refused before anything is stored, with a message for the client."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}  # e.g. WWW-Authenticate on a 401, Retry-After on a 429
 
 
 def bad(message: str) -> RequestError:

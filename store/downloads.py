@@ -3,50 +3,22 @@
 `GET .../external_weights_urls` answers one URL per file of an external_weights checkpoint;
 each carries a token that names the checkpoint (its tinker path and creation time, so a
 checkpoint deleted and saved again under the same name is not served to an old URL) and the
-file, signed with the deployment's key (itsdangerous, HMAC-SHA1 with a timestamp). The
+file, signed with the deployment's key (store/secret.py; itsdangerous, HMAC with a timestamp). The
 download route needs no API key: the token is the permission, and it lapses after
 `download_url_ttl_s`.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from config.settings import Settings
 from protocol.errors import RequestError
 from store.schema import CheckpointRow
 
 SALT = "tinkerq-external-weights"
-
-
-def signing_key(settings: Settings) -> str:
-    """The `secret_key` setting, or the key kept in <data_dir>/secret_key (made once: the
-    first process to get there writes it, the others read it)."""
-    if settings.secret_key:
-        return settings.secret_key
-    path = settings.data_path / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_key(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> str:
-    for _ in range(100):  # another process may be between creating the file and writing it
-        key = path.read_text().strip()
-        if key:
-            return key
-        os.sched_yield()
-    raise RuntimeError(f"{path} is empty: delete it, or set TINKERQ_SECRET_KEY")
 
 
 def files_of(folder: str) -> list[str]:

@@ -63,6 +63,20 @@ class SessionRow(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(128))  # the SDK's, on creation
 
 
+class ApiKeyRow(Base):
+    """An API key the server has seen asked about (auth/apikey/me) or revoked: only its hash
+    (`tenant`) is kept. A revoked key is refused everywhere."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("tenant", name="uq_api_keys_tenant"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
 class ModelRow(Base):
     """A training run: one LoRA adapter (+ optimizer state) on one base model.
 

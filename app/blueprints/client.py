@@ -14,8 +14,9 @@ bp = Blueprint("client", __name__)
 
 @bp.post("/client/config")
 def client_config() -> dict[str, Any]:
-    # Otherwise the SDK's defaults suit this server (no JWT, plain proto bodies).
+    # Otherwise the SDK's defaults suit this server (plain proto bodies).
     return {
+        "pjwt_auth_enabled": True,  # the SDK sends a JWT of auth/token: whoami reads it
         "sample_use_retrieve_futures": True,  # one long-poll per sampling client
         "sample_join_sampling_session": True,  # unpickled clients get unique clone ids
     }

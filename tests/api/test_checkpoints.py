@@ -97,7 +97,7 @@ def test_public_url_setting_names_the_host(api, model_id, add_checkpoint, servic
 
 
 def test_the_signing_key_is_made_once_and_kept(settings):
-    from store.downloads import signing_key
+    from store.secret import signing_key
 
     key = signing_key(settings)
     assert len(key) == 64 and signing_key(settings) == key

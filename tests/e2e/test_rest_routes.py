@@ -1,7 +1,9 @@
-"""A checkpoint's life through the real SDK, its CLI and tinker_cookbook on a live stack:
-`tinker checkpoint download` and `weights.download` (save_weights_external, signed URLs,
-age encryption, the temporary export's TTL and deletion), publishing to another key, TTL
-expiry swept by the worker, and copy_weights."""
+"""The SDK's routes beyond training and sampling, through the real SDK, its CLI and
+tinker_cookbook on one live stack. A checkpoint's life: `tinker checkpoint download` and
+`weights.download` (save_weights_external, signed URLs, age encryption, the temporary
+export's TTL and deletion), the cookbook's merge, publishing to another key, TTL expiry swept
+by the worker, copy_weights. Identity: JWTs (every SDK call here sends one), `tinker auth
+whoami` and `status`, and the login/logout key endpoints."""
 
 from __future__ import annotations
 
@@ -198,3 +200,37 @@ def test_copy_weights_makes_a_sampleable_copy(stack, service, rest, trained):
     tokens = [service.create_sampling_client(model_path=p).result().sample(prompt, 1, greedy)
               .result().sequences[0].tokens for p in (sampler, copy)]
     assert tokens[0] == tokens[1]
+
+
+def cli(stack: Stack, *args: str, key: str = API_KEY, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TINKER_BASE_URL": stack.url, "TINKER_API_KEY": key,
+           "TINKER_TELEMETRY": "0"}
+    return subprocess.run([str(BIN / "tinker"), *args], env=env, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def test_whoami_and_auth_status_read_the_jwt(stack, rest):
+    me = rest.whoami().result()
+    assert me.user_urn.startswith("tml:user:") and me.org_urn == "tml:organization:tinkerq"
+    shown = cli(stack, "auth", "whoami")
+    assert shown.returncode == 0 and me.user_urn in shown.stdout, shown.stdout + shown.stderr
+    status = cli(stack, "auth", "status")
+    assert status.returncode == 0 and "Tinker accessible: yes" in status.stdout, status.stderr
+
+
+def test_login_checks_a_key_and_logout_s_delete_revokes_it(stack, tmp_path):
+    from tinker.cli.auth_api import AuthApiError, TinkerAuthApi
+
+    key = "tml-e2e-short-lived-key"
+    with httpx.Client() as http:
+        auth = TinkerAuthApi(http, base_url=stack.url)
+        described = auth.get_self_api_key(key)
+        assert described.name.startswith("key-")
+        client = tinker.ServiceClient(base_url=stack.url, api_key=key)  # works until revoked
+        client.create_sampling_client(base_model=BASE).result()
+        auth.delete_self_api_key(key)
+        with pytest.raises(AuthApiError, match="revoked"):
+            auth.get_self_api_key(key)
+    with pytest.raises(tinker.AuthenticationError):
+        tinker.ServiceClient(base_url=stack.url, api_key=key).create_sampling_client(
+            base_model=BASE).result()
