@@ -18,6 +18,7 @@ from app.blueprints import (
     models,
     runs,
     sampling,
+    session_views,
     sessions,
     training,
 )
@@ -25,7 +26,7 @@ from app.services import Services
 from config.settings import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
-from store.downloads import Signer
+from store.downloads import Signer, TraceSigner
 from store.model_info import ModelInfo
 from store.secret import derived_key, signing_key
 from tasks.submit import Retire, Send, Submitter
@@ -52,11 +53,12 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
         model=model,
         submit=Submitter(settings, store, model, enqueue, retire=retire),
         signer=Signer(signing_key(settings), settings.download_url_ttl_s),
+        trace_signer=TraceSigner(signing_key(settings), settings.download_url_ttl_s),
         jwt_key=derived_key(signing_key(settings), "jwt"),
     )
     errors.init_app(app)
     auth.init_app(app)
-    for module in (client, sessions, models, training, sampling, futures, runs, checkpoints,
-                   identity):
+    for module in (client, sessions, session_views, models, training, sampling, futures, runs,
+                   checkpoints, identity):
         app.register_blueprint(module.bp, url_prefix="/api/v1")
     return app

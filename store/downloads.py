@@ -58,3 +58,24 @@ class Signer:
     @staticmethod
     def matches(grant: Grant, ckpt: CheckpointRow) -> bool:
         return ckpt.created_at.isoformat() == grant.created
+
+
+class TraceSigner:
+    """Tokens for a session's trace download: (owner tenant, session id)."""
+
+    def __init__(self, key: str, max_age_s: int):
+        self.serializer = URLSafeTimedSerializer(key, salt=SALT + "-trace")
+        self.max_age_s = max_age_s
+
+    def token(self, tenant: str, session_id: str) -> str:
+        return self.serializer.dumps([tenant, session_id])
+
+    def open(self, token: str) -> tuple[str, str]:
+        try:
+            tenant, session_id = self.serializer.loads(token, max_age=self.max_age_s)
+        except SignatureExpired:
+            raise RequestError(403, "this trace URL has expired; export the trace again") \
+                from None
+        except (BadSignature, ValueError, TypeError):
+            raise RequestError(403, "this trace URL is not valid") from None
+        return str(tenant), str(session_id)

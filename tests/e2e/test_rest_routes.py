@@ -234,3 +234,20 @@ def test_login_checks_a_key_and_logout_s_delete_revokes_it(stack, tmp_path):
     with pytest.raises(tinker.AuthenticationError):
         tinker.ServiceClient(base_url=stack.url, api_key=key).create_sampling_client(
             base_model=BASE).result()
+
+
+def test_sessions_search_project_and_trace(stack, service, rest, trained):
+    import warnings
+
+    tc, _, _ = trained
+    session_id = tc.model_id.split(":")[0]
+    rest.assign_session_project(session_id, "proj-e2e").result()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # search_sessions is marked experimental
+        page = rest.search_sessions(types.SessionSearchRequest(project_ids=["proj-e2e"])).result()
+    [found] = page.sessions
+    assert found.session_id == session_id and found.checkpoints_count >= 2
+    url = rest.export_session_trace(session_id).result()
+    events = httpx.get(url).raise_for_status().json()["traceEvents"]
+    names = {e["name"] for e in events if e["ph"] == "X"}
+    assert {"create_model", "forward_backward", "optim_step", "save_weights"} <= names
