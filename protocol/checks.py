@@ -200,12 +200,64 @@ def check_stop(stop: Any, vocab: int) -> dict[str, Any]:
     raise bad(f"sampling_params.stop={stop!r} must be non-empty strings or token ids, not mixed")
 
 
-_UNSUPPORTED_SAMPLE = (
-    "topk_sample_logprobs",
-    "prompt_alt_tokens_k",
-    "prompt_logprobs_last_n",
-    "target_prompt_logprobs",
-)
+_UNSUPPORTED_SAMPLE = ("topk_sample_logprobs",)
+MAX_PROMPT_CELLS = 1 << 22  # len(prompt) x (distinct target ids | alternatives drawn)
+MAX_ALT_TOKENS = 128
+
+
+def check_prompt_scoring(body: dict[str, Any], prompt: list[int], vocab: int
+                         ) -> dict[str, Any]:
+    """prompt_logprobs_last_n, prompt_alt_tokens_k and target_prompt_logprobs, checked
+    against the prompt; the target ids as a dense [len(prompt) - 1, K] list (-1: none) with
+    the request's CSR layout, if it was sparse, for the answer to keep."""
+    rows = len(prompt) - 1
+    last_n = field(body, "prompt_logprobs_last_n", int, None)
+    if last_n is not None and not (body.get("prompt_logprobs") and 1 <= last_n <= rows):
+        raise bad(f"prompt_logprobs_last_n={last_n} needs prompt_logprobs=true and must be "
+                  f"in [1, len(prompt) - 1 = {rows}]")
+    alt_k = field(body, "prompt_alt_tokens_k", int, 0)
+    if not 0 <= alt_k <= MAX_ALT_TOKENS or (alt_k and not 1 <= rows * alt_k <= MAX_PROMPT_CELLS):
+        raise bad(f"prompt_alt_tokens_k={alt_k} must be in [0, {MAX_ALT_TOKENS}], with a prompt "
+                  f"of at least 2 tokens and len(prompt) x k <= {MAX_PROMPT_CELLS}")
+    target = body.get("target_prompt_logprobs")
+    return {"prompt_logprobs_last_n": last_n, "prompt_alt_tokens_k": alt_k,
+            "target_prompt": None if target is None else _target_ids(target, rows, vocab)}
+
+
+def _target_ids(target: Any, rows: int, vocab: int) -> dict[str, Any]:
+    where = "target_prompt_logprobs"
+    if not isinstance(target, dict) or target.get("dtype") != "int64":
+        raise bad(f"{where} must be an int64 tensor of token ids")
+    shape, data = target.get("shape"), target.get("data")
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == rows
+            and isinstance(shape[1], int) and shape[1] >= 1 and isinstance(data, list)):
+        raise bad(f"{where} has shape {str(shape)[:40]}; it must be [len(prompt) - 1 = {rows}, K]")
+    if rows * shape[1] > MAX_PROMPT_CELLS:
+        raise bad(f"{where} has shape {shape}: more than {MAX_PROMPT_CELLS} cells")
+    crow, col = target.get("sparse_crow_indices"), target.get("sparse_col_indices")
+    dense = [[-1] * shape[1] for _ in range(rows)]
+    try:
+        if crow is None:
+            if len(data) != rows * shape[1]:
+                raise ValueError(f"{len(data)} values for shape {shape}")
+            for i in range(rows):
+                dense[i] = [int(x) for x in data[i * shape[1]:(i + 1) * shape[1]]]
+        else:
+            if len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(data) != len(col):
+                raise ValueError("malformed CSR row offsets or columns")
+            for i in range(rows):
+                for j in range(crow[i], crow[i + 1]):
+                    dense[i][col[j]] = int(data[j])
+    except (ValueError, TypeError, IndexError) as e:
+        raise bad(f"{where} is not a valid tensor: {e}") from None
+    ids = {t for row in dense for t in row}
+    if not ids <= set(range(-1, vocab)) or ids <= {-1}:
+        raise bad(f"{where} must name at least one id, each in [0, {vocab}) or -1 for none")
+    if (rows + 1) * len(ids - {-1}) > MAX_PROMPT_CELLS:
+        raise bad(f"{where}: len(prompt) x {len(ids - {-1})} distinct ids is over "
+                  f"{MAX_PROMPT_CELLS}")
+    layout = None if crow is None else {"crow": list(crow), "col": list(col)}
+    return {"ids": dense, "layout": layout}
 
 
 def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
@@ -257,4 +309,5 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
         **check_stop(params.get("stop"), vocab),
         "prompt_logprobs": field(body, "prompt_logprobs", bool, False),
         "topk_prompt_logprobs": topk_prompt,
+        **check_prompt_scoring(body, prompt, vocab),
     }

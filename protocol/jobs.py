@@ -33,7 +33,10 @@ forward_backward:
     sample            {"prompt": [int], "num_samples", "max_tokens", "temperature", "top_k",
                        "top_p", "seed"|None, "stop_strings": [str], "stop_token_ids": [int],
                        "stop_at_eos": bool, "prompt_logprobs": bool,
-                       "topk_prompt_logprobs": int, "adapter_dir": str|None (None = base)}
+                       "topk_prompt_logprobs": int, "prompt_logprobs_last_n": int|None,
+                       "prompt_alt_tokens_k": int, "target_prompt": {"ids": [[int]] (-1: none),
+                       "layout": {"crow", "col"}|None}|None,
+                       "adapter_dir": str|None (None = base)}
                       -> protobuf SampleResponse
     skip              {} : a seq_id the API already answered (rejected input, or a retried
                       task whose row is finished); it only advances the model's order.

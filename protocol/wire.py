@@ -220,6 +220,22 @@ class WireSequence:
     stop_reason: str  # "stop" | "length"
 
 
+def _out_tensor(values: np.ndarray, layout: dict | None) -> pb.Tensor:
+    """A 2-D answer tensor, dense or in the request's sparse CSR layout."""
+    dtype, code = ("<i8", pb.DTYPE_INT64) if values.dtype.kind == "i" else ("<f4",
+                                                                            pb.DTYPE_FLOAT32)
+    msg = pb.Tensor(dtype=code, shape=list(values.shape))
+    if layout is None:
+        msg.dense = np.ascontiguousarray(values, dtype=dtype).tobytes()
+        return msg
+    crow, col = np.asarray(layout["crow"], "<i8"), np.asarray(layout["col"], "<i8")
+    rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    msg.sparse_csr.crow_indices = crow.tobytes()
+    msg.sparse_csr.col_indices = col.tobytes()
+    msg.sparse_csr.values = np.ascontiguousarray(values[rows, col], dtype=dtype).tobytes()
+    return msg
+
+
 def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
     n, k = ids.shape
     return pb.TopkLogprobs(
@@ -234,9 +250,18 @@ def encode_sample_response(
     sequences: list[WireSequence],
     prompt_logprobs: list[float] | None = None,
     topk_prompt: tuple[np.ndarray, np.ndarray] | None = None,
+    target: tuple[np.ndarray, dict | None] | None = None,
+    alt: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bytes:
-    """`topk_prompt` = (token_ids [n, k], logprobs [n, k]) for each prompt position."""
+    """`topk_prompt` = (token_ids [n, k], logprobs [n, k]) for each prompt position;
+    `target` = (logprobs [n-1, K], the request's CSR layout or None: dense);
+    `alt` = (tokens [n-1, k], logprobs [n-1, k])."""
     msg = pb.SampleResponse()
+    if target is not None:
+        msg.target_prompt_logprobs.CopyFrom(_out_tensor(*target))
+    if alt is not None:
+        msg.prompt_alt_tokens.tokens.CopyFrom(_out_tensor(alt[0], None))
+        msg.prompt_alt_tokens.logprobs.CopyFrom(_out_tensor(alt[1], None))
     for s in sequences:
         stop = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         msg.sequences.append(

@@ -326,21 +326,7 @@ class Executor:
     # --- sampling -----------------------------------------------------------------------------
     def _sample_spec(self, job: Job) -> sampler.SampleSpec:
         body = _body(job)
-        return sampler.SampleSpec(
-            prompt=body["prompt"],
-            num_samples=body["num_samples"],
-            max_tokens=body["max_tokens"],
-            slot=self.residency.sampler_slot(body.get("adapter_dir")),
-            temperature=body["temperature"],
-            top_k=body["top_k"],
-            top_p=body["top_p"],
-            seed=body.get("seed"),
-            stop_strings=body["stop_strings"],
-            stop_token_ids=body["stop_token_ids"],
-            stop_at_eos=body["stop_at_eos"],
-            prompt_logprobs=body["prompt_logprobs"],
-            topk_prompt_logprobs=body["topk_prompt_logprobs"],
-        )
+        return sampler.SampleSpec.of(body, self.residency.sampler_slot(body.get("adapter_dir")))
 
     def _sample(self, jobs: list[Job]) -> dict[str, Outcome]:
         """Validate each sample job and add it to the running batch; only failures answer
@@ -396,5 +382,7 @@ def _sample_outcome(result: Any, seconds: float) -> Outcome:
     if isinstance(result, Exception):
         return Outcome.fail(f"{type(result).__name__}: {result}", "server")
     sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences]
-    proto = encode_sample_response(sequences, result.prompt_logprobs, result.topk_prompt)
+    prompt = result.prompt
+    proto = encode_sample_response(sequences, prompt.logprobs, prompt.topk, prompt.target,
+                                   prompt.alt)
     return Outcome(proto=proto, compute_seconds=seconds)

@@ -28,6 +28,9 @@ def sampler_id(api, session_id):
     return answer.sampling_session_id
 
 
+TARGET = {"data": [5, 6], "dtype": "int64", "shape": [2, 1]}
+
+
 def sample_body(sampler_id: str, seq_id: int = 0, **params: Any) -> dict[str, Any]:
     extra = params.pop("extra", {})
     return {
@@ -118,6 +121,9 @@ def test_asample(api, sampler_id, enqueued, settings):
         "stop_at_eos": True,
         "prompt_logprobs": False,
         "topk_prompt_logprobs": 0,
+        "prompt_logprobs_last_n": None,
+        "prompt_alt_tokens_k": 0,
+        "target_prompt": None,
         "adapter_dir": None,
     }
     assert api.ok("asample", sample_body(sampler_id)) == answer and len(enqueued) == 1
@@ -179,13 +185,36 @@ def test_asample_stop_forms(api, sampler_id, enqueued, stop, strings, ids, eos):
             "max_seq_len=256",
         ),
         ({"extra": {"topk_sample_logprobs": 2}}, "topk_sample_logprobs"),
+        ({"extra": {"prompt_logprobs_last_n": 1}}, "needs prompt_logprobs=true"),
+        ({"extra": {"prompt_logprobs": True, "prompt_logprobs_last_n": 3}}, "[1, len(prompt)"),
+        ({"extra": {"prompt_alt_tokens_k": 129}}, "prompt_alt_tokens_k=129"),
+        ({"extra": {"target_prompt_logprobs": TARGET | {"shape": [3, 1]}}}, "[len(prompt) - 1"),
+        ({"extra": {"target_prompt_logprobs": TARGET | {"data": [-1, -1]}}}, "at least one id"),
+        ({"extra": {"target_prompt_logprobs": TARGET | {"data": [512, 1]}}}, "[0, 512)"),
+        ({"extra": {"target_prompt_logprobs": TARGET | {"dtype": "float32"}}}, "int64"),
+        ({"extra": {"target_prompt_logprobs": TARGET | {"shape": [2, 1 << 22]}}}, "cells"),
     ],
 )
 def test_asample_rejects(api, sampler_id, enqueued, change, needle):
+    """(TARGET is a valid [2, 1] target for the 3-token prompt, changed one field at a
+    time.)"""
     resp = api.post("asample", sample_body(sampler_id, **change))
     assert resp.status_code == 400
     assert needle in resp.get_json()["detail"]
     assert enqueued == []
+
+
+def test_prompt_scoring_payload(api, sampler_id, enqueued):
+    """A sparse target keeps its layout for the answer; the payload holds the dense ids."""
+    sparse = {"data": [7], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 0, 1],
+              "sparse_col_indices": [1]}
+    extra = {"prompt_logprobs": True, "prompt_logprobs_last_n": 2, "prompt_alt_tokens_k": 3,
+             "target_prompt_logprobs": sparse}
+    api.ok("asample", sample_body(sampler_id, extra=extra))
+    data = json.loads(enqueued[0].payload)
+    assert (data["prompt_logprobs_last_n"], data["prompt_alt_tokens_k"]) == (2, 3)
+    assert data["target_prompt"] == {"ids": [[-1, -1], [-1, 7]],
+                                     "layout": {"crow": [0, 0, 1], "col": [1]}}
 
 
 def test_asample_foreign_sampler_is_404(other, sampler_id, enqueued):

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import tinker
+import torch
 from tinker import types
 
 from tests.e2e.stack import API_KEY, Stack
@@ -297,6 +298,22 @@ def test_sampling_features(service):
     with_prompt = sampler.sample(prompt, 1, params, include_prompt_logprobs=True).result()
     assert with_prompt.prompt_logprobs[0] is None
     assert all(lp < 0 for lp in with_prompt.prompt_logprobs[1:])
+
+    # The prompt scored on request: the last n tokens, chosen ids (sparse in, sparse out) and
+    # draws from the model at every position; one prefill with the plain prompt logprobs.
+    ids = np.full((len(prompt.to_ints()) - 1, 2), -1, dtype=np.int64)
+    ids[1] = [42, 1879]
+    target = types.TensorData.from_torch_sparse(torch.tensor(ids), pad_value=-1)
+    scored = sampler.sample(prompt, 1, params, include_prompt_logprobs=True,
+                            prompt_logprobs_last_n=1, target_prompt_logprobs=target,
+                            prompt_alt_tokens_k=3).result()
+    assert scored.prompt_logprobs[:2] == [None, None]
+    assert scored.prompt_logprobs[2] == pytest.approx(with_prompt.prompt_logprobs[2], abs=1e-5)
+    dense = scored.target_prompt_logprobs.to_torch().to_dense().numpy()
+    assert dense.shape == (2, 2) and dense[0].tolist() == [0.0, 0.0]
+    assert dense[1, 1] == pytest.approx(with_prompt.prompt_logprobs[2], abs=1e-5)  # id 1879
+    alt = scored.prompt_alt_tokens
+    assert alt.tokens.shape == alt.logprobs.shape == [2, 3]
 
     # Every sample above waited on the session's retrieve_futures poll; an unpickled clone
     # (as the cookbook's workers get) joins the session for a clone id of its own.

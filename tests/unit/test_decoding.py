@@ -101,8 +101,8 @@ def test_requests_join_mid_generation_and_get_what_they_get_alone(tiny_model):
                                        atol=1e-5, rtol=0)
     assert results["a"].sequences[0].tokens == reference_greedy(model, P1, 12, slot=1)
     b_alone = run_alone(model, specs["b"])
-    torch.testing.assert_close(torch.tensor(results["b"].prompt_logprobs[1:]),
-                               torch.tensor(b_alone.prompt_logprobs[1:]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(results["b"].prompt.logprobs[1:]),
+                               torch.tensor(b_alone.prompt.logprobs[1:]), atol=1e-5, rtol=0)
 
 
 def test_rows_that_end_mid_tick_idle_and_the_rest_match_running_alone(tiny_model):

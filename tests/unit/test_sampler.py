@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,13 +74,53 @@ def test_prompt_logprobs_and_topk(tiny_model):
     spec = SampleSpec(P1, 1, 1, BASE_SLOT, prompt_logprobs=True, topk_prompt_logprobs=3)
     out, _ = run(tiny_model, spec, greedy(P3, 2))
     (want,) = tiny_model.target_logprobs([P1[:-1]], [P1[1:]], [BASE_SLOT])
-    assert len(out.prompt_logprobs) == len(P1) and math.isnan(out.prompt_logprobs[0])
-    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), want, atol=1e-4, rtol=0)
-    ids, lps = out.topk_prompt
+    assert len(out.prompt.logprobs) == len(P1) and math.isnan(out.prompt.logprobs[0])
+    torch.testing.assert_close(torch.tensor(out.prompt.logprobs[1:]), want, atol=1e-4, rtol=0)
+    ids, lps = out.prompt.topk
     assert ids.shape == lps.shape == (len(P1), 3) and str(ids.dtype) == "int32"
     assert (ids[0] == 0).all() and (lps[0] == -99999.0).all()
     assert (lps[1:, 0] >= lps[1:, 1]).all() and (lps[1:, 0] >= want.numpy() - 1e-4).all()
     assert len(out.sequences[0].tokens) == 1
+
+
+def test_prompt_scoring_extras(tiny_model):
+    """prompt_logprobs_last_n masks all but the last n; target ids get their log-probs
+    (0.0 where -1); alternatives are draws whose log-probs are the raw model's, seeded, and
+    the argmax at temperature 0."""
+    rows = len(P1) - 1
+    logp = torch.log_softmax(tiny_model_logits(tiny_model, P1)[:-1].double(), -1)
+    ids = [[-1, -1] for _ in range(rows)]
+    ids[1], ids[rows - 1] = [7, -1], [3, 9]
+    spec = SampleSpec(P1, 1, 1, BASE_SLOT, prompt_logprobs=True, topk_prompt_logprobs=2,
+                      prompt_logprobs_last_n=2, target_prompt={"ids": ids, "layout": None},
+                      prompt_alt_tokens_k=4, temperature=0.8, seed=5)
+    (out,) = run(tiny_model, spec)
+    assert all(math.isnan(x) for x in out.prompt.logprobs[:-2])
+    torch.testing.assert_close(torch.tensor(out.prompt.logprobs[-2:]),
+                               logp[-2:].gather(-1, torch.tensor(P1[-2:])[:, None])[:, 0].float(),
+                               atol=1e-4, rtol=0)
+    assert (out.prompt.topk[1][:-2] == -99999.0).all() and (out.prompt.topk[1][-2:] < 0).all()
+    values, layout = out.prompt.target
+    assert values.shape == (rows, 2) and layout is None
+    assert values[0].tolist() == [0.0, 0.0] and values[1, 1] == 0.0
+    for (i, j), token in {(1, 0): 7, (rows - 1, 0): 3, (rows - 1, 1): 9}.items():
+        assert values[i, j] == pytest.approx(logp[i, token].item(), abs=1e-4)
+    tokens, lps = out.prompt.alt
+    assert tokens.shape == lps.shape == (rows, 4)
+    np.testing.assert_allclose(lps, logp.gather(-1, torch.tensor(tokens)).numpy(), atol=1e-4)
+    (again,) = run(tiny_model, spec)
+    assert (again.prompt.alt[0] == tokens).all()  # the request's seed fixes the draws
+    greedy_spec = SampleSpec(P1, 1, 1, BASE_SLOT, prompt_alt_tokens_k=3, temperature=0.0)
+    (cold,) = run(tiny_model, greedy_spec)
+    assert (cold.prompt.alt[0] == logp.argmax(-1, keepdim=True).numpy()).all()
+
+
+def tiny_model_logits(model, prompt: list[int]) -> torch.Tensor:
+    """[L, V] logits of the base model over the prompt (the plain HF forward)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logits, _ = model.forward_logits(ids, torch.ones_like(ids), [BASE_SLOT])
+    return logits[0]
 
 
 def test_seed_reproducible_and_batch_invariant(tiny_model):

@@ -51,6 +51,7 @@ from workers.sampling.forward import decode_fused, decode_unfused, forward
 from workers.sampling.graphs import DecodeInputs, Graphs, Steady, to_host
 from workers.sampling.lora_table import Adapter, LoraTable, adapter_key, fuse_base_weights
 from workers.sampling.sampler import (
+    PromptOut,
     SampledSeq,
     SampleOutput,
     SampleSpec,
@@ -165,7 +166,7 @@ class RunningBatch:
         out = []
         for r in done:
             seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length") for s in r.seqs]
-            out.append((r.key, SampleOutput(seqs, *r.prompt_out)))
+            out.append((r.key, SampleOutput(seqs, r.prompt_out or PromptOut())))
         return out
 
     def _join(self) -> list[Request]:
@@ -216,7 +217,7 @@ class RunningBatch:
 
         keys = [r.key_of_adapter for r in joined]
         mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)
-        full = [r.spec.prompt_logprobs or r.spec.topk_prompt_logprobs > 0 for r in joined]
+        full = [r.spec.scores_prompt for r in joined]
         # logits for every prompt position of requests that want prompt logprobs, else the last
         pick = torch.tensor([p for r, s, e, f in zip(joined, cu[:-1], cu[1:], full, strict=True)
                              for p in (range(s, e) if f else [e - 1])], device=device)
@@ -236,7 +237,7 @@ class RunningBatch:
         for r, n, f in zip(joined, lengths, full, strict=True):
             rows = n if f else 1
             if f:
-                r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows])
+                r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
             last.append(logits[k + rows - 1])
             for s in r.seqs:
                 s.length = n

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,21 @@ class SampleSpec:
     stop_at_eos: bool = True
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None  # score only the prompt's last n tokens
+    prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first
+    target_prompt: dict | None = None  # {"ids": [L-1][K] (-1: none), "layout": CSR | None}
+
+    @classmethod
+    def of(cls, body: dict[str, Any], slot: int) -> SampleSpec:
+        """The spec of a sample job's payload (protocol/jobs.py), on adapter `slot`."""
+        names = {f.name for f in fields(cls)} - {"slot"}
+        return cls(slot=slot, **{k: v for k, v in body.items() if k in names})
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prefill must keep the logits of every prompt position."""
+        return bool(self.prompt_logprobs or self.topk_prompt_logprobs or self.target_prompt
+                    or self.prompt_alt_tokens_k)
 
 
 @dataclass
@@ -50,10 +66,19 @@ class SampledSeq:
 
 
 @dataclass
+class PromptOut:
+    """What a request asked for of its prompt, from the prefill's logits."""
+
+    logprobs: list[float] | None = None  # [len(prompt)], NaN first (and before the last n)
+    topk: tuple[np.ndarray, np.ndarray] | None = None  # ids int32, logprobs fp32 [len, k]
+    target: tuple[np.ndarray, dict | None] | None = None  # fp32 [len-1, K], the CSR layout
+    alt: tuple[np.ndarray, np.ndarray] | None = None  # tokens int64, logprobs fp32 [len-1, k]
+
+
+@dataclass
 class SampleOutput:
     sequences: list[SampledSeq]
-    prompt_logprobs: list[float] | None  # [len(prompt)], NaN first
-    topk_prompt: tuple[np.ndarray, np.ndarray] | None  # ids int32, logprobs fp32 [len(prompt), k]
+    prompt: PromptOut
 
 
 def adapter_of(model: LoraModel, slot: int) -> dict | None:
@@ -94,22 +119,43 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def prompt_outputs(
-    spec: SampleSpec, logits: torch.Tensor
-) -> tuple[list[float] | None, tuple[np.ndarray, np.ndarray] | None]:
-    """Prompt logprobs and top-k from the prefill logits of the prompt positions [L, V]."""
-    if not spec.prompt_logprobs and spec.topk_prompt_logprobs == 0:
-        return None, None
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L-1, V]; row i predicts prompt[i+1]
-    plp = None
+def prompt_outputs(spec: SampleSpec, logits: torch.Tensor, seed: int) -> PromptOut:
+    """What `spec` asks of its prompt, from the prefill logits of its positions [L, V].
+    Row i of the log-softmax predicts prompt[i + 1]."""
+    out = PromptOut()
+    if not spec.scores_prompt:
+        return out
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L-1, V]
+    skip = len(spec.prompt) - 1 - (spec.prompt_logprobs_last_n or len(spec.prompt) - 1)
     if spec.prompt_logprobs:
         targets = torch.tensor(spec.prompt[1:], device=logp.device, dtype=torch.long)
-        plp = [math.nan] + logp.gather(-1, targets[:, None]).squeeze(-1).tolist()
-    topk = None
+        scored = logp.gather(-1, targets[:, None]).squeeze(-1).tolist()
+        out.logprobs = [math.nan] * (1 + skip) + scored[skip:]
     if (k := spec.topk_prompt_logprobs) > 0:
         vals, ids = logp.topk(k, dim=-1)  # [L-1, k]
         topk_ids = np.zeros((len(spec.prompt), k), dtype=np.int32)
         topk_lp = np.full((len(spec.prompt), k), EMPTY_TOPK_LOGPROB, dtype=np.float32)
-        topk_ids[1:], topk_lp[1:] = ids.cpu().numpy(), vals.cpu().numpy()
-        topk = (topk_ids, topk_lp)
-    return plp, topk
+        topk_ids[1 + skip:] = ids[skip:].cpu().numpy()
+        topk_lp[1 + skip:] = vals[skip:].cpu().numpy()
+        out.topk = (topk_ids, topk_lp)
+    if spec.target_prompt is not None:
+        ids = torch.tensor(spec.target_prompt["ids"], device=logp.device, dtype=torch.long)
+        values = logp.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
+        out.target = (values.cpu().numpy().astype(np.float32), spec.target_prompt["layout"])
+    if (k := spec.prompt_alt_tokens_k) > 0:
+        out.alt = _alternatives(logits[:-1].float(), logp, k, spec.temperature, seed)
+    return out
+
+
+def _alternatives(logits: torch.Tensor, logp: torch.Tensor, k: int, temperature: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k independent draws per prompt position at `temperature` (0: the argmax k times), and
+    their raw-model logprobs, as the sampled tokens' are."""
+    if temperature == 0:
+        tokens = logits.argmax(-1, keepdim=True).expand(-1, k)
+    else:
+        gen = torch.Generator(device=logits.device).manual_seed(seed)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        tokens = torch.multinomial(probs, k, replacement=True, generator=gen)
+    chosen = logp.gather(-1, tokens)
+    return tokens.cpu().numpy().astype(np.int64), chosen.cpu().numpy().astype(np.float32)

@@ -28,7 +28,7 @@ class Request:
     seed: int
     key_of_adapter: tuple[int, ...] | None = None  # adapter_key(adapter), computed once
     seqs: list[Seq] = field(default_factory=list)
-    prompt_out: tuple = (None, None)
+    prompt_out: Any = None  # sampler.PromptOut, once the prefill ran
     open: int = 0  # sequences still running
 
     @property
