@@ -200,7 +200,6 @@ def check_stop(stop: Any, vocab: int) -> dict[str, Any]:
     raise bad(f"sampling_params.stop={stop!r} must be non-empty strings or token ids, not mixed")
 
 
-_UNSUPPORTED_SAMPLE = ("topk_sample_logprobs",)
 MAX_PROMPT_CELLS = 1 << 22  # len(prompt) x (distinct target ids | alternatives drawn)
 MAX_ALT_TOKENS = 128
 
@@ -264,9 +263,6 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
                  context: int | None = None) -> dict[str, Any]:
     """The engine's sample payload (all but adapter_dir) from an asample body. A sequence
     fits max_seq_len and the model's context (`context`, its max_position_embeddings)."""
-    for name in _UNSUPPORTED_SAMPLE:
-        if body.get(name):
-            raise bad(f"{name}={body[name]!r} is not supported by this server")
     n = field(body, "num_samples", int, 1)
     if not 1 <= n <= MAX_NUM_SAMPLES:
         raise bad(f"num_samples={n} must be in [1, {MAX_NUM_SAMPLES}]")
@@ -298,6 +294,10 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
     topk_prompt = field(body, "topk_prompt_logprobs", int, 0)
     if not 0 <= topk_prompt <= vocab:
         raise bad(f"topk_prompt_logprobs={topk_prompt} must be in [0, {vocab}]")
+    topk_sample = field(body, "topk_sample_logprobs", int, 0)
+    if not 0 <= topk_sample <= min(vocab, MAX_ALT_TOKENS):
+        raise bad(f"topk_sample_logprobs={topk_sample} must be in "
+                  f"[0, {min(vocab, MAX_ALT_TOKENS)}]")
     return {
         "prompt": prompt,
         "num_samples": n,
@@ -309,5 +309,6 @@ def check_sample(body: dict[str, Any], settings: Settings, vocab: int,
         **check_stop(params.get("stop"), vocab),
         "prompt_logprobs": field(body, "prompt_logprobs", bool, False),
         "topk_prompt_logprobs": topk_prompt,
+        "topk_sample_logprobs": topk_sample,
         **check_prompt_scoring(body, prompt, vocab),
     }

@@ -33,7 +33,8 @@ forward_backward:
     sample            {"prompt": [int], "num_samples", "max_tokens", "temperature", "top_k",
                        "top_p", "seed"|None, "stop_strings": [str], "stop_token_ids": [int],
                        "stop_at_eos": bool, "prompt_logprobs": bool,
-                       "topk_prompt_logprobs": int, "prompt_logprobs_last_n": int|None,
+                       "topk_prompt_logprobs": int, "topk_sample_logprobs": int,
+                       "prompt_logprobs_last_n": int|None,
                        "prompt_alt_tokens_k": int, "target_prompt": {"ids": [[int]] (-1: none),
                        "layout": {"crow", "col"}|None}|None,
                        "adapter_dir": str|None (None = base)}

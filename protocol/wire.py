@@ -218,6 +218,7 @@ class WireSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk: tuple[np.ndarray, np.ndarray] | None = None  # ids [n, k], logprobs [n, k]
 
 
 def _out_tensor(values: np.ndarray, layout: dict | None) -> pb.Tensor:
@@ -264,13 +265,14 @@ def encode_sample_response(
         msg.prompt_alt_tokens.logprobs.CopyFrom(_out_tensor(alt[1], None))
     for s in sequences:
         stop = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
-        msg.sequences.append(
-            pb.SampledSequence(
-                stop_reason=stop,
-                tokens=np.asarray(s.tokens, dtype="<i4").tobytes(),
-                logprobs=np.asarray(s.logprobs, dtype="<f4").tobytes(),
-            )
+        seq = pb.SampledSequence(
+            stop_reason=stop,
+            tokens=np.asarray(s.tokens, dtype="<i4").tobytes(),
+            logprobs=np.asarray(s.logprobs, dtype="<f4").tobytes(),
         )
+        if s.topk is not None:
+            seq.topk_sampled_logprobs.CopyFrom(_topk(*s.topk))
+        msg.sequences.append(seq)
     if prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(prompt_logprobs, dtype="<f4").tobytes()
     if topk_prompt is not None:

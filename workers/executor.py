@@ -381,7 +381,8 @@ def _sample_outcome(result: Any, seconds: float) -> Outcome:
         return Outcome.fail(str(result), "user")
     if isinstance(result, Exception):
         return Outcome.fail(f"{type(result).__name__}: {result}", "server")
-    sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences]
+    sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason, s.topk)
+                 for s in result.sequences]
     prompt = result.prompt
     proto = encode_sample_response(sequences, prompt.logprobs, prompt.topk, prompt.target,
                                    prompt.alt)

@@ -171,6 +171,14 @@ def test_sampler_from_path_matches_training_forward(service, stack):
     train_lp = forward_logprobs(tc, [datum(prompt, completion)])[0]  # log p(full[1:])
     np.testing.assert_allclose(np.array(server[1:], dtype=np.float64), train_lp, atol=2e-5)
 
+    # topk_sample_logprobs on the saved adapter: greedy picks each position's top-1.
+    greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
+    [seq] = sampler.sample(types.ModelInput.from_ints(prompt), 1, greedy,
+                           topk_sample_logprobs=3).result().sequences
+    ids, lps = seq.topk_logprobs_np.token_ids, seq.topk_logprobs_np.logprobs
+    assert ids.shape == (4, 3) and ids[:, 0].tolist() == seq.tokens
+    np.testing.assert_allclose(lps[:, 0], seq.logprobs, atol=1e-4)
+
     # The saved folder is a plain peft adapter that reproduces the server's numbers.
     peft_lp = _peft_logprobs(stack, saved.path, full)
     np.testing.assert_allclose(peft_lp, train_lp, atol=2e-4)

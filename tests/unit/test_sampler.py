@@ -115,6 +115,24 @@ def test_prompt_scoring_extras(tiny_model):
     assert (cold.prompt.alt[0] == logp.argmax(-1, keepdim=True).numpy()).all()
 
 
+def test_topk_sample_logprobs_are_the_model_s_top_k_at_each_sampled_position(tiny_model):
+    spec = seeded(P1, 3, n=5, temperature=0.9, topk_sample_logprobs=4, num_samples=2)
+    (out,) = run(tiny_model, spec)
+    for seq in out.sequences:
+        ids, lps = seq.topk
+        assert ids.shape == lps.shape == (len(seq.tokens), 4) and str(ids.dtype) == "int32"
+        logp = torch.log_softmax(tiny_model_logits(tiny_model, P1 + seq.tokens)[
+            len(P1) - 1:-1].double(), -1)
+        want, want_ids = logp.topk(4, -1)
+        assert (ids == want_ids.numpy()).all()
+        np.testing.assert_allclose(lps, want.numpy(), atol=1e-4)
+        chosen = logp.gather(-1, torch.tensor(seq.tokens)[:, None])[:, 0]
+        np.testing.assert_allclose(seq.logprobs, chosen.numpy(), atol=1e-4)
+    (plain,) = run(tiny_model, seeded(P1, 3, n=5, temperature=0.9, num_samples=2))
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in out.sequences]
+    assert all(s.topk is None for s in plain.sequences)
+
+
 def tiny_model_logits(model, prompt: list[int]) -> torch.Tensor:
     """[L, V] logits of the base model over the prompt (the plain HF forward)."""
     ids = torch.tensor([prompt])

@@ -57,6 +57,7 @@ from workers.sampling.sampler import (
     SampleSpec,
     adapter_of,
     prompt_outputs,
+    sampled_topk,
     validate,
 )
 from workers.sampling.sequences import Request, Seq
@@ -165,7 +166,9 @@ class RunningBatch:
             self._flush(done)
         out = []
         for r in done:
-            seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length") for s in r.seqs]
+            seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length",
+                               sampled_topk(self.model, r.spec, s.tokens)
+                               if r.spec.topk_sample_logprobs else None) for s in r.seqs]
             out.append((r.key, SampleOutput(seqs, r.prompt_out or PromptOut())))
         return out
 

@@ -41,6 +41,7 @@ class SampleSpec:
     stop_at_eos: bool = True
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0  # the top k of each sampled position's distribution
     prompt_logprobs_last_n: int | None = None  # score only the prompt's last n tokens
     prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first
     target_prompt: dict | None = None  # {"ids": [L-1][K] (-1: none), "layout": CSR | None}
@@ -63,6 +64,7 @@ class SampledSeq:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk: tuple[np.ndarray, np.ndarray] | None = None  # ids int32, logprobs fp32 [len, k]
 
 
 @dataclass
@@ -159,3 +161,18 @@ def _alternatives(logits: torch.Tensor, logp: torch.Tensor, k: int, temperature:
         tokens = torch.multinomial(probs, k, replacement=True, generator=gen)
     chosen = logp.gather(-1, tokens)
     return tokens.cpu().numpy().astype(np.int64), chosen.cpu().numpy().astype(np.float32)
+
+
+def sampled_topk(model: LoraModel, spec: SampleSpec, tokens: list[int]
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The top `spec.topk_sample_logprobs` of the model's distribution at each sampled
+    position, from one forward over prompt + sample on the request's adapter (the decode
+    step keeps only the chosen token's log-prob; a request that asks pays this pass)."""
+    if not tokens:
+        return None
+    ids = torch.tensor([spec.prompt + tokens[:-1]], device=model.device)
+    with torch.no_grad():
+        logits, _ = model.forward_logits(ids, torch.ones_like(ids), [spec.slot])
+    logp = torch.log_softmax(logits[0, len(spec.prompt) - 1:].float(), dim=-1)  # [n, V]
+    values, top = logp.topk(spec.topk_sample_logprobs, dim=-1)
+    return top.int().cpu().numpy(), values.cpu().numpy()
