@@ -56,10 +56,15 @@ def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
     return sub.numbered(model, check_seq_id(body.get("seq_id")), "save_weights", build)
 
 
-def check_kind(body: dict[str, Any]) -> None:
+def check_kind(body: dict[str, Any], inflight: bool = False) -> str:
+    """`snapshot`, or (for a new sampling session) `inflight`: every inflight session of a
+    run samples from one folder that each inflight save replaces, so they all move on to
+    the newest weights once the worker reloads it."""
     kind = body.get("kind", "snapshot")
-    if kind != "snapshot":
-        raise bad(f"kind={kind!r} is not supported (supported: 'snapshot')")
+    allowed = ("snapshot", "inflight") if inflight else ("snapshot",)
+    if kind not in allowed:
+        raise bad(f"kind={kind!r} is not supported here (supported: {', '.join(allowed)})")
+    return kind
 
 
 def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
@@ -145,7 +150,7 @@ def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> d
         summary=f"model={model.id} seq={seq_id} sampler={sampler_id}",
     )
     try:
-        check_kind(body)
+        check_kind(body, inflight=True)
         if type(n) is not int or n < 0:
             raise bad(f"sampling_session_seq_id={n!r} must be an integer >= 0")
         with sub.store.transaction() as s:
@@ -153,7 +158,8 @@ def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> d
                 raise bad(f"sampling session {sampler_id!r} already exists")
     except RequestError as e:
         sub.reject(row, e.message)
-    folder = checkpoint_dir(sub, model, "sampler_weights", f"_session/{sampler_id}")
+    leaf = "inflight" if body.get("kind") == "inflight" else sampler_id
+    folder = checkpoint_dir(sub, model, "sampler_weights", f"_session/{leaf}")
     sampler = SamplerRow(
         id=sampler_id,
         tenant=model.tenant,

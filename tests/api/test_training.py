@@ -288,11 +288,27 @@ def test_save_weights_for_sampler_pathless(api, model_id, session_id, enqueued, 
     types.GetSamplerResponse.model_validate(sampler_json)
 
 
-def test_inflight_kind_rejected(api, model_id, enqueued):
-    body = {"model_id": model_id, "sampling_session_seq_id": 0, "kind": "inflight", "seq_id": 1}
-    resp = api.post("save_weights_for_sampler", body)
-    assert resp.status_code == 400 and "inflight" in resp.get_json()["detail"]
-    assert [r.state for r in enqueued] == [FAILED]
+def test_inflight_sessions_of_a_run_share_one_folder(api, model_id, session_id, enqueued,
+                                                     services):
+    """Every inflight save of a run writes the same folder, which every inflight session of
+    the run samples from; a snapshot session keeps a folder of its own. A named save takes
+    no kind but snapshot."""
+    folders = []
+    for n, kind in enumerate(["inflight", "inflight", "snapshot"]):
+        body = {"model_id": model_id, "sampling_session_seq_id": n, "kind": kind,
+                "seq_id": n + 1}
+        api.ok("save_weights_for_sampler", body)
+        with services.store.transaction() as s:
+            folders.append(s.get(SamplerRow, f"{session_id}:sample:{n}").checkpoint_dir)
+    assert folders[0] == folders[1] and folders[0].endswith("/sampler_weights/_session/inflight")
+    assert folders[2] != folders[0]
+    assert [json.loads(r.payload)["checkpoint_dir"] for r in enqueued] == folders
+    named = {"model_id": model_id, "path": "x", "kind": "inflight", "seq_id": 9}
+    resp = api.post("save_weights_for_sampler", named)
+    assert resp.status_code == 400 and "kind='inflight'" in resp.get_json()["detail"]
+    bad = {"model_id": model_id, "sampling_session_seq_id": 5, "kind": "live", "seq_id": 10}
+    resp = api.post("save_weights_for_sampler", bad)
+    assert resp.status_code == 400 and "kind='live'" in resp.get_json()["detail"]
 
 
 def test_broker_down_is_503_and_leaves_nothing(api, model_id, enqueued, services):

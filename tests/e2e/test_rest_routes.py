@@ -251,3 +251,18 @@ def test_sessions_search_project_and_trace(stack, service, rest, trained):
     events = httpx.get(url).raise_for_status().json()["traceEvents"]
     names = {e["name"] for e in events if e["ph"] == "X"}
     assert {"create_model", "forward_backward", "optim_step", "save_weights"} <= names
+
+
+def test_inflight_samplers_adopt_the_newest_weights(service):
+    """Two inflight clients of one run, the second made after more training: both sample
+    from the newest weights; a snapshot client made beside the first keeps the old ones."""
+    tc = service.create_lora_training_client(BASE, rank=4, seed=21).result()
+    train_steps(tc, 1)
+    first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    train_steps(tc, 3)
+    second = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    prompt = types.ModelInput.from_ints([9707, 11, 1879, 1096])
+    lps = [np.array(c.compute_logprobs(prompt).result()[1:]) for c in (first, second, snapshot)]
+    np.testing.assert_allclose(lps[0], lps[1], atol=1e-6)
+    assert np.abs(lps[0] - lps[2]).max() > 1e-3
