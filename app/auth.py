@@ -1,4 +1,5 @@
-"""Who is calling: every /api/v1 call carries `X-API-Key`, either an API key (`tml-...`) or
+"""Who is calling: every /api/v1 and /v1 call carries `X-API-Key` (or, for the
+OpenAI-compatible /v1, `Authorization: Bearer`), either an API key (`tml-...`) or
 a JWT this API issued for one (`auth/token`); healthz and the downloads of exported weights
 (whose signed URL is their permission) need neither.
 
@@ -54,11 +55,15 @@ def _tenant_of_token(token: str) -> str:
 
 def _check_key() -> None:
     path = request.path
-    if not path.startswith("/api/v1/") or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+    if not path.startswith(("/api/v1/", "/v1/")) or path in OPEN_PATHS \
+            or path.startswith(OPEN_PREFIXES):
         return
     key = request.headers.get("X-API-Key", "")
+    bearer = request.headers.get("Authorization", "")
+    if not key and bearer.lower().startswith("bearer "):  # the OpenAI clients' way (/v1)
+        key = bearer[7:].strip()
     if not key:
-        raise RequestError(401, "missing X-API-Key header")
+        raise RequestError(401, "missing X-API-Key header (or Authorization: Bearer <key>)")
     if key.startswith("tml-"):
         tenant = tenant_of(key)
     elif key.startswith("eyJ"):

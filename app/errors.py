@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def _answer(status: int, message: str) -> tuple[Response, int]:
+    if request.path.startswith("/v1/"):  # the OpenAI-compatible API: OpenAI's error shape
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return jsonify({"error": {"message": message, "type": kind, "code": status}}), status
     return jsonify({"detail": message}), status
 
 

@@ -16,6 +16,7 @@ from app.blueprints import (
     futures,
     identity,
     models,
+    openai_api,
     runs,
     sampling,
     session_views,
@@ -61,4 +62,5 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
     for module in (client, sessions, session_views, models, training, sampling, futures, runs,
                    checkpoints, identity):
         app.register_blueprint(module.bp, url_prefix="/api/v1")
+    app.register_blueprint(openai_api.bp, url_prefix="/v1")
     return app

@@ -61,6 +61,10 @@ class Settings:
         60.0, "How often the worker deletes checkpoints past their ttl_seconds (their rows "
         "and files); expired ones are hidden from listings and loads at once. 0 = never."
     )
+    openai_timeout_s: float = _opt(
+        600.0, "How long an OpenAI-compatible call (/v1/...) waits for its sample before "
+        "answering 504."
+    )
     # --- models -------------------------------------------------------------------------
     base_model: str = _opt(
         DEFAULT_BASE_MODEL,

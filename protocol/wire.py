@@ -281,7 +281,7 @@ def encode_sample_response(
 
 
 def decode_sample_sequences(result: bytes) -> list[WireSequence]:
-    """The sequences of a stored SampleResponse (tokens, sampled-token logprobs)."""
+    """The sequences of a stored SampleResponse (tokens, sampled-token logprobs, top-k)."""
     msg = pb.SampleResponse()
     msg.ParseFromString(result)
     return [
@@ -289,6 +289,14 @@ def decode_sample_sequences(result: bytes) -> list[WireSequence]:
             tokens=np.frombuffer(seq.tokens, dtype="<i4").tolist(),
             logprobs=np.frombuffer(seq.logprobs, dtype="<f4").tolist(),
             stop_reason="stop" if seq.stop_reason == pb.STOP_REASON_STOP else "length",
+            topk=_read_topk(seq.topk_sampled_logprobs)
+            if seq.HasField("topk_sampled_logprobs") else None,
         )
         for seq in msg.sequences
     ]
+
+
+def _read_topk(topk: pb.TopkLogprobs) -> tuple[np.ndarray, np.ndarray]:
+    shape = (topk.length, topk.k)
+    return (np.frombuffer(topk.token_ids, dtype="<i4").reshape(shape),
+            np.frombuffer(topk.logprobs, dtype="<f4").reshape(shape))

@@ -266,3 +266,41 @@ def test_inflight_samplers_adopt_the_newest_weights(service):
     lps = [np.array(c.compute_logprobs(prompt).result()[1:]) for c in (first, second, snapshot)]
     np.testing.assert_allclose(lps[0], lps[1], atol=1e-6)
     assert np.abs(lps[0] - lps[2]).max() > 1e-3
+
+
+def test_the_openai_client_completes_and_chats(stack, service, trained):
+    import openai
+    from tokenizers import Tokenizer
+
+    _, _, sampler = trained
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=API_KEY, max_retries=0)
+    assert BASE in [m.id for m in client.models.list()]
+    done = client.completions.create(model=BASE, prompt="Hello there", max_tokens=5,
+                                     temperature=0, logprobs=2)
+    [choice] = done.choices
+    assert choice.finish_reason == "length" and done.usage.completion_tokens == 5
+    assert len(choice.logprobs.top_logprobs) == 5 and len(choice.logprobs.top_logprobs[0]) == 2
+    # the same greedy sample as the SDK's on the prompt's tokens
+    tokenizer = Tokenizer.from_file(str(stack.data_dir / "models" / "tiny-qwen3" /
+                                        "tokenizer.json"))
+    ids = tokenizer.encode("Hello there", add_special_tokens=False).ids
+    [seq] = service.create_sampling_client(base_model=BASE).result().sample(
+        types.ModelInput.from_ints(ids), 1,
+        types.SamplingParams(max_tokens=5, temperature=0.0)).result().sequences
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, seq.logprobs, atol=1e-5)
+    assert choice.text == tokenizer.decode(seq.tokens, skip_special_tokens=True)
+
+    # a chat on the trained adapter, streamed and not
+    ask = {"model": sampler, "messages": [{"role": "user", "content": "Hi"}],
+           "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**ask, logprobs=True, top_logprobs=1)
+    streamed = "".join(chunk.choices[0].delta.content or ""
+                       for chunk in client.chat.completions.create(**ask, stream=True))
+    assert streamed == whole.choices[0].message.content
+    assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens == 6
+
+    with pytest.raises(openai.BadRequestError, match="not served"):
+        client.completions.create(model="someone/else", prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-wrong", max_retries=0) \
+            .models.list()
