@@ -65,7 +65,25 @@ def model_folder(tmp_path):
         "model_type": "qwen3",
     }
     (folder / "config.json").write_text(json.dumps(config))
+    write_tokenizer(folder)
     return folder
+
+
+def write_tokenizer(folder) -> None:
+    """A word-level tokenizer over a few words (ids below VOCAB) and a chat template, for the
+    OpenAI-compatible routes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "hello", "world"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+                "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant"
+                "{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template,
+                                                              "eos_token": "<|im_end|>"}))
 
 
 @pytest.fixture
