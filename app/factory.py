@@ -11,6 +11,7 @@ from flask import Flask
 
 from app import auth, errors
 from app.blueprints import (
+    admin,
     checkpoints,
     client,
     futures,
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
     errors.init_app(app)
     auth.init_app(app)
     for module in (client, sessions, session_views, models, training, sampling, futures, runs,
-                   checkpoints, identity):
+                   checkpoints, identity, admin):
         app.register_blueprint(module.bp, url_prefix="/api/v1")
     app.register_blueprint(openai_api.bp, url_prefix="/v1")
     return app

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from protocol.paths import SEGMENTS
 from store.db import Store
 from store.schema import CheckpointRow, utcnow
+from store.usage import audit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ def record(db: Session, tenant: str, ckpt: dict[str, Any]) -> None:
         db.delete(old)
         db.flush()
     db.add(CheckpointRow(tenant=tenant, expires_at=expires_at, **ckpt))
+    audit(db, tenant, "checkpoint_create", model_id=ckpt["model_id"],
+          tinker_path=ckpt["tinker_path"], checkpoint_type=ckpt["kind"],
+          size_bytes=ckpt.get("size_bytes"))
 
 
 def remove_files(root: Path, local_dir: str) -> None:
@@ -88,7 +92,10 @@ def sweep_expired(store: Store, root: Path, now: dt.datetime | None = None) -> l
     deleted = []
     for row_id, path, local_dir in due:
         with store.transaction() as s:
+            tenant = s.scalar(select(CheckpointRow.tenant).where(CheckpointRow.id == row_id))
             gone = s.execute(delete(CheckpointRow).where(CheckpointRow.id == row_id)).rowcount
+            if gone:
+                audit(s, str(tenant), "checkpoint_expire", tinker_path=path)
         if gone:
             remove_files(root, local_dir)
             deleted.append(path)

@@ -157,6 +157,11 @@ class RequestRow(Base):
     stability_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     # retrieve_futures: the cursor of the poll that first reported this finished sample
     report_cursor: Mapped[int | None] = mapped_column(BigInteger)
+    # usage, set when the answer is stored: tokens trained or prefilled, prefilled again
+    # from a shared prompt (samples 2..n), and sampled
+    tokens_in: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_cached: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_out: Mapped[int | None] = mapped_column(BigInteger)
 
     @property
     def finished(self) -> bool:
@@ -185,3 +190,15 @@ class CheckpointRow(Base):
     @property
     def segment(self) -> str:
         return SEGMENT_OF[self.kind]
+
+
+class AuditRow(Base):
+    """Something done to a checkpoint or a session's project, by whom (`tenant`), when:
+    `event` is <resource>_<action> (checkpoint_create, checkpoint_read, ...)."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)  # the owner of the resource
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -29,6 +29,7 @@ from protocol.checks import (
 from protocol.errors import RequestError, bad
 from protocol.losses import PROVENANCE_LOSSES
 from protocol.wire import TextOnlyError, WireError, decode_forward_backward
+from store import usage
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from tasks import stability
 from tasks.saves import checkpoint_dir
@@ -95,6 +96,8 @@ def weights_source(sub: Submitter, tenant: str, body: dict[str, Any]
     with sub.store.transaction() as s:
         ckpt = sub.checkpoint(s, tenant, path, read=True,
                               access_token=body.get("weights_access_token"))
+        usage.audit(s, ckpt.tenant, "checkpoint_read", purpose="load", model_id=ckpt.model_id,
+                    tinker_path=path, actor=f"tml:user:{tenant}")
         source = s.get(ModelRow, ckpt.model_id)
         if source is None:
             raise RequestError(404, f"the training run of {path!r} no longer exists")
@@ -234,6 +237,9 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
                 folder = checkpoint_dir(sub, source, paths.SEGMENT_OF[kind], name)
             else:  # both kinds hold the peft adapter files the sampler reads
                 ckpt = sub.checkpoint(s, tenant, path, read=True)
+                usage.audit(s, ckpt.tenant, "checkpoint_read", purpose="sample",
+                            model_id=ckpt.model_id, tinker_path=path,
+                            actor=f"tml:user:{tenant}")
                 source = sub.owned(s, ckpt.tenant, ModelRow, ckpt.model_id, "training run")
                 folder = ckpt.local_dir
             sampler.base_model, sampler.model_path = source.base_model, path

@@ -18,7 +18,8 @@ from typing import Any
 from celery import signals
 from sqlalchemy.exc import OperationalError
 
-from protocol.jobs import ALL_KINDS, CREATION_KINDS, Job, Outcome
+from protocol.jobs import ALL_KINDS, CREATION_KINDS, TRAIN_KINDS, Job, Outcome
+from protocol.wire import decode_sample_sequences
 from store import checkpoints
 from store.db import Store
 from store.doorbell import Doorbell, sampler_bell
@@ -116,7 +117,18 @@ def _job_for(row: RequestRow) -> Job:
     )
 
 
-def _store(store: Store, request_id: str, outcome: Outcome) -> None:
+def _usage(job: Job, outcome: Outcome) -> dict[str, int]:
+    """The tokens a request trained, prefilled and sampled (store/usage.py)."""
+    if job.kind in TRAIN_KINDS and job.invalid is None:
+        return {"tokens_in": job.body.num_tokens}
+    if job.kind == "sample" and outcome.proto is not None:
+        prompt, n = len(job.body["prompt"]), job.body["num_samples"]
+        sampled = sum(len(s.tokens) for s in decode_sample_sequences(outcome.proto))
+        return {"tokens_in": prompt, "tokens_cached": prompt * (n - 1), "tokens_out": sampled}
+    return {}
+
+
+def _store(store: Store, request_id: str, outcome: Outcome, job: Job | None = None) -> None:
     with store.transaction() as db:
         row = db.get(RequestRow, request_id)
         if row is None or row.finished:
@@ -124,6 +136,8 @@ def _store(store: Store, request_id: str, outcome: Outcome) -> None:
         row.finished_at = utcnow()
         row.compute_seconds = outcome.compute_seconds
         if outcome.ok:
+            for name, value in (_usage(job, outcome) if job else {}).items():
+                setattr(row, name, value)
             row.state = DONE
             if outcome.proto is not None:
                 row.result, row.result_type = outcome.proto, "proto"
@@ -154,7 +168,7 @@ def run_request(request_id: str) -> str:
                                "server")
     if job.kind != "skip":
         try:
-            _store(store, request_id, outcome)
+            _store(store, request_id, outcome, job)
         except OperationalError:
             raise  # the database is away, not the answer at fault: leave the row to a retry
         except Exception as e:  # noqa: BLE001 - an answer that cannot be stored fails the call

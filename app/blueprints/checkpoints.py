@@ -24,7 +24,13 @@ from typing import Any
 from flask import Blueprint, request, send_file, url_for
 from sqlalchemy import select
 
-from app.blueprints.common import checkpoint_by_path, json_body, services, tenant
+from app.blueprints.common import (
+    audit_checkpoint,
+    checkpoint_by_path,
+    json_body,
+    services,
+    tenant,
+)
 from app.blueprints.runs import iso
 from protocol import paths
 from protocol.checks import field
@@ -52,6 +58,7 @@ def external_weights_urls(run_id: str, name: str) -> dict[str, Any]:
     path = _path(run_id, "external_weights", name)
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, path)
+        audit_checkpoint(s, ckpt, "checkpoint_read", purpose="download")
     signer, settings = services().signer, services().settings
     expires = utcnow() + dt.timedelta(seconds=signer.max_age_s)
     urls = {}
@@ -88,6 +95,7 @@ def set_ttl(run_id: str, segment: str, name: str) -> dict[str, Any]:
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, _path(run_id, segment, name))
         ckpt.expires_at = None if ttl is None else utcnow() + dt.timedelta(seconds=ttl)
+        audit_checkpoint(s, ckpt, "checkpoint_ttl_set", ttl_seconds=ttl)
     return {}
 
 
@@ -111,7 +119,9 @@ def unpublish(run_id: str, segment: str, name: str) -> dict[str, Any]:
 
 def _set_public(path: str, public: bool) -> dict[str, Any]:
     with services().store.transaction() as s:
-        checkpoint_by_path(s, path).public = public
+        ckpt = checkpoint_by_path(s, path)
+        ckpt.public = public
+        audit_checkpoint(s, ckpt, "checkpoint_publish" if public else "checkpoint_unpublish")
     return {}
 
 
@@ -129,6 +139,7 @@ def copy_weights() -> dict[str, Any]:
     _, kind, name = paths.parse_tinker_path(source_path)
     with services().store.transaction() as s:
         source = sub.checkpoint(s, me, source_path, read=True, access_token=token)
+        audit_checkpoint(s, source, "checkpoint_read", purpose="copy")
         run = s.get(ModelRow, source.model_id)
         if run is None:
             raise RequestError(404, f"the training run of {source_path!r} no longer exists")

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from app.services import Services
 from protocol.errors import RequestError
+from store import usage
 from store.schema import CheckpointRow
 
 T = TypeVar("T")
@@ -82,6 +83,12 @@ def _check_tree(data: Any) -> None:
 
 def owned(session: Any, row_type: type[T], row_id: Any, what: str) -> T:
     return services().submit.owned(session, tenant(), row_type, row_id, what)
+
+
+def audit_checkpoint(session: Any, ckpt: CheckpointRow, event: str, **details: Any) -> None:
+    """Log `event` on the checkpoint to its owner's audit log, naming who did it."""
+    usage.audit(session, ckpt.tenant, event, model_id=ckpt.model_id,
+                tinker_path=ckpt.tinker_path, actor=f"tml:user:{tenant()}", **details)
 
 
 def checkpoint_by_path(session: Any, tinker_path: str, read: bool = False) -> CheckpointRow:

@@ -10,6 +10,7 @@ from flask import Blueprint, request
 from sqlalchemy import or_, select
 
 from app.blueprints.common import (
+    audit_checkpoint,
     checkpoint_by_path,
     count,
     json_body,
@@ -132,6 +133,7 @@ def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict[str, Any]:
     parse_tinker_path(path)
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, path)
+        audit_checkpoint(s, ckpt, "checkpoint_delete")
         s.delete(ckpt)
     checkpoints.remove_files(services().settings.checkpoint_root, ckpt.local_dir)
     return {}

@@ -19,7 +19,7 @@ from flask import Blueprint, Response, url_for
 from app.blueprints.common import json_body, owned, services, tenant
 from protocol.checks import field
 from protocol.errors import RequestError, bad
-from store import sessions
+from store import sessions, usage
 from store.schema import SessionRow
 
 bp = Blueprint("session_views", __name__)
@@ -89,6 +89,8 @@ def assign_project(session_id: str) -> dict[str, Any]:
         raise bad("project_id must be a non-empty string")
     with services().store.transaction() as s:
         owned(s, SessionRow, session_id, "session").project_id = project
+        usage.audit(s, tenant(), "project_session_set", session_id=session_id,
+                    project_id=project)
     return {}
 
 

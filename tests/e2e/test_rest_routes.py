@@ -304,3 +304,22 @@ def test_the_openai_client_completes_and_chats(stack, service, trained):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-wrong", max_retries=0) \
             .models.list()
+
+
+def test_admin_client_reads_usage_and_audit(stack, service, trained):
+    """The worker records the tokens it trained and sampled; the admin routes sum them."""
+    import datetime as dt
+
+    tc, state, _ = trained
+    admin = tinker.AdminClient(base_url=stack.url, api_key=API_KEY)
+    hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    usage = admin.get_billing_usage(hour - dt.timedelta(hours=1),
+                                    hour + dt.timedelta(hours=1)).result()
+    mine = [e for e in usage.data if e.session_id == tc.model_id.split(":")[0]]
+    trained_tokens = sum(e.event_info.token_count for e in mine
+                         if e.event_info.type == "training")
+    assert trained_tokens > 0 and any(e.event_info.type == "checkpoint" for e in mine)
+    log = admin.get_audit_log(event_type="checkpoints").result()
+    assert ("checkpoint_create", state) in [(e.event, e.tinker_path) for e in log.entries]
+    storage = admin.get_current_checkpoint_storage_usage().result()
+    assert sum(g.checkpoint_count for g in storage.data) >= 2
