@@ -7,7 +7,9 @@ model input; losses are sums over tokens and datums (no normalisation), as in Ti
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -35,6 +37,9 @@ LOSSES: dict[str, LossSpec] = {
     "stable_reinforce": LossSpec(RL_INPUTS + ("sampled_mask",),
                                  {"kl_coeff": 0.0, "clip_high_threshold": 2.0}),
 }
+# A server-side custom loss (create_custom_loss): the API puts its graph in the config as
+# JSON text ("custom_loss"), so the payload is whole; its inputs are the graph's.
+CUSTOM = "custom"
 # Losses whose data must name recorded samples (Datum.with_provenance): the API resolves
 # them before the call is stored.
 PROVENANCE_LOSSES = frozenset({"stable_reinforce"})
@@ -53,8 +58,15 @@ class ProtocolError(ValueError):
     """Input that breaks a protocol rule; the message names the value and the limit."""
 
 
-def resolve_loss_config(loss_fn: str, config: dict[str, float | str]) -> dict[str, float]:
-    """The loss's full config (defaults filled in); unknown names raise ProtocolError."""
+def resolve_loss_config(loss_fn: str, config: dict[str, float | str]) -> dict[str, Any]:
+    """The loss's full config (defaults filled in); unknown names raise ProtocolError. A
+    custom loss's is {"custom_loss": {"inputs", "nodes"}}."""
+    if loss_fn == CUSTOM:
+        graph = config.get("custom_loss")
+        if not isinstance(graph, str):
+            raise ProtocolError("loss_fn 'custom' runs a loss made by create_custom_loss: "
+                                "send its loss_id in loss_fn_config")
+        return {"custom_loss": json.loads(graph)}
     spec = LOSSES.get(loss_fn)
     if spec is None:
         raise ProtocolError(f"unknown loss_fn {loss_fn!r}; supported: {sorted(LOSSES)}")
@@ -73,7 +85,10 @@ def resolve_loss_config(loss_fn: str, config: dict[str, float | str]) -> dict[st
 
 
 def check_loss_inputs(loss_fn: str, index: int, n_tokens: int, inputs: dict) -> None:
-    """Every required input present, 1-D, as long as the datum; nothing unknown."""
+    """Every required input present, 1-D, as long as the datum; nothing unknown. (A custom
+    loss's inputs are checked against its graph: protocol.custom_graph.check_inputs.)"""
+    if loss_fn == CUSTOM:
+        return
     spec = LOSSES[loss_fn]
     missing = [k for k in spec.inputs if k not in inputs]
     if missing:

@@ -166,6 +166,16 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
     )
 
 
+def set_text_config(body: bytes, config: dict[str, str]) -> bytes:
+    """The request `body` with its loss_fn_config replaced by these text values."""
+    msg = _parse(body)
+    msg.loss_fn_config.clear()
+    msg.loss_fn_config_v2.clear()
+    for key, value in config.items():
+        msg.loss_fn_config_v2[key].text = value
+    return msg.SerializeToString()
+
+
 def replace_loss_inputs(body: bytes, inputs: list[dict[str, np.ndarray]]) -> bytes:
     """The request `body` with datum i's loss_fn_inputs named in inputs[i] set (dense
     float32, 1-D) and everything else as it came."""

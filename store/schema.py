@@ -192,6 +192,20 @@ class CheckpointRow(Base):
         return SEGMENT_OF[self.kind]
 
 
+class CustomLossRow(Base):
+    """A loss made by create_custom_loss: its graph (checked: protocol.custom_graph), usable
+    by the training runs of the session that made it."""
+
+    __tablename__ = "custom_losses"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # "{session}:loss:{n}"
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    session_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"name", "inputs", "nodes"}
+    request_id: Mapped[str] = mapped_column(String(64))  # the creation's (finished) future
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class AuditRow(Base):
     """Something done to a checkpoint or a session's project, by whom (`tenant`), when:
     `event` is <resource>_<action> (checkpoint_create, checkpoint_read, ...)."""

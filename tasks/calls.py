@@ -27,11 +27,11 @@ from protocol.checks import (
     text_only,
 )
 from protocol.errors import RequestError, bad
-from protocol.losses import PROVENANCE_LOSSES
+from protocol.losses import CUSTOM, PROVENANCE_LOSSES
 from protocol.wire import TextOnlyError, WireError, decode_forward_backward
 from store import usage
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
-from tasks import stability
+from tasks import custom_losses, stability
 from tasks.saves import checkpoint_dir
 from tasks.submit import Submitter, future, new_request_id, payload
 
@@ -181,6 +181,8 @@ def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]
         stored = body
         if req.loss_fn in PROVENANCE_LOSSES:  # the record's sampler log-probs go in
             stored = stability.resolve(sub, model, req, body)
+        if req.loss_fn == CUSTOM:  # the loss's graph goes in
+            stored = custom_losses.resolve(sub, model, req, body)
         check_forward_backward(req, sub.settings, sub.model.vocab_size)
         return stored, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from config import Settings, model_dir
+from protocol.custom_graph import check_inputs
 from protocol.jobs import Job, Outcome, UserError
 from protocol.losses import ProtocolError, check_loss_inputs, resolve_loss_config
 from protocol.wire import (
@@ -55,7 +56,7 @@ class _Prepared:
 
     job: Job
     request: FwdBwdRequest
-    config: dict[str, float]
+    config: dict[str, Any]
 
 
 class Executor:
@@ -262,6 +263,8 @@ class Executor:
         vocab = self.model.vocab_size
         for i, datum in enumerate(request.data):
             check_loss_inputs(request.loss_fn, i, len(datum.tokens), datum.inputs)
+            if "custom_loss" in config:
+                check_inputs(config["custom_loss"], i, len(datum.tokens), datum.inputs)
             for name in ("tokens", "target_tokens"):
                 arr = datum.tokens if name == "tokens" else datum.inputs["target_tokens"]
                 if len(arr) and (arr.min() < 0 or arr.max() >= vocab):
@@ -317,7 +320,8 @@ class Executor:
         seconds = (time.perf_counter() - start) / len(batch)
         return {
             p.job.request_id: Outcome.fail(r.error, "user") if r.error else Outcome(
-                proto=encode_forward_backward_output(r.outputs, {"loss:sum": r.loss_sum}),
+                proto=encode_forward_backward_output(r.outputs,
+                                                     {"loss:sum": r.loss_sum, **r.metrics}),
                 compute_seconds=seconds,
             )
             for p, r in zip(batch, results, strict=True)

@@ -19,6 +19,7 @@ def client_config() -> dict[str, Any]:
         "pjwt_auth_enabled": True,  # the SDK sends a JWT of auth/token: whoami reads it
         "sample_use_retrieve_futures": True,  # one long-poll per sampling client
         "sample_join_sampling_session": True,  # unpickled clients get unique clone ids
+        "custom_loss_server_side": True,  # create_custom_loss graphs run in the trainer
     }
 
 

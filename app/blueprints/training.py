@@ -11,7 +11,7 @@ from flask import Blueprint, request
 
 from app.blueprints.common import json_body, services, tenant
 from protocol.errors import RequestError
-from tasks import calls, saves
+from tasks import calls, custom_losses, saves
 
 bp = Blueprint("training", __name__)
 MAX_BODY = 1 << 30  # decompressed forward_backward bodies larger than this are refused
@@ -51,6 +51,11 @@ def save_weights() -> dict[str, Any]:
 @bp.post("/save_weights_for_sampler")
 def save_weights_for_sampler() -> dict[str, Any]:
     return saves.save_weights_for_sampler(services().submit, tenant(), json_body())
+
+
+@bp.post("/create_custom_loss")
+def create_custom_loss() -> dict[str, Any]:
+    return custom_losses.create(services().submit, tenant(), json_body())
 
 
 @bp.post("/save_weights_external")

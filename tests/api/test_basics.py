@@ -12,7 +12,7 @@ def test_client_config_dynamic_config_telemetry(api):
     config = types.ClientConfigResponse.model_validate(
         api.ok("client/config", {"sdk_version": "0.38.0"}))
     assert config.sample_use_retrieve_futures and config.sample_join_sampling_session
-    assert config.pjwt_auth_enabled and not config.custom_loss_server_side
+    assert config.pjwt_auth_enabled and config.custom_loss_server_side
     dynamic = types.ClientDynamicConfigResponse.model_validate(
         api.ok("client/dynamic_config", {"sdk_version": "0.38.0"}))
     assert dynamic.sample_cancel_enabled

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tinker import types
 
 from tests.e2e.stack import API_KEY, BIN, Stack
-from tests.e2e.test_sdk import BASE, train_steps
+from tests.e2e.test_sdk import BASE, PAIRS, datum, train_steps
 
 pytestmark = pytest.mark.e2e
 OTHER_KEY = "tml-e2e-someone-else"
@@ -323,3 +323,36 @@ def test_admin_client_reads_usage_and_audit(stack, service, trained):
     assert ("checkpoint_create", state) in [(e.event, e.tinker_path) for e in log.entries]
     storage = admin.get_current_checkpoint_storage_usage().result()
     assert sum(g.checkpoint_count for g in storage.data) >= 2
+
+
+def test_a_server_side_custom_loss_trains_as_the_client_side_one(service):
+    """create_custom_loss uploads the traced loss (client/config turns it on) and
+    forward_backward_custom runs it in one server pass; the same function run client-side
+    (a plain callable: forward, loss, backward) gives the same loss, metric and step."""
+
+    def weighted_nll(logprobs, weights):
+        loss = -(logprobs * weights).sum()
+        return loss, {"custom/nll:sum": loss}
+
+    handle = service.create_custom_loss(weighted_nll, {"logprobs": 1, "weights": 1}).result()
+    assert handle.loss_id is not None
+
+    def client_side(data, logprobs_list):
+        total = sum(weighted_nll(lp, d.loss_fn_inputs["weights"].to_torch())[0]
+                    for d, lp in zip(data, logprobs_list, strict=True))
+        return total, {"custom/nll:sum": float(total.detach())}
+
+    data = [datum(p, c) for p, c in PAIRS]
+    runs = [service.create_lora_training_client(BASE, rank=4, seed=31).result()
+            for _ in range(2)]
+    adam = types.AdamParams(learning_rate=1e-2)
+    results = []
+    for tc, loss in zip(runs, (handle, client_side), strict=True):
+        results.append(tc.forward_backward_custom(data, loss).result())
+        tc.optim_step(adam).result()
+    server, client = results
+    assert server.metrics["custom/nll:sum"] == pytest.approx(
+        client.metrics["custom/nll:sum"], rel=1e-4)
+    after = [np.concatenate([o["logprobs"].to_numpy() for o in tc.forward(
+        data, "cross_entropy").result().loss_fn_outputs]) for tc in runs]
+    np.testing.assert_allclose(after[0], after[1], atol=1e-5)

@@ -210,7 +210,7 @@ def test_gspo_matches_float64_reference(shift):
     cfg = resolve_loss_config("gspo", {})
     lp = torch.tensor(lp_np, dtype=torch.float32, requires_grad=True)
     inputs = {k: torch.tensor(v, dtype=torch.float32) for k, v in x_np.items()}
-    inputs |= ROW_STATS["gspo"](lp.detach(), inputs)
+    inputs |= ROW_STATS["gspo"](lp.detach(), inputs, {})
     per_token = token_losses("gspo", lp, inputs, cfg)
     per_token.sum().backward()
     x64 = {k: v.double().numpy() for k, v in inputs.items()}
@@ -236,7 +236,7 @@ def test_gspo_through_the_chunked_pass_equals_the_whole_sequence_formula(tiny_mo
 
     def prepare(lps):
         for x, lp in zip(rows, lps, strict=True):
-            x.update(ROW_STATS["gspo"](lp, x))
+            x.update(ROW_STATS["gspo"](lp, x, {}))
 
     def row_loss(k, offset, lp):
         part = {name: t[offset:offset + len(lp)] for name, t in rows[k].items()}

@@ -25,6 +25,10 @@ Notation (all [N], one entry per target token of the datum):
       s_t = s * exp(lp - sg(lp)): equal to s, with gradient s through its own token only
       (the Tinker docs' GSPO-token form). s needs the whole datum's log-probs before any
       token's loss: `ROW_STATS` computes it first (per-token input `sequence_log_ratio`).
+  custom               g * (lp - sg(lp)) + f / N, for a create_custom_loss graph f of the
+      datum's log-probs and inputs, g = df/dlp at sg(lp) (`ROW_STATS` again): the sum is f
+      and the gradient g, as the SDK's client-side forward_backward_custom computes them,
+      in one pass.
 
 Each loss is `-objective`, per token. The datum's loss is `token_losses(...).sum()` and the
 batch loss is the sum over datums: Tinker does no normalisation, so neither do we. The
@@ -34,13 +38,16 @@ per-token values are also what forward_backward reports as the elementwise loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from protocol.jobs import UserError
+from protocol.losses import CUSTOM
+from workers.training import custom_loss
 
 Inputs = dict[str, torch.Tensor]
-Config = dict[str, float]
+Config = dict[str, Any]  # floats; a custom loss's {"custom_loss": {"inputs", "nodes"}}
 
 
 def _cross_entropy(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
@@ -85,7 +92,32 @@ def _gspo(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
     return -torch.minimum(s * adv, s.clamp(*_clip_range(cfg)) * adv)
 
 
-def _gspo_stats(lp: torch.Tensor, x: Inputs) -> Inputs:
+def _custom(lp: torch.Tensor, x: Inputs, cfg: Config) -> torch.Tensor:
+    """A create_custom_loss graph f, through its gradient g = df/dlp at this datum's
+    log-probs (`_custom_stats`): each token's term has g's gradient and f's share of the
+    value, so the chunked pass gives f's gradients and f itself as loss:sum."""
+    linear = x["custom_grad"] * (lp - lp.detach())
+    return linear.reshape(lp.shape[0], -1).sum(-1) + x["custom_share"]
+
+
+def _custom_stats(lp: torch.Tensor, x: Inputs, cfg: Config) -> Inputs:
+    """f and g = df/dlp for one datum, on its whole detached log-probs in float64; its
+    metrics ride along under `custom_metrics` (the trainer collects them)."""
+    spec = cfg["custom_loss"]
+    leaf = lp.detach().double().requires_grad_()
+    args = [x[i["name"]].double() if x[i["name"]].is_floating_point() else x[i["name"]]
+            for i in spec["inputs"][1:]]
+    with torch.enable_grad():
+        value, metrics = custom_loss.run(spec["nodes"], [leaf, *args])
+        (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(leaf)
+    n = lp.shape[0]
+    return {"custom_grad": grad.to(lp.dtype), "custom_share": (value.detach() / n).expand(n)
+            .to(lp.dtype), "custom_metrics": {k: float(v.detach()) for k, v in metrics.items()}}
+
+
+def _gspo_stats(lp: torch.Tensor, x: Inputs, cfg: Config) -> Inputs:
     """The datum's log sequence ratio from its whole (detached) log-probs, as a per-token
     input the element-wise `_gspo` can slice."""
     mask = x["sequence_ratio_mask"].to(lp) != 0
@@ -102,10 +134,12 @@ LOSS_FNS: dict[str, Callable[[torch.Tensor, Inputs, Config], torch.Tensor]] = {
     "dro": _dro,
     "stable_reinforce": _stable_reinforce,
     "gspo": _gspo,
+    CUSTOM: _custom,
 }
 # Losses that need per-datum statistics of the whole datum's log-probs before any token's
-# loss: (lp [N] detached, inputs) -> extra per-token inputs.
-ROW_STATS: dict[str, Callable[[torch.Tensor, Inputs], Inputs]] = {"gspo": _gspo_stats}
+# loss: (lp [N] detached, inputs, config) -> extra per-token inputs.
+ROW_STATS: dict[str, Callable[[torch.Tensor, Inputs, Config], Inputs]] = {
+    "gspo": _gspo_stats, CUSTOM: _custom_stats}
 
 
 def token_losses(loss_fn: str, lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from protocol.losses import CUSTOM
 from protocol.wire import FwdBwdRequest, WireDatum
 from workers.model import LoraModel
 from workers.parallel import tp
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainJob:
     request: FwdBwdRequest
-    config: dict[str, float]
+    config: dict[str, Any]
     slot: int
 
 
@@ -46,6 +48,7 @@ class TrainJob:
 class JobResult:
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # per datum
     loss_sum: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)  # a custom loss's own
     error: str | None = None
 
 
@@ -91,11 +94,18 @@ class Trainer:
             self.learned_budget = grown if grown < estimate else None
         self._commit(jobs, results, staged)
         for i, row in enumerate(rows):
-            if results[row.job].error is None:
-                lp, losses = per_row[i]
-                results[row.job].outputs.append({"logprobs": lp.cpu().numpy(),
-                                                 "elementwise_loss": losses.cpu().numpy()})
-                results[row.job].loss_sum += float(losses.sum())
+            result = results[row.job]
+            if result.error is None:
+                lp, losses, metrics = per_row[i]
+                result.outputs.append({"logprobs": lp.cpu().numpy(),
+                                       "elementwise_loss": losses.cpu().numpy()})
+                result.loss_sum += float(losses.sum())
+                for key, value in metrics.items():  # a custom loss's, summed over datums
+                    result.metrics[key] = result.metrics.get(key, 0.0) + value
+        for job, result in zip(jobs, results, strict=True):
+            for key in result.metrics:  # ...and averaged, for the :mean ones
+                if key.endswith(":mean"):
+                    result.metrics[key] /= len(job.request.data)
         return results
 
     # --- memory -------------------------------------------------------------------------------
@@ -155,10 +165,16 @@ class Trainer:
 
         def prepare(logprobs: list[torch.Tensor]) -> None:
             for k, lp in enumerate(logprobs):  # whole-row statistics (gspo's ratio)
-                if stats := ROW_STATS.get(jobs[batch[k].job].request.loss_fn):
-                    inputs[k].update(stats(narrow(k, lp), inputs[k]))
+                job = jobs[batch[k].job]
+                if stats := ROW_STATS.get(job.request.loss_fn):
+                    extra = stats(narrow(k, lp), inputs[k], job.config)
+                    if job.request.loss_fn == CUSTOM:  # the chunks need only g and f
+                        row_metrics[k] = extra.pop("custom_metrics")  # type: ignore[arg-type]
+                        inputs[k] = {}
+                    inputs[k].update(extra)
 
         needs_rows = any(jobs[r.job].request.loss_fn in ROW_STATS for r in batch)
+        row_metrics: dict[int, dict[str, float]] = {}
 
         out = self.model.packed_pass(
             [r.datum.tokens.tolist() for r in batch],
@@ -178,7 +194,8 @@ class Trainer:
             if pairs:
                 torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
         for k, (i, lp, loss) in enumerate(zip(micro, out.logprobs, out.losses, strict=True)):
-            per_row[i] = (narrow(k, lp), loss)  # to the host at the end: no sync per micro-batch
+            # to the host at the end: no sync per micro-batch
+            per_row[i] = (narrow(k, lp), loss, row_metrics.get(k, {}))
 
     def _commit(self, jobs, results, staged) -> None:
         """Add each fully-run job's gradients to its adapter (they accumulate until optim)."""
