@@ -21,9 +21,10 @@ from app.blueprints.common import (
     tenant,
 )
 from protocol.checks import field
+from protocol.errors import RequestError
 from protocol.paths import parse_tinker_path
 from store import checkpoints
-from store.schema import CheckpointRow, ModelRow, utcnow
+from store.schema import CheckpointRow, ModelRow, SessionRow, utcnow
 
 bp = Blueprint("runs", __name__)
 
@@ -77,10 +78,27 @@ def cursor(offset: int, limit: int, total: int) -> dict[str, int]:
     return {"offset": offset, "limit": limit, "total_count": total}
 
 
+def _scope() -> Any:
+    """The runs a call may see: the caller's (`access_scope=owned`, the default), or with
+    `accessible` also every run holding a published, unexpired checkpoint."""
+    scope = request.args.get("access_scope", "owned")
+    if scope not in ("owned", "accessible"):
+        raise RequestError(400, f"access_scope={scope[:40]!r} must be owned or accessible")
+    mine = ModelRow.tenant == tenant()
+    if scope == "owned":
+        return mine
+    published = select(CheckpointRow.model_id).where(CheckpointRow.public.is_(True),
+                                                      unexpired())
+    return or_(mine, ModelRow.id.in_(published))
+
+
 @bp.get("/training_runs")
 def list_runs() -> dict[str, Any]:
     limit, offset = page_args()
-    query = select(ModelRow).where(ModelRow.tenant == tenant())
+    query = select(ModelRow).where(_scope())
+    if (project := request.args.get("project_id")) is not None:
+        sessions = select(SessionRow.id).where(SessionRow.project_id == project)
+        query = query.where(ModelRow.session_id.in_(sessions))
     with services().store.transaction() as s:
         total = count(s, query)
         rows = s.scalars(
@@ -93,7 +111,10 @@ def list_runs() -> dict[str, Any]:
 @bp.get("/training_runs/<run_id>")
 def get_run(run_id: str) -> dict[str, Any]:
     with services().store.transaction() as s:
-        return run_json(s, owned(s, ModelRow, run_id, "training run"))
+        row = s.scalars(select(ModelRow).where(ModelRow.id == run_id, _scope())).first()
+        if row is None:
+            raise RequestError(404, f"training run {run_id[:80]!r} not found")
+        return run_json(s, row)
 
 
 def list_checkpoints(where: Any, limit: int | None, offset: int) -> dict[str, Any]:

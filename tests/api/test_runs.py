@@ -113,3 +113,22 @@ def test_weights_info(api, other, model_id, add_checkpoint):
     assert other.post("weights_info", {"tinker_path": ckpt.tinker_path}).status_code == 404
     resp = api.post("weights_info", {"tinker_path": "tinker://x/bad"})
     assert resp.status_code == 400 and "tinker://x/bad" in resp.get_json()["detail"]
+
+
+def test_access_scope_and_project_filters(api, other, session_id, model_id, add_checkpoint):
+    """accessible: the caller's runs and every run holding a published checkpoint; a
+    project_id keeps the runs of that project's sessions."""
+    add_checkpoint(model_id, "training", "w")
+    assert other.get(f"training_runs/{model_id}?access_scope=accessible").status_code == 404
+    api.post(f"training_runs/{model_id}/checkpoints/weights/w/publish")
+    assert other.get(f"training_runs/{model_id}").status_code == 404  # owned: theirs only
+    seen = other.get(f"training_runs/{model_id}?access_scope=accessible").get_json()
+    assert seen["training_run_id"] == model_id
+    listed = other.get("training_runs?access_scope=accessible").get_json()["training_runs"]
+    assert [r["training_run_id"] for r in listed] == [model_id]
+    assert other.get("training_runs").get_json()["training_runs"] == []
+    assert other.get("training_runs?access_scope=all").status_code == 400
+    api.client.put(f"/api/v1/sessions/{session_id}/project", json={"project_id": "p1"},
+                   headers={"X-API-Key": api.key})
+    assert len(api.get("training_runs?project_id=p1").get_json()["training_runs"]) == 1
+    assert api.get("training_runs?project_id=p2").get_json()["training_runs"] == []
