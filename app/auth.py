@@ -25,6 +25,7 @@ from app.blueprints.common import services
 from protocol.errors import RequestError
 from store import keys
 from store.schema import tenant_of
+from store.sessions import owner_urn
 
 OPEN_PATHS = frozenset({"/api/v1/healthz"})
 OPEN_PREFIXES = ("/api/v1/downloads/",)
@@ -36,7 +37,7 @@ _INVALID = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 def issue_token(tenant: str) -> str:
     now = int(time.time())
-    claims = {"iss": ISSUER, "sub": f"tml:user:{tenant}", "tenant": tenant, "org_id": ORG,
+    claims = {"iss": ISSUER, "sub": owner_urn(tenant), "tenant": tenant, "org_id": ORG,
               "email": "", "iat": now, "exp": now + JWT_LIFETIME_S}
     return jwt.encode(claims, services().jwt_key, algorithm="HS256")
 

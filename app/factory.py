@@ -28,7 +28,7 @@ from app.services import Services
 from config.settings import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
-from store.downloads import Signer, TraceSigner
+from store.downloads import Signer
 from store.model_info import ModelInfo
 from store.secret import derived_key, signing_key
 from tasks.submit import Retire, Send, Submitter
@@ -54,8 +54,10 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
         doorbell=Doorbell(settings.redis),
         model=model,
         submit=Submitter(settings, store, model, enqueue, retire=retire),
-        signer=Signer(signing_key(settings), settings.download_url_ttl_s),
-        trace_signer=TraceSigner(signing_key(settings), settings.download_url_ttl_s),
+        signer=Signer(signing_key(settings), settings.download_url_ttl_s, "download",
+                      "ask for new URLs (external_weights_urls)"),
+        trace_signer=Signer(signing_key(settings), settings.download_url_ttl_s, "trace",
+                            "export the trace again"),
         jwt_key=derived_key(signing_key(settings), "jwt"),
     )
     errors.init_app(app)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from store.db import Store
 from store.doorbell import Doorbell
-from store.downloads import Signer, TraceSigner
+from store.downloads import Signer
 from store.model_info import ModelInfo
 from tasks.submit import Submitter
 
@@ -20,5 +20,5 @@ class Services:
     model: ModelInfo
     submit: Submitter  # the one submit path (validate, write the row, dedupe, send)
     signer: Signer  # download URLs of exported weights
-    trace_signer: TraceSigner  # download URLs of session traces
+    trace_signer: Signer  # download URLs of session traces
     jwt_key: str  # signs the JWTs of auth/token (app/auth.py)

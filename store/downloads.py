@@ -18,7 +18,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from protocol.errors import RequestError
 from store.schema import CheckpointRow
 
-SALT = "tinkerq-external-weights"
+SALT = "tinkerq-download"
 
 
 def files_of(folder: str) -> list[str]:
@@ -37,45 +37,37 @@ class Grant:
 
 
 class Signer:
-    def __init__(self, key: str, max_age_s: int):
-        self.serializer = URLSafeTimedSerializer(key, salt=SALT)
+    """Timed tokens of one kind (its own salt): a list of strings signed with the
+    deployment's key, refused with a 403 once forged or older than `max_age_s`."""
+
+    def __init__(self, key: str, max_age_s: int, kind: str, renew: str):
+        self.serializer = URLSafeTimedSerializer(key, salt=f"{SALT}-{kind}")
         self.max_age_s = max_age_s
+        self.kind, self.renew = kind, renew  # for the 403s: what lapsed, how to get a new one
 
-    def token(self, ckpt: CheckpointRow, file: str) -> str:
-        return self.serializer.dumps([ckpt.tinker_path, ckpt.created_at.isoformat(), file])
+    def sign(self, *fields: str) -> str:
+        return self.serializer.dumps(list(fields))
 
-    def open(self, token: str) -> Grant:
-        """The grant in `token`; 403 when it is forged or has lapsed."""
+    def open(self, token: str, count: int) -> list[str]:
         try:
-            path, created, file = self.serializer.loads(token, max_age=self.max_age_s)
+            fields = self.serializer.loads(token, max_age=self.max_age_s)
         except SignatureExpired:
-            raise RequestError(403, "this download URL has expired; ask for new URLs "
-                                    "(external_weights_urls)") from None
+            raise RequestError(403, f"this {self.kind} URL has expired; {self.renew}") from None
         except (BadSignature, ValueError, TypeError):
-            raise RequestError(403, "this download URL is not valid") from None
-        return Grant(str(path), str(created), str(file))
-
-    @staticmethod
-    def matches(grant: Grant, ckpt: CheckpointRow) -> bool:
-        return ckpt.created_at.isoformat() == grant.created
+            fields = None
+        if not isinstance(fields, list) or len(fields) != count:
+            raise RequestError(403, f"this {self.kind} URL is not valid")
+        return [str(f) for f in fields]
 
 
-class TraceSigner:
-    """Tokens for a session's trace download: (owner tenant, session id)."""
+def file_token(signer: Signer, ckpt: CheckpointRow, file: str) -> str:
+    return signer.sign(ckpt.tinker_path, ckpt.created_at.isoformat(), file)
 
-    def __init__(self, key: str, max_age_s: int):
-        self.serializer = URLSafeTimedSerializer(key, salt=SALT + "-trace")
-        self.max_age_s = max_age_s
 
-    def token(self, tenant: str, session_id: str) -> str:
-        return self.serializer.dumps([tenant, session_id])
+def open_file_token(signer: Signer, token: str) -> Grant:
+    return Grant(*signer.open(token, 3))
 
-    def open(self, token: str) -> tuple[str, str]:
-        try:
-            tenant, session_id = self.serializer.loads(token, max_age=self.max_age_s)
-        except SignatureExpired:
-            raise RequestError(403, "this trace URL has expired; export the trace again") \
-                from None
-        except (BadSignature, ValueError, TypeError):
-            raise RequestError(403, "this trace URL is not valid") from None
-        return str(tenant), str(session_id)
+
+def grants(grant: Grant, ckpt: CheckpointRow) -> bool:
+    """Whether `grant` is for this checkpoint, not an earlier one of the same path."""
+    return ckpt.created_at.isoformat() == grant.created

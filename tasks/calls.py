@@ -31,6 +31,7 @@ from protocol.losses import CUSTOM, PROVENANCE_LOSSES
 from protocol.wire import TextOnlyError, WireError, decode_forward_backward
 from store import usage
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
+from store.sessions import owner_urn
 from tasks import custom_losses, stability
 from tasks.saves import checkpoint_dir
 from tasks.submit import Submitter, future, new_request_id, payload
@@ -97,7 +98,7 @@ def weights_source(sub: Submitter, tenant: str, body: dict[str, Any]
         ckpt = sub.checkpoint(s, tenant, path, read=True,
                               access_token=body.get("weights_access_token"))
         usage.audit(s, ckpt.tenant, "checkpoint_read", purpose="load", model_id=ckpt.model_id,
-                    tinker_path=path, actor=f"tml:user:{tenant}")
+                    tinker_path=path, actor=owner_urn(tenant))
         source = s.get(ModelRow, ckpt.model_id)
         if source is None:
             raise RequestError(404, f"the training run of {path!r} no longer exists")
@@ -241,7 +242,7 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
                 ckpt = sub.checkpoint(s, tenant, path, read=True)
                 usage.audit(s, ckpt.tenant, "checkpoint_read", purpose="sample",
                             model_id=ckpt.model_id, tinker_path=path,
-                            actor=f"tml:user:{tenant}")
+                            actor=owner_urn(tenant))
                 source = sub.owned(s, ckpt.tenant, ModelRow, ckpt.model_id, "training run")
                 folder = ckpt.local_dir
             sampler.base_model, sampler.model_path = source.base_model, path

@@ -21,13 +21,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, request, send_file, url_for
+from flask import Blueprint, request, send_file
 from sqlalchemy import select
 
 from app.blueprints.common import (
     audit_checkpoint,
     checkpoint_by_path,
     json_body,
+    public_link,
     services,
     tenant,
 )
@@ -36,7 +37,7 @@ from protocol import paths
 from protocol.checks import field
 from protocol.errors import RequestError, bad
 from store import checkpoints
-from store.downloads import files_of
+from store.downloads import file_token, files_of, grants, open_file_token
 from store.schema import CheckpointRow, ModelRow, SessionRow, utcnow
 from tasks.saves import MAX_TTL_SECONDS
 from tasks.submit import expired
@@ -59,24 +60,21 @@ def external_weights_urls(run_id: str, name: str) -> dict[str, Any]:
     with services().store.transaction() as s:
         ckpt = checkpoint_by_path(s, path)
         audit_checkpoint(s, ckpt, "checkpoint_read", purpose="download")
-    signer, settings = services().signer, services().settings
+    signer = services().signer
     expires = utcnow() + dt.timedelta(seconds=signer.max_age_s)
-    urls = {}
-    for file in files_of(ckpt.local_dir):
-        link = url_for("checkpoints.download", token=signer.token(ckpt, file), file=file,
-                       _external=not settings.public_url)
-        urls[file] = settings.public_url.rstrip("/") + link if settings.public_url else link
+    urls = {file: public_link("checkpoints.download", token=file_token(signer, ckpt, file),
+                              file=file) for file in files_of(ckpt.local_dir)}
     return {"urls": urls, "expires": iso(expires)}
 
 
 @bp.get("/downloads/<token>/<path:file>")
 def download(token: str, file: str) -> Any:
-    grant = services().signer.open(token)
+    grant = open_file_token(services().signer, token)
     with services().store.transaction() as s:
         ckpt = s.scalars(
             select(CheckpointRow).where(CheckpointRow.tinker_path == grant.tinker_path)
         ).first()
-    if ckpt is None or expired(ckpt) or not services().signer.matches(grant, ckpt):
+    if ckpt is None or expired(ckpt) or not grants(grant, ckpt):
         raise RequestError(404, f"checkpoint {grant.tinker_path!r} no longer exists")
     folder = Path(ckpt.local_dir).resolve()
     target = (folder / grant.file).resolve()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from flask import current_app, g, request
+from flask import current_app, g, request, url_for
 from sqlalchemy import func, select
 
 from app.services import Services
 from protocol.errors import RequestError
 from store import usage
 from store.schema import CheckpointRow
+from store.sessions import owner_urn
 
 T = TypeVar("T")
 
@@ -88,12 +89,20 @@ def owned(session: Any, row_type: type[T], row_id: Any, what: str) -> T:
 def audit_checkpoint(session: Any, ckpt: CheckpointRow, event: str, **details: Any) -> None:
     """Log `event` on the checkpoint to its owner's audit log, naming who did it."""
     usage.audit(session, ckpt.tenant, event, model_id=ckpt.model_id,
-                tinker_path=ckpt.tinker_path, actor=f"tml:user:{tenant()}", **details)
+                tinker_path=ckpt.tinker_path, actor=owner_urn(tenant()), **details)
 
 
 def checkpoint_by_path(session: Any, tinker_path: str, read: bool = False) -> CheckpointRow:
     """The caller's checkpoint; with `read`, also one its owner published."""
     return services().submit.checkpoint(session, tenant(), tinker_path, read=read)
+
+
+def public_link(endpoint: str, **values: Any) -> str:
+    """An absolute URL of `endpoint` as clients reach it: under `public_url` when set, else
+    at the host the request came to."""
+    base = services().settings.public_url.rstrip("/")
+    return base + url_for(endpoint, **values) if base else url_for(endpoint, **values,
+                                                                   _external=True)
 
 
 # --- listings -------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import datetime as dt
 import json
 from typing import Any
 
-from flask import Blueprint, Response, url_for
+from flask import Blueprint, Response
 
-from app.blueprints.common import json_body, owned, services, tenant
+from app.blueprints.common import json_body, owned, public_link, services, tenant
 from protocol.checks import field
 from protocol.errors import RequestError, bad
 from store import sessions, usage
@@ -101,17 +101,14 @@ def assign_project(session_id: str) -> dict[str, Any]:
 def trace_export(session_id: str) -> dict[str, Any]:
     with services().store.transaction() as s:
         owned(s, SessionRow, session_id, "session")
-    token = services().trace_signer.token(tenant(), session_id)
-    url = url_for("session_views.trace_download", token=token, _external=True)
-    public = services().settings.public_url
-    if public:
-        url = public.rstrip("/") + url_for("session_views.trace_download", token=token)
+    token = services().trace_signer.sign(tenant(), session_id)
+    url = public_link("session_views.trace_download", token=token)
     return {"status": "ready", "url": url}
 
 
 @bp.get("/downloads/traces/<token>/session.pftrace")
 def trace_download(token: str) -> Response:
-    owner, session_id = services().trace_signer.open(token)
+    owner, session_id = services().trace_signer.open(token, 2)
     with services().store.transaction() as s:
         row = s.get(SessionRow, session_id)
         if row is None or row.tenant != owner:
