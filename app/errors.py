@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError
 from werkzeug.exceptions import HTTPException
 
 from protocol.errors import RequestError
+from store.db import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ def init_app(app: Flask) -> None:
         log.warning("value refused by the database: %s", e.orig)
         first = str(e.orig).strip().splitlines()[0] if e.orig else "value out of range"
         return _answer(400, f"a value does not fit its column: {first}")
+
+    def _database_away(e: Exception) -> tuple[Response, int]:
+        # a restart or an outage: answered 503, which the SDK retries, never 500
+        log.warning("the database is away: %s", str(e).strip().splitlines()[0][:300])
+        response, status = _answer(503, "the database is unavailable for the moment; retry")
+        response.headers["Retry-After"] = "1"
+        return response, status
+
+    for kind in UNAVAILABLE:
+        app.register_error_handler(kind, _database_away)
 
     @app.errorhandler(RequestError)
     def _api_error(e: RequestError) -> tuple[Response, int]:

@@ -155,6 +155,26 @@ class Settings:
         256, "Celery threads in the GPU worker: calls that can wait on the engine at once."
     )
     tensor_parallel_size: int = _opt(1, "GPUs the worker spreads the model over (1 = no TP).")
+    # --- durability -----------------------------------------------------------------------
+    snapshot_every_steps: int = _opt(
+        8, "A training run's state (weights, AdamW moments) is snapshotted to data_dir after "
+        "every this many optim_steps, and at its creation; a worker that restarts rebuilds each "
+        "run from its last snapshot and the calls after it. 0 = no snapshots (a restart loses "
+        "unsaved runs)."
+    )
+    snapshot_every_s: float = _opt(
+        600.0, "Snapshot a run at its next optim_step once this many seconds have passed since "
+        "its last snapshot, whatever snapshot_every_steps says."
+    )
+    resend_after_s: float = _opt(
+        30.0, "The worker sends again a call of its queue that has waited this long, that it "
+        "does not hold and that is not in the broker's queue (its message was lost: a Redis "
+        "restart, an API killed between writing and sending)."
+    )
+    worker_lost_s: float = _opt(
+        600.0, "A call pending this long on a queue whose worker has not been seen (heartbeat) "
+        "for this long fails with a server error instead of waiting for ever."
+    )
     random_seed: int = _opt(
         -1, "Seed of the worker's own random choices: the LoRA init of a create call without a "
         "seed and the sampling seed of a request without one, in the order they come; -1 = a "
@@ -188,6 +208,11 @@ class Settings:
         return self.data_path / "released" / self.queue
 
     @property
+    def snapshot_root(self) -> Path:
+        """The training runs' snapshots (see snapshot_every_steps), shared by the workers."""
+        return self.data_path / "snapshots"
+
+    @property
     def offload_budget_bytes(self) -> int:
         """max_offload_gib in bytes; 0 means half of the machine's physical memory."""
         if self.max_offload_gib > 0:
@@ -209,6 +234,12 @@ class Settings:
             value = getattr(self, name)
             if value < 1:
                 raise SettingsError(f"{name}={value} must be at least 1")
+        if self.snapshot_every_steps < 0 or self.snapshot_every_s <= 0:
+            raise SettingsError(f"snapshot_every_steps={self.snapshot_every_steps} must be >= 0 "
+                                f"and snapshot_every_s={self.snapshot_every_s} > 0")
+        if self.resend_after_s <= 0 or self.worker_lost_s <= 0:
+            raise SettingsError(f"resend_after_s={self.resend_after_s} and worker_lost_s="
+                                f"{self.worker_lost_s} must be above 0")
         if self.checkpoint_sweep_s < 0:
             raise SettingsError(f"checkpoint_sweep_s={self.checkpoint_sweep_s} must be >= 0")
         if self.max_offload_gib < 0 or self.release_idle_s < 0 or self.session_idle_s <= 0:

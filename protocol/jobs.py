@@ -41,6 +41,10 @@ forward_backward:
                       -> protobuf SampleResponse
     skip              {} : a seq_id the API already answered (rejected input, or a retried
                       task whose row is finished); it only advances the model's order.
+    restore_model     made by a worker, never stored: {"model_id", "base_model",
+                       "snapshot_dir", "snapshot_seq", "next_seq"}, and `body["replay"]`, the
+                       done calls after the snapshot as Jobs in seq_id order (tasks/recovery.py)
+                      -> {"model_id", "replayed", "type": "restore_model"}
 """
 
 from __future__ import annotations
@@ -60,7 +64,13 @@ BARRIER_KINDS = frozenset(
 CREATION_KINDS = frozenset({"create_model", "load_weights"})
 TRAIN_KINDS = frozenset({"forward", "forward_backward"})
 SAMPLE_KINDS = frozenset({"sample"})
-ALL_KINDS = BARRIER_KINDS | TRAIN_KINDS | SAMPLE_KINDS | {"skip"}
+ALL_KINDS = BARRIER_KINDS | TRAIN_KINDS | SAMPLE_KINDS | {"skip"}  # a request row's kinds
+# A run rebuilt by a worker that did not hold it (its snapshot, then the calls after it):
+# like a creation, it opens the model, at the seq_id after the last call it replayed.
+RESTORE = "restore_model"
+OPENING_KINDS = CREATION_KINDS | {RESTORE}
+# The done calls that change a run's state, which a restore runs again.
+REPLAYED_KINDS = frozenset({"forward_backward", "optim_step", "load_weights"})
 
 
 @dataclass
@@ -79,7 +89,7 @@ class Job:
     invalid: str | None = field(init=False, default=None)  # why the payload did not decode
 
     def __post_init__(self, payload: bytes) -> None:
-        if self.kind not in ALL_KINDS:
+        if self.kind not in ALL_KINDS | {RESTORE}:
             raise ValueError(f"unknown job kind {self.kind!r}; known: {sorted(ALL_KINDS)}")
         try:
             self.body = decode_payload(self.kind, payload)

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.engine import make_engine
 from store.migrate import upgrade
 from store.schema import PENDING, ModelRow, RequestRow, SessionRow, utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# The database is away (refused or dropped connection, a restart, a full pool, SQLite's
+# lock): the web answers 503, and a worker's read or write waits for it (`patiently`).
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 class Store:
@@ -42,6 +51,23 @@ class Store:
             raise
         finally:
             session.close()
+
+    def patiently(self, fn: Callable[[], T], what: str, max_delay: float = 5.0) -> T:
+        """`fn()`, tried again for as long as the database is away: the worker's reads and
+        writes that must not be lost (a call's row, its answer) wait for it to come back."""
+        delay, failures = 0.2, 0
+        while True:
+            try:
+                return fn()
+            except UNAVAILABLE as e:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    first = str(e.orig if getattr(e, "orig", None) else e).strip()
+                    log.warning("%s: the database is away (%s); trying again (attempt %d)",
+                                what, first.splitlines()[0] if first else type(e).__name__,
+                                failures)
+                time.sleep(delay)
+                delay = min(delay * 2, max_delay)
 
     def request_holding(
         self, model_id: str | None, sampler_id: str | None, seq_id: int

@@ -39,9 +39,16 @@ class Doorbell:
         self._listener: threading.Thread | None = None
         self._stopped = threading.Event()
 
-    def ring(self, request_id: str) -> None:
-        """Announce that `request_id` has its result stored (call after the commit)."""
-        self._redis.publish(self.channel, request_id)
+    def ring(self, request_id: str) -> bool:
+        """Announce that `request_id` has its result stored (call after the commit). Best
+        effort: with Redis away the ring is lost (False), and a waiting poll finds the result
+        when its window ends or its listener reconnects (which wakes every waiter)."""
+        try:
+            self._redis.publish(self.channel, request_id)
+        except redis.RedisError as e:
+            log.warning("could not ring %s: Redis is away (%s)", request_id, e)
+            return False
+        return True
 
     @contextlib.contextmanager
     def listen(self, request_id: str) -> Iterator[threading.Event]:

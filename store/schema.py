@@ -206,6 +206,19 @@ class CustomLossRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class WorkerRow(Base):
+    """A GPU worker process serving a queue; it beats every few seconds while it lives."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)  # "{queue}@{host}:{pid}"
+    queue: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(256))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class AuditRow(Base):
     """Something done to a checkpoint or a session's project, by whom (`tenant`), when:
     `event` is <resource>_<action> (checkpoint_create, checkpoint_read, ...)."""

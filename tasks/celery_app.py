@@ -28,6 +28,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # Redis away for a while: wait for it, never quit
         # A call may wait behind a long tick; redelivery only after a real loss.
         broker_transport_options={"visibility_timeout": 6 * 3600},
         worker_hijack_root_logger=False,

@@ -4,7 +4,10 @@ Each task reads its request row, hands a `Job` to the worker's engine and waits 
 engine's tick to answer it, stores the answer in the row (and the checkpoint row, if the
 call wrote one), rings the doorbell so a waiting `retrieve_future` returns, and only then
 returns (late ack). A row that is already finished is not computed again: a training call
-becomes a `skip` job that only advances its model's seq_id order.
+becomes a `skip` job that only advances its model's seq_id order. A call of a run that this
+process does not hold (its worker died) first queues the run's restore (tasks/recovery.py).
+While the database is away the task waits for it, holding its answer: an answer is never
+dropped, and the message is acknowledged only once the answer is stored.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ import time
 from typing import Any
 
 from celery import signals
-from sqlalchemy.exc import OperationalError
 
-from protocol.jobs import ALL_KINDS, CREATION_KINDS, TRAIN_KINDS, Job, Outcome
+from protocol.jobs import ALL_KINDS, CREATION_KINDS, OPENING_KINDS, TRAIN_KINDS, Job, Outcome
 from protocol.wire import decode_sample_sequences
 from store import checkpoints
 from store.db import Store
 from store.doorbell import Doorbell, sampler_bell
 from store.schema import DONE, FAILED, RequestRow, utcnow
-from tasks import housekeeping
+from tasks import housekeeping, recovery
 from tasks.celery_app import celery_app
 from tasks.enqueue import RELEASE_TASK, task_name
 
@@ -45,8 +47,9 @@ class _WorkerContext:
 
                 settings = celery_app.conf.tinkerq_settings
                 store = Store(settings.database)
-                store.create_schema()
-                self._built = (store, Doorbell(settings.redis), Engine.start(settings))
+                store.patiently(store.create_schema, "migrating the database")
+                engine = Engine.start(settings, lambda m: recovery.first_pending(store, m))
+                self._built = (store, Doorbell(settings.redis), engine)
             return self._built
 
 
@@ -67,7 +70,8 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
             log.warning("put back %d call(s) that a previous worker of queue %s had taken "
                         "and not finished", restored, queue)
         store = context.get()[0]
-        housekeeping.start(store, celery_app.conf.tinkerq_settings)
+        housekeeping.start(store, celery_app.conf.tinkerq_settings, held, resend,
+                           lambda: queue_depth(queue))
 
 
 def restore_orphans(queue: str, before: float) -> int:
@@ -149,17 +153,64 @@ def _store(store: Store, request_id: str, outcome: Outcome, job: Job | None = No
             row.state, row.error, row.error_category = FAILED, outcome.error, outcome.category
 
 
+_HELD: set[str] = set()  # request ids inside run_request in this process
+_held_lock = threading.Lock()
+
+
+def held() -> set[str]:
+    """The calls this process is running now (the request sweeper leaves them alone)."""
+    with _held_lock:
+        return set(_HELD)
+
+
+def resend(request_id: str, kind: str, summary: str, queue: str) -> None:
+    """Send a stored call's task again (the sweeper: its message was lost)."""
+    celery_app.send_task(task_name(kind), args=[request_id], kwargs={"summary": summary},
+                         queue=queue)
+
+
+def queue_depth(queue: str) -> int:
+    """Messages waiting in the broker for `queue` (not yet delivered to a worker)."""
+    with celery_app.connection_for_write() as conn:
+        try:
+            declared = conn.default_channel.queue_declare(queue=queue, passive=True)
+        except conn.channel_errors:  # Redis drops an empty queue's key: nothing waits
+            return 0
+        return int(declared.message_count)
+
+
 def run_request(request_id: str) -> str:
-    store, doorbell, engine = context.get()
+    with _held_lock:
+        _HELD.add(request_id)
+    try:
+        return _run(request_id)
+    finally:
+        with _held_lock:
+            _HELD.discard(request_id)
+
+
+def _read(store: Store, request_id: str) -> Job | None:
     with store.transaction() as db:
         row = db.get(RequestRow, request_id)
-        if row is None:
-            log.warning("request %s is not in the database; dropped", request_id)
-            return "missing"
-        job = _job_for(row)
+        return None if row is None else _job_for(row)
+
+
+def _run(request_id: str) -> str:
+    store, doorbell, engine = context.get()
+    job = store.patiently(lambda: _read(store, request_id), f"reading {request_id}")
+    if job is None:
+        log.warning("request %s is not in the database; dropped", request_id)
+        return "missing"
     if job.kind == "skip" and (job.seq_id is None or job.model_id is None):
         doorbell.ring(request_id)  # nothing to order (a creation, a sample): wake any poller
         return "already answered"
+    if (job.model_id is not None and job.kind not in OPENING_KINDS | {"skip"}
+            and not engine.knows(job.model_id)):
+        settings = celery_app.conf.tinkerq_settings
+        restore = store.patiently(lambda: recovery.restore_job(store, settings, job.model_id),
+                                  f"reading what rebuilds {job.model_id}")
+        if restore is not None:
+            engine.submit(restore)  # runs first: it opens the model; its answer is not stored
     try:
         outcome = engine.submit(job).result()
     except Exception as e:  # noqa: BLE001 - the engine could not answer: the call fails
@@ -168,14 +219,15 @@ def run_request(request_id: str) -> str:
                                "server")
     if job.kind != "skip":
         try:
-            _store(store, request_id, outcome, job)
-        except OperationalError:
-            raise  # the database is away, not the answer at fault: leave the row to a retry
+            store.patiently(lambda: _store(store, request_id, outcome, job),
+                            f"storing the answer of {request_id}")
         except Exception as e:  # noqa: BLE001 - an answer that cannot be stored fails the call
             log.exception("could not store the answer of %s (%s)", request_id, job.kind)
-            outcome = Outcome.fail(f"the worker could not store this call's answer: "
-                                   f"{type(e).__name__}: {e}", "server")
-            _store(store, request_id, outcome)
+            failed = Outcome.fail(f"the worker could not store this call's answer: "
+                                  f"{type(e).__name__}: {e}", "server")
+            store.patiently(lambda: _store(store, request_id, failed),
+                            f"storing the failure of {request_id}")
+            outcome = failed
     doorbell.ring(request_id)
     if job.sampler_id is not None:
         doorbell.ring(sampler_bell(job.sampler_id))

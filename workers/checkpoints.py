@@ -28,14 +28,16 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from protocol.jobs import UserError
 from store import encryption
+from workers import tensorfile
 from workers.lora import ATTN_PROJS, MLP_PROJS, UNEMBED
 from workers.model import AdapterSpec, LoraModel
 from workers.parallel import tp
@@ -95,35 +97,72 @@ def load_sampler_weights(path: Path) -> tuple[AdapterSpec, LayerWeights]:
 
 
 # --- training state ------------------------------------------------------------------------
-def save_training_state(
-    model: LoraModel, slot: int, optimizer: AdamState | None, path: Path, base_model: str
-) -> int:
-    """Write weights, optimizer moments and the adapter's spec; returns the bytes written."""
+@dataclass
+class TrainingState:
+    """A run's whole training state on the CPU, ready to write: the adapter under peft's
+    names, its spec, its AdamW state (None before its first step) and its base model."""
+
+    tensors: dict[str, torch.Tensor]
+    spec: AdapterSpec
+    optimizer: AdamState | None
+    base_model: str
+
+    @property
+    def nbytes(self) -> int:
+        moments = [] if self.optimizer is None else [*self.optimizer.exp_avg,
+                                                      *self.optimizer.exp_avg_sq]
+        return sum(t.nbytes for t in [*self.tensors.values(), *moments])
+
+
+def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | None,
+                          base_model: str, *, on_device: bool = False) -> TrainingState | None:
+    """The adapter in `slot` and `optimizer` as whole tensors (a collective under tensor
+    parallelism: every rank calls it; None on the ranks that do not write): on the CPU, or
+    with `on_device` as copies of their own on the model's device (a snapshot: one fast
+    device copy in the tick, brought to the host later by the snapshot writer, while
+    training goes on)."""
     spec = _spec_of(model, slot)
-    tensors = _peft_tensors(model, slot)
+    tensors = _peft_tensors(model, slot, host=not on_device)
     if optimizer is not None and tp.active(model.tp):  # whole moments, like the weights
         layers = model.adapter_layers(slot)
         optimizer = AdamState(optimizer.step, tp.full_tensors(layers, optimizer.exp_avg),
                               tp.full_tensors(layers, optimizer.exp_avg_sq))
     if not _writes(model):
-        return 0
+        return None
+    if on_device and optimizer is not None:
+        optimizer = AdamState(optimizer.step, [m.detach().clone() for m in optimizer.exp_avg],
+                              [v.detach().clone() for v in optimizer.exp_avg_sq])
+    return TrainingState(tensors, spec, optimizer, base_model)
+
+
+def write_training_state(path: Path, state: TrainingState) -> int:
+    """Write a gathered state as a training checkpoint folder; returns the bytes written."""
+    spec, optimizer = state.spec, state.optimizer
 
     def write(folder: Path) -> None:
-        _write_peft(folder, tensors, spec, base_model)
+        _write_peft(folder, state.tensors, spec, state.base_model)
         if optimizer is not None:
-            save_file(optimizer.to_tensors(), str(folder / OPTIMIZER_FILE))
-        state = {
+            tensorfile.save(optimizer.to_tensors(), folder / OPTIMIZER_FILE)
+        meta = {
             "rank": spec.rank,
             "alpha": spec.alpha,
             "train_attn": spec.train_attn,
             "train_mlp": spec.train_mlp,
             "train_unembed": spec.train_unembed,
-            "base_model": base_model,
+            "base_model": state.base_model,
             "has_optimizer": optimizer is not None,
         }
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (folder / STATE_FILE).write_text(json.dumps(meta, indent=2))
 
     return _write_atomic(Path(path), write)
+
+
+def save_training_state(
+    model: LoraModel, slot: int, optimizer: AdamState | None, path: Path, base_model: str
+) -> int:
+    """Write weights, optimizer moments and the adapter's spec; returns the bytes written."""
+    state = gather_training_state(model, slot, optimizer, base_model)
+    return 0 if state is None else write_training_state(path, state)
 
 
 def load_training_state(path: Path) -> tuple[AdapterSpec, LayerWeights, AdamState | None]:
@@ -156,13 +195,15 @@ def _spec_of(model: LoraModel, slot: int) -> AdapterSpec:
     return spec
 
 
-def _peft_tensors(model: LoraModel, slot: int) -> dict[str, torch.Tensor]:
+def _peft_tensors(model: LoraModel, slot: int, host: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's whole A and B under peft's names (a collective under tensor
-    parallelism: every rank calls it, rank 0 writes)."""
+    parallelism: every rank calls it, rank 0 writes), on the CPU or, with `host` off, as
+    fp32 copies of their own on the model's device."""
     tensors = {}
     for name, (A, B) in model.full_adapter(slot).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.float().cpu().contiguous()
+        for part, t in (("A", A), ("B", B)):
+            t = t.float().cpu() if host else t.detach().float().clone()
+            tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"] = t.contiguous()
     return tensors
 
 
@@ -172,7 +213,7 @@ def _writes(model: LoraModel) -> bool:
 
 def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], spec: AdapterSpec,
                 base_model: str) -> None:
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    tensorfile.save(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -280,13 +321,19 @@ def _temp_prefix(name: str, tag: str) -> str:
     return f".{name}.{tag}-{socket.gethostname()}-{os.getpid()}-"
 
 
-def remove_stale_temp(root: Path, now: float | None = None) -> list[Path]:
-    """Delete the temporary folders under the checkpoint root that no live writer holds:
-    this host's whose process is gone, and anyone's older than STALE_AFTER_S. Returns them."""
+CHECKPOINT_TEMP = ("*/*/*/.*.tmp-*", "*/*/*/.*.old-*", "*/*/*/_session/.*.tmp-*",
+                   "*/*/*/_session/.*.old-*")
+SNAPSHOT_TEMP = ("*/.*.tmp-*", "*/.*.old-*")  # <snapshot root>/<model id>/.<seq>.tmp-...
+
+
+def remove_stale_temp(root: Path, now: float | None = None,
+                      patterns: tuple[str, ...] = CHECKPOINT_TEMP) -> list[Path]:
+    """Delete the temporary folders under `root` (the checkpoint root, or the snapshots'
+    with SNAPSHOT_TEMP) that no live writer holds: this host's whose process is gone, and
+    anyone's older than STALE_AFTER_S. Returns them."""
     now = time.time() if now is None else now
     host, removed = socket.gethostname(), []
-    for pattern in ("*/*/*/.*.tmp-*", "*/*/*/.*.old-*", "*/*/*/_session/.*.tmp-*",
-                    "*/*/*/_session/.*.old-*"):
+    for pattern in patterns:
         for path in Path(root).glob(pattern):
             writer = _writer(path.name)
             mine_and_dead = writer is not None and writer[0] == host and not _alive(writer[1])

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from config import Settings
-from protocol.jobs import CREATION_KINDS, Job, Outcome
+from protocol.jobs import OPENING_KINDS, RESTORE, Job, Outcome
 from workers.executor import Executor
 from workers.model import device_lost
 from workers.scheduler import Scheduler
@@ -55,10 +55,12 @@ class Engine:
         self.settings = settings
         self.executor = executor
         self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick,
-                                   settings.release_idle_s)
+                                   settings.release_idle_s, settings.snapshot_every_steps,
+                                   settings.snapshot_every_s)
         # submitted calls, or the ids of models to retire (see `retire`)
         self._inbox: queue.Queue[tuple[Job, Future[Outcome]] | list[str]] = queue.Queue()
         self._futures: dict[str, list[Future[Outcome]]] = {}
+        self._restoring: set[str] = set()  # models whose restore job is queued
         self._thread = threading.Thread(target=self._loop, name="tinkerq-engine", daemon=True)
         self.ticks = 0
         self.lost: str | None = None  # set once the device is lost: nothing runs any more
@@ -66,10 +68,18 @@ class Engine:
         self.probe: Callable[[], str | None] = lambda: device_lost(executor.model.device)
 
     @classmethod
-    def start(cls, settings: Settings) -> Engine:
+    def start(cls, settings: Settings,
+              first_pending: Callable[[str], int | None] | None = None) -> Engine:
+        """Build the executor and start the loop; `first_pending(model_id)` (the run's first
+        seq_id not settled in the database) lets the snapshot writer prune."""
         engine = cls(settings, Executor.from_settings(settings))
+        engine.executor.snapshots.first_pending = first_pending
         engine._thread.start()
         return engine
+
+    def knows(self, model_id: str) -> bool:
+        """Whether this process holds the run, or is about to (its restore is queued)."""
+        return self.scheduler.knows(model_id) or model_id in self._restoring
 
     def submit(self, job: Job) -> Future[Outcome]:
         future: Future[Outcome] = Future()
@@ -119,6 +129,9 @@ class Engine:
             outcomes[job.request_id] = Outcome(json={})
         self.scheduler.complete(plan, outcomes, time.monotonic())
         self.ticks += 1
+        for job in plan.barriers:
+            if job.kind == RESTORE:
+                self._restored(job, outcomes.get(job.request_id))
         self._resolve(outcomes)
         failed = any(o.category == "server" for o in outcomes.values() if not o.ok)
         if failed and (why := self.probe()):
@@ -169,10 +182,15 @@ class Engine:
             return
         job, future = item
         job.enqueued_at = time.monotonic()
+        if job.kind == RESTORE:
+            if self.scheduler.knows(job.model_id):  # a second restore of a live run
+                future.set_result(Outcome(json={"model_id": job.model_id, "replayed": 0}))
+                return
+            self._restoring.add(job.model_id)
         if self._orphaned(job):
             # A call of a model this process never created: its state died with an earlier
             # worker process. Nothing to order or run; say so rather than wait forever.
-            future.set_result(Outcome(json={}) if job.kind == "skip" else _orphan(job))
+            future.set_result(Outcome(json={}) if job.kind == "skip" else _orphan(job, None))
             return
         self._futures.setdefault(job.request_id, []).append(future)
         if len(self._futures[job.request_id]) == 1:
@@ -181,9 +199,18 @@ class Engine:
     def _orphaned(self, job: Job) -> bool:
         return (
             job.model_id is not None
-            and job.kind not in CREATION_KINDS
-            and not self.scheduler.knows(job.model_id)
+            and job.kind not in OPENING_KINDS
+            and not self.knows(job.model_id)
         )
+
+    def _restored(self, job: Job, outcome: Outcome | None) -> None:
+        """A restore ended: if it failed, the run's queued calls cannot run; answer them."""
+        self._restoring.discard(job.model_id)
+        if outcome is not None and outcome.ok:
+            return
+        why = outcome.error if outcome is not None else "no answer"
+        for dropped in self.scheduler.drop(job.model_id):
+            self._resolve({dropped.request_id: _orphan(dropped, why)})
 
     def _resolve(self, outcomes: dict[str, Outcome]) -> None:
         for request_id, outcome in outcomes.items():
@@ -191,10 +218,12 @@ class Engine:
                 future.set_result(outcome)
 
 
-def _orphan(job: Job) -> Outcome:
+def _orphan(job: Job, why: str | None) -> Outcome:
+    cause = f"rebuilding it from its snapshot failed ({why})" if why else "it has no snapshot"
     return Outcome.fail(
         f"model {job.model_id} has no state in this worker: the worker restarted after the "
-        "model was created and its unsaved adapter state was lost; create a training client "
-        "from your last saved state (create_training_client_from_state_with_optimizer)",
+        f"model was created and {cause}, so its unsaved adapter state is lost; create a "
+        "training client from your last saved state "
+        "(create_training_client_from_state_with_optimizer)",
         "server",
     )

@@ -27,22 +27,17 @@ import torch
 
 from config import Settings, model_dir
 from protocol.custom_graph import check_inputs
-from protocol.jobs import Job, Outcome, UserError
+from protocol.jobs import RESTORE, Job, Outcome, UserError
 from protocol.losses import ProtocolError, check_loss_inputs, resolve_loss_config
-from protocol.wire import (
-    FwdBwdRequest,
-    WireError,
-    WireSequence,
-    encode_forward_backward_output,
-    encode_sample_response,
-)
-from workers import checkpoints
+from protocol.wire import FwdBwdRequest, WireError, encode_forward_backward_output
+from workers import checkpoints, recovery
 from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
 from workers.parallel import tp
 from workers.residency import Residency, Run
 from workers.sampling import choose, sampler
 from workers.sampling.decoding import RunningBatch
 from workers.scheduler import Plan
+from workers.snapshots import SnapshotWriter
 from workers.training import fastpath
 from workers.training.optimizer import AdamState, adamw_step
 from workers.training.trainer import Trainer, TrainJob
@@ -75,6 +70,7 @@ class Executor:
                                    settings.max_sampler_adapters, settings.offload_budget_bytes,
                                    settings.released_dir)
         self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
+        self.snapshots = SnapshotWriter(settings.snapshot_root)  # rank 0's is the one that writes
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
         self.sampling = RunningBatch(model, decode, eos_token_ids,
@@ -101,9 +97,13 @@ class Executor:
         folder = model_dir(settings)
         if rank == 0 and settings.base_model == "tinkerq/tiny-qwen3":
             ensure_default_model(folder)
-        if rank == 0 and (stale := checkpoints.remove_stale_temp(settings.checkpoint_root)):
-            log.warning("removed %d temporary checkpoint folder(s) a dead writer left, e.g. %s",
-                        len(stale), stale[0])
+        if rank == 0:
+            stale = checkpoints.remove_stale_temp(settings.checkpoint_root)
+            stale += checkpoints.remove_stale_temp(settings.snapshot_root,
+                                                   patterns=checkpoints.SNAPSHOT_TEMP)
+            if stale:
+                log.warning("removed %d temporary folder(s) a dead writer left, e.g. %s",
+                            len(stale), stale[0])
         if rank == 0:  # released runs of an earlier process: their records died with it
             shutil.rmtree(settings.released_dir, ignore_errors=True)
         device = pick_device(settings.device)
@@ -149,8 +149,14 @@ class Executor:
         if seed is not None:  # the tick's random choices, alike on every rank
             self.rng.seed(seed)
         outcomes: dict[str, Outcome] = {}
+        restores = [job for job in plan.barriers if job.kind == RESTORE]
+        if restores:  # together: their replays share passes
+            outcomes.update(recovery.restore_many(self, restores))
         for job in plan.barriers:
-            outcomes[job.request_id] = self._timed(self._barrier, job)
+            if job.kind != RESTORE:
+                outcomes[job.request_id] = self._timed(self._barrier, job)
+            if outcomes[job.request_id].ok and job.model_id in plan.snapshots:
+                recovery.snapshot(self, job)
         if plan.train:
             outcomes.update(self._train(plan.train))
         if plan.samples:
@@ -200,23 +206,30 @@ class Executor:
         return Outcome(json={"model_id": model_id, "type": "create_model"})
 
     def _load_weights(self, job: Job, body: dict[str, Any]) -> Outcome:
-        model_id = body["model_id"]
         spec, weights, adam = checkpoints.load_training_state(Path(body["checkpoint_dir"]))
+        self.install(body["model_id"], spec, weights, adam if body.get("optimizer") else None,
+                     body["base_model"])
+        return Outcome(
+            json={"path": body["tinker_path"], "model_id": body["model_id"],
+                  "type": "load_weights"}
+        )
+
+    def install(self, model_id: str, spec: AdapterSpec, weights: checkpoints.LayerWeights,
+                adam: AdamState | None, base_model: str) -> None:
+        """Make the run's state these whole weights and AdamW moments (a checkpoint's, a
+        snapshot's): into its slot if the run exists, else into a new one."""
         if model_id in self.runs:
             run = self._run(model_id)
             run.spec = spec
         else:
-            run = Run(self.residency.take_slot(spec), spec, body["base_model"])
+            run = Run(self.residency.take_slot(spec), spec, base_model)
             self.residency.add(model_id, run)
         self.model.set_adapter_weights(run.slot, spec, weights)
         if adam is not None and tp.active(self.model.tp):  # the file holds whole moments
             layers = self.model.adapter_layers(run.slot)
             adam = AdamState(adam.step, tp.shard_tensors(layers, adam.exp_avg),
                              tp.shard_tensors(layers, adam.exp_avg_sq))
-        run.adam = adam if body.get("optimizer") else None
-        return Outcome(
-            json={"path": body["tinker_path"], "model_id": model_id, "type": "load_weights"}
-        )
+        run.adam = adam
 
     def _optim_step(self, job: Job, body: dict[str, Any]) -> Outcome:
         run = self._run(job.model_id)
@@ -358,7 +371,7 @@ class Executor:
         now, outcomes = time.perf_counter(), {}
         for request_id, result in finished:
             seconds = now - self._sample_started.pop(request_id, now)
-            outcomes[request_id] = _sample_outcome(result, seconds)
+            outcomes[request_id] = sampler.outcome(result, seconds)
         return outcomes
 
 
@@ -378,16 +391,3 @@ def _attempt(fn: Callable[[Job], Any], job: Job) -> tuple[Any, Outcome | None]:
     except Exception as e:  # noqa: BLE001 - one job's crash must not take the tick down
         log.exception("job %s (%s) failed", job.request_id, job.kind)
         return None, Outcome.fail(f"{type(e).__name__}: {e}", "server")
-
-
-def _sample_outcome(result: Any, seconds: float) -> Outcome:
-    if isinstance(result, UserError):
-        return Outcome.fail(str(result), "user")
-    if isinstance(result, Exception):
-        return Outcome.fail(f"{type(result).__name__}: {result}", "server")
-    sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason, s.topk)
-                 for s in result.sequences]
-    prompt = result.prompt
-    proto = encode_sample_response(sequences, prompt.logprobs, prompt.topk, prompt.target,
-                                   prompt.alt)
-    return Outcome(proto=proto, compute_seconds=seconds)

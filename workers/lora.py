@@ -139,6 +139,8 @@ class MultiLoraLinear(nn.Module):
         layers (a host-to-device copy per layer would stall the launch queue).
         """
         x = self._enter(x)
+        if x.device.type == "cpu":
+            return self._leave(self._per_segment(x, segments))
         y = self.base(x)  # [..., T, out]; not saved by its own backward, so adding in place is safe
         live = [seg for seg in segments if seg[0] in self.adapters]
         if not live:
@@ -156,6 +158,21 @@ class MultiLoraLinear(nn.Module):
             else:
                 y[..., start:end, :] += self._delta(w, x[..., start:end, :]).to(y.dtype)
         return self._leave(y)
+
+    def _per_segment(self, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The CPU's way: every run's rows through the base and its adapter on their own.
+        The CPU's matmul rounds a row differently depending on how many rows share the call,
+        so this keeps a run's numbers independent of the other runs in its pass: a run
+        rebuilt by replaying its calls alone equals, bit for bit, the one that trained
+        beside others (tests/unit/test_recovery.py). Segments cover the stream in order."""
+        parts = []
+        for slot, start, end in segments:
+            xs = x[..., start:end, :]
+            ys = self.base(xs)
+            if (w := self.adapters.get(slot)) is not None:
+                ys = ys + self._delta(w, xs).to(ys.dtype)
+            parts.append(ys)
+        return torch.cat(parts, dim=-2)
 
     def _grouped_delta(self, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        ends: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,14 +222,14 @@ def segment_ends(segments: list[tuple[int, int, int]], device: torch.device) -> 
 
 
 def _groupable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
-    """torch._grouped_mm runs on the CPU and, in bf16, on sm90+ GPUs; its operands need rows
-    of a multiple of 16 bytes."""
+    """torch._grouped_mm runs, in bf16, on sm90+ GPUs; its operands need rows of a multiple
+    of 16 bytes. (The CPU never gets here: see `_per_segment`.)"""
     step = 16 // x.element_size()
     if in_features % step or out_features % step:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and _capability(x.device.index) >= (9, 0)
-    return x.device.type == "cpu"
+    return False
 
 
 class LoraRouter:

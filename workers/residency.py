@@ -134,6 +134,14 @@ class Residency:
         self.runs[model_id] = run
         self.lru["train", model_id] = None
 
+    def drop(self, model_id: str) -> None:
+        """Forget a run altogether, wherever its state is (a restore that failed part-way)."""
+        run = self.runs.pop(model_id, None)
+        if run is not None and self.in_slot(model_id):
+            self._vacate(model_id, run)
+        self.offloaded.pop(model_id, None)
+        self.released.pop(model_id, None)
+
     def in_slot(self, model_id: str) -> bool:
         """Whether the run's adapter is on the device now (using it moves nothing)."""
         return ("train", model_id) in self.lru

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from protocol.jobs import BARRIER_KINDS, CREATION_KINDS, SAMPLE_KINDS, Job, Outcome
+from protocol.jobs import BARRIER_KINDS, OPENING_KINDS, RESTORE, SAMPLE_KINDS, Job, Outcome
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Plan:
     expired: list[tuple[Job, str]] = field(default_factory=list)  # failed here, with why
     skips: list[Job] = field(default_factory=list)  # only advance order; nothing runs
     releases: list[str] = field(default_factory=list)  # idle models: state to disk, memory freed
+    snapshots: list[str] = field(default_factory=list)  # models snapshotted after their barrier
 
     def empty(self) -> bool:
         return not (self.barriers or self.train or self.samples or self.expired or self.skips
@@ -40,7 +41,8 @@ class Scheduler:
     """Pending jobs and per-model seq_id order; builds one `Plan` per tick."""
 
     def __init__(self, gap_timeout_s: float, max_tokens_per_tick: int,
-                 release_idle_s: float = 0.0):
+                 release_idle_s: float = 0.0, snapshot_every_steps: int = 0,
+                 snapshot_every_s: float = float("inf")):
         if gap_timeout_s <= 0:
             raise ValueError(f"gap_timeout_s={gap_timeout_s} must be above 0")
         if max_tokens_per_tick < 1:
@@ -54,6 +56,10 @@ class Scheduler:
         self._tokens: dict[str, int] = {}  # by request_id: the job's share of the budget
         self._next_seq: dict[str, int] = {}  # open models: the seq_id that runs next
         self._lost: dict[str, set[int]] = defaultdict(set)  # seq_ids given up on a gap
+        self.snapshot_every_steps = snapshot_every_steps  # 0: no snapshots
+        self.snapshot_every_s = snapshot_every_s
+        self._steps_since_snapshot: dict[str, int] = {}
+        self._snapshot_at: dict[str, float] = {}
 
     # --- the queue ----------------------------------------------------------------------
     def add(self, job: Job, num_tokens: int = 0) -> None:
@@ -62,7 +68,7 @@ class Scheduler:
             raise ValueError(f"num_tokens={num_tokens} of {job.request_id} must be at least 0")
         if job.kind not in SAMPLE_KINDS and job.model_id is None:
             raise ValueError(f"{job.kind} job {job.request_id} has no model_id")
-        if job.seq_id is None and job.kind not in SAMPLE_KINDS | CREATION_KINDS:
+        if job.seq_id is None and job.kind not in SAMPLE_KINDS | OPENING_KINDS:
             raise ValueError(f"{job.kind} job {job.request_id} has no seq_id")
         if job.request_id in self._pending:
             return  # a redelivery of a job still queued: the first copy answers both
@@ -74,10 +80,20 @@ class Scheduler:
         return len(self._pending)
 
     # --- models -------------------------------------------------------------------------
-    def open_model(self, model_id: str) -> None:
-        """A model now exists (created or loaded): its next seq_id is 1."""
-        self._next_seq[model_id] = 1
+    def open_model(self, model_id: str, next_seq: int = 1) -> None:
+        """A model now exists (created or loaded: its next seq_id is 1; or restored: the one
+        after the calls it replayed)."""
+        self._next_seq[model_id] = next_seq
         self._lost.pop(model_id, None)
+
+    def drop(self, model_id: str) -> list[Job]:
+        """Take the model's pending jobs out of the queue (its restore failed: they are
+        answered with why) and return them."""
+        dropped = [job for job in self._pending.values() if job.model_id == model_id]
+        for job in dropped:
+            del self._pending[job.request_id]
+            del self._tokens[job.request_id]
+        return dropped
 
     def until_release(self, now: float) -> float | None:
         """Seconds until the next model is due for release (None: none will be)."""
@@ -129,6 +145,13 @@ class Scheduler:
            ago is in `releases` (its state leaves memory for disk); it is listed again only
            after another of its jobs ends. A retired model (its session finished) with no
            pending job is in `releases` at once.
+        9. Snapshots (snapshot_every_steps > 0): a barrier's model is in `snapshots` when the
+           barrier opens it (a creation, or a restore that replayed calls), loads weights,
+           or is the snapshot_every_steps-th optim_step since its last snapshot or the first
+           one snapshot_every_s or more after it; at most one such optim_step per tick (the
+           others are due again at their next optim_step, which spreads the snapshots of
+           runs that step together). A barrier runs alone in its model's tick, so the
+           snapshot holds exactly the calls up to its seq_id.
         """
         plan = Plan()
         runs: list[list[Job]] = []
@@ -141,6 +164,9 @@ class Scheduler:
                 chain = self._chain(model_id, jobs, now, plan)
                 runs.append(_take_barrier_or_run(chain, plan))
         plan.barriers.sort(key=_age)
+        due = [job for job in plan.barriers if self._snapshot_due(job, now)]
+        periodic = [job.model_id for job in due if job.kind == "optim_step"][:1]
+        plan.snapshots = [job.model_id for job in due if job.kind != "optim_step"] + periodic
         self._fill(sorted((run for run in runs if run), key=lambda r: _age(r[0])), plan)
         plan.samples = self._fit(sorted(samples, key=_age))
         idle = ([m for m, t in self._last_used.items() if now - t >= self.release_idle_s]
@@ -169,14 +195,36 @@ class Scheduler:
             self._advance(job)
         for job in plan.barriers:
             outcome = outcomes.get(job.request_id)
-            opened = job.seq_id is None and outcome is not None and outcome.ok
-            if opened and not self.knows(job.model_id):
-                self.open_model(job.model_id)
+            ok = outcome is not None and outcome.ok
+            if job.seq_id is None and ok and not self.knows(job.model_id):
+                next_seq = job.body.get("next_seq", 1) if job.kind == RESTORE else 1
+                self.open_model(job.model_id, next_seq)
+            if ok and job.model_id in plan.snapshots:
+                self._steps_since_snapshot[job.model_id] = 0
+                self._snapshot_at[job.model_id] = now
+            elif ok and job.kind == "optim_step":
+                steps = self._steps_since_snapshot.get(job.model_id, 0)
+                self._steps_since_snapshot[job.model_id] = steps + 1
         for job in plan.jobs() if self.release_idle_s else ():
             if job.model_id is not None and self.knows(job.model_id):
                 self._last_used[job.model_id] = now
 
     # --- helpers ------------------------------------------------------------------------
+    def _snapshot_due(self, job: Job, now: float) -> bool:
+        if not self.snapshot_every_steps:
+            return False
+        if job.kind in OPENING_KINDS and self.knows(job.model_id):
+            return False  # a redelivered opening of a live model changes nothing
+        if job.kind == RESTORE:
+            return bool(job.body.get("replay"))  # else its snapshot is the one it read
+        if job.kind in OPENING_KINDS or job.kind == "load_weights":
+            return True
+        if job.kind != "optim_step":
+            return False
+        steps = self._steps_since_snapshot.get(job.model_id, 0) + 1
+        since = now - self._snapshot_at.get(job.model_id, now)
+        return steps >= self.snapshot_every_steps or since >= self.snapshot_every_s
+
     def _group(self) -> tuple[dict[str, list[Job]], list[Job]]:
         """Pending jobs split into per-model lists and samples."""
         by_model: dict[str, list[Job]] = defaultdict(list)

@@ -9,6 +9,7 @@ once). No database connection is held while waiting.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import select
 from app.blueprints.common import json_body, services, tenant
 from protocol.checks import field
 from protocol.errors import RequestError
+from store import workers
 from store.completions import report as completions_since
 from store.doorbell import sampler_bell
 from store.schema import DONE, FAILED, PENDING, RequestRow, utcnow
@@ -30,6 +32,8 @@ _COLUMNS = (
     RequestRow.result_type,
     RequestRow.error,
     RequestRow.error_category,
+    RequestRow.queue,
+    RequestRow.created_at,
 )
 
 
@@ -57,6 +61,19 @@ def wait_for(request_id: str) -> Any:
     return row
 
 
+def unless_abandoned(request_id: str, row: Any) -> Any:
+    """The pending row, or failed now if its worker is gone (worker_lost_s)."""
+    lost = dt.timedelta(seconds=services().settings.worker_lost_s)
+    if utcnow() - row.created_at < lost:
+        return row
+    with services().store.transaction() as s:
+        failed = workers.abandon(s, request_id, row.queue, lost)
+    if not failed:
+        return row
+    services().doorbell.ring(request_id)
+    return fetch(request_id)
+
+
 def answer(request_id: str, row: Any) -> Response:
     if row.state == FAILED:
         return jsonify(
@@ -74,6 +91,8 @@ def retrieve_future() -> Response:
     row = fetch(request_id)
     if not finished(row):
         row = wait_for(request_id)
+    if not finished(row):
+        row = unless_abandoned(request_id, row)
     return answer(request_id, row)
 
 

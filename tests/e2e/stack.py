@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from store.engine import normalise_url
+from tests.e2e import services
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -68,12 +69,17 @@ def _drop_postgres_db(name: str) -> None:
 @dataclass
 class Stack:
     data_dir: Path
-    backend: str  # "sqlite" (SQLite + embedded Redis) or "postgres" (Postgres + Redis server)
+    # "sqlite" (SQLite + embedded Redis), "postgres" (the machine's Postgres + Redis server) or
+    # "private" (a Postgres cluster and a Redis server of the stack's own, which a test may
+    # kill and restart like the other processes: tests/e2e/services.py)
+    backend: str
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
     pg_db: str | None = None
     flower: bool = False
+    cluster: Path | None = None  # the private backend's Postgres folder
+    ports: dict[str, int] = field(default_factory=dict)  # the private backend's services
 
     @property
     def url(self) -> str:
@@ -112,6 +118,14 @@ class Stack:
             self.pg_db = _create_postgres_db()
             env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{self.pg_db}"
             env["REDIS_URL"] = f"{SYSTEM_REDIS}/{1 + int(uuid.uuid4().int % 14)}"
+        elif self.backend == "private":
+            self.cluster = services.new_cluster()
+            self.ports = {"postgres": free_port(), "redis": free_port()}
+            env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{self.ports['postgres']}/postgres"
+            env["REDIS_URL"] = f"redis://127.0.0.1:{self.ports['redis']}/0"
+            self.commands["postgres"] = services.postgres_command(self.cluster,
+                                                                  self.ports["postgres"])
+            self.commands["redis"] = services.redis_command(self.ports["redis"])
         else:
             env["TINKERQ_EMBEDDED_REDIS_PORT"] = str(free_port())
         env.update({f"TINKERQ_{k.upper()}": str(v) for k, v in settings.items()})
@@ -133,6 +147,9 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.backend == "sqlite":
             self._spawn("redis", [sys.executable, "-m", "tasks.embedded_redis"])
+        for name, port in self.ports.items():
+            self._spawn(name, self.commands[name])
+            services.wait_for_port(port)
         # as the Procfile runs them (`python -m ...`: no console script needs to exist)
         self._spawn("web", [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn_conf.py",
                             "app.factory:create_app()"])
@@ -182,7 +199,10 @@ class Stack:
         """Start a process that `kill` stopped, with the same command, and wait until ready."""
         marker = (self.data_dir / f"{name}.log").stat().st_size
         self._spawn(name, self.commands[name])
-        self._wait_until_ready(log_offset={name: marker})
+        if name in self.ports:
+            services.wait_for_port(self.ports[name])
+        else:
+            self._wait_until_ready(log_offset={name: marker})
 
     def kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 30.0) -> None:
         proc = self.procs.pop(name)
@@ -200,6 +220,9 @@ class Stack:
         if self.pg_db:
             _drop_postgres_db(self.pg_db)
             self.pg_db = None
+        if self.cluster is not None:
+            services.remove_cluster(self.cluster)
+            self.cluster = None
         web_log = self.data_dir / "web.log"
         text = web_log.read_text(errors="replace") if web_log.exists() else ""
         if "unhandled error" in text:

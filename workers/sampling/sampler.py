@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol.jobs import UserError
+from protocol.jobs import Outcome, UserError
+from protocol.wire import WireSequence, encode_sample_response
 from workers.lora import BASE_SLOT
 from workers.model import LoraModel
 
@@ -176,3 +177,17 @@ def sampled_topk(model: LoraModel, spec: SampleSpec, tokens: list[int]
     logp = torch.log_softmax(logits[0, len(spec.prompt) - 1:].float(), dim=-1)  # [n, V]
     values, top = logp.topk(spec.topk_sample_logprobs, dim=-1)
     return top.int().cpu().numpy(), values.cpu().numpy()
+
+
+def outcome(result: Any, seconds: float) -> Outcome:
+    """A finished request's answer: its protobuf, or its error (`user` for bad input)."""
+    if isinstance(result, UserError):
+        return Outcome.fail(str(result), "user")
+    if isinstance(result, Exception):
+        return Outcome.fail(f"{type(result).__name__}: {result}", "server")
+    sequences = [WireSequence(s.tokens, s.logprobs, s.stop_reason, s.topk)
+                 for s in result.sequences]
+    prompt = result.prompt
+    proto = encode_sample_response(sequences, prompt.logprobs, prompt.topk, prompt.target,
+                                   prompt.alt)
+    return Outcome(proto=proto, compute_seconds=seconds)

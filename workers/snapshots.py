@@ -1,0 +1,145 @@
+"""The snapshot writer: training runs' states written to disk off the engine's tick.
+
+The executor copies a run's state on its device in the tick (`put`, after the barrier that
+the scheduler marked in `Plan.snapshots`); this thread brings the copy to a pinned host
+buffer on a CUDA stream of its own (once the tick's stream has made it), writes it as a
+training checkpoint folder (store/snapshots.py says where; workers/tensorfile.py streams the
+bytes), and prunes the run's older snapshots, keeping the
+newest that the database says is usable (`first_pending`). While a run's snapshot waits to
+be written, a newer one of the same run replaces it: memory holds at most one state per run,
+and a slow disk skips snapshots rather than slowing training.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from store import snapshots
+from workers.checkpoints import TrainingState, write_training_state
+from workers.training.optimizer import AdamState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Written:
+    """What the writer has done so far (benchmarks/snapshots.py reads it)."""
+
+    count: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    replaced: int = 0  # states dropped for a newer one of the same run before being written
+
+
+class SnapshotWriter:
+    def __init__(self, root: Path, first_pending: Callable[[str], int | None] | None = None):
+        self.root = Path(root)
+        # the run's first seq_id not settled in the database; None when it cannot be read
+        self.first_pending = first_pending
+        self.written = Written()
+        self._pending: dict[str, tuple[int, TrainingState, torch.cuda.Event | None]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pinned: torch.Tensor | None = None  # reused for every state (one at a time)
+        self._busy = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, model_id: str, seq: int, state: TrainingState) -> None:
+        """Queue the state of `model_id` after seq_id `seq` for writing; returns at once."""
+        ready = None
+        if any(t.is_cuda for t in state.tensors.values()):
+            ready = torch.cuda.Event()
+            ready.record()  # the copies are made once the tick's stream gets here
+        with self._cond:
+            if model_id in self._pending:
+                self.written.replaced += 1
+            self._pending[model_id] = (seq, state, ready)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tinkerq-snapshots",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until every queued state is written (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                model_id = next(iter(self._pending))
+                seq, state, ready = self._pending.pop(model_id)
+                self._busy = True
+            try:
+                self._write(model_id, seq, self._host(state, ready))
+            except Exception:  # noqa: BLE001 - a full disk: the older snapshot stays usable
+                log.exception("could not write the snapshot of model %s at seq_id %d",
+                              model_id, seq)
+
+    def _host(self, state: TrainingState, ready: torch.cuda.Event | None) -> TrainingState:
+        """The state in CPU memory: copied into one pinned buffer that the writer reuses,
+        as DMA on a stream of its own, so neither the tick's stream nor its thread waits."""
+        if ready is None:
+            return state
+        optimizer = state.optimizer
+        moments = [] if optimizer is None else [*optimizer.exp_avg, *optimizer.exp_avg_sq]
+        tensors = [*state.tensors.values(), *moments]
+        device = tensors[0].device
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        if self._pinned is None or self._pinned.numel() < total:
+            self._pinned = None  # the old buffer goes before the larger one is made
+            self._pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+        views, offset = [], 0
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            for t in tensors:
+                size = t.numel() * t.element_size()
+                view = self._pinned[offset:offset + size].view(t.dtype).view(t.shape)
+                view.copy_(t, non_blocking=True)
+                views.append(view)
+                offset += size
+        stream.synchronize()
+        names = list(state.tensors)
+        host = dict(zip(names, views[:len(names)], strict=True))
+        if optimizer is not None:
+            n = len(optimizer.exp_avg)
+            rest = views[len(names):]
+            optimizer = AdamState(optimizer.step, rest[:n], rest[n:])
+        return TrainingState(host, state.spec, optimizer, state.base_model)
+
+    def _write(self, model_id: str, seq: int, state: TrainingState) -> None:
+        started = time.perf_counter()
+        size = write_training_state(snapshots.folder(self.root, model_id, seq), state)
+        took = time.perf_counter() - started
+        with self._cond:
+            self.written.count += 1
+            self.written.bytes += size
+            self.written.seconds += took
+        log.info("snapshot of model %s at seq_id %d: %.1f MiB in %.2f s", model_id, seq,
+                 size / 2**20, took)
+        first_pending = None
+        if self.first_pending is not None:
+            try:
+                first_pending = self.first_pending(model_id)
+            except Exception:  # noqa: BLE001 - the database is away: prune next time
+                log.warning("could not read model %s's settled calls; its older snapshots "
+                            "stay for now", model_id, exc_info=True)
+        if first_pending is not None:
+            snapshots.prune(self.root, model_id, first_pending)
