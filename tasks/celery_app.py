@@ -8,13 +8,46 @@ Choices and why:
   on the one engine thread, which batches whatever is waiting at each tick.
 - no result backend: results live in the database (the request rows), not in Celery.
 - task events on, so Flower shows every Tinker call as a task.
+- a lost Redis connection must not stop the worker (`OutliveLostBroker`). Two things that
+  kombu does on a channel whose connection is gone raise an AttributeError, which Celery
+  takes for an unrecoverable error: restoring the unacknowledged messages when the channel
+  closes, and acknowledging, after the reconnection, a call that ran meanwhile. Both are
+  skipped on such a channel. Nothing is lost: a starting worker puts back what an earlier
+  one held (`tasks.tinker.restore_orphans`), the request sweep sends again what no one holds,
+  and a call run twice is answered from its row.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, bootsteps
 
 from config import Settings, load_settings
+
+
+class OutliveLostBroker(bootsteps.StartStopStep):
+    """At each (re)connection of the worker's consumer: its channel keeps the messages it
+    holds unacknowledged when it closes, and skips acknowledgements once it is closed."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, c: Any) -> None:
+        channel = getattr(c.task_consumer, "channel", None)
+        if channel is None or not hasattr(channel, "qos"):
+            return
+        channel.qos.restore_at_shutdown = False
+        for name in ("basic_ack", "basic_reject"):
+            setattr(channel, name, _unless_closed(channel, getattr(channel, name)))
+
+
+def _unless_closed(channel: Any, method: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if getattr(channel, "closed", False):
+            return None  # the connection it was delivered on is gone: nothing to tell
+        return method(*args, **kwargs)
+
+    return call
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -34,6 +67,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.conf.tinkerq_settings = settings
+    app.steps["consumer"].add(OutliveLostBroker)
     return app
 
 

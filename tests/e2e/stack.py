@@ -215,8 +215,13 @@ class Stack:
             proc.wait()
 
     def stop(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.kill(name)
+        own = [name for name in self.procs if name in self.ports]  # the private backend's
+        for name in reversed([name for name in self.procs if name not in own]):
+            # gunicorn's quick shutdown: a graceful one waits out the SDK's keep-alive
+            # connections (graceful_timeout, 30 s)
+            self.kill(name, signal.SIGQUIT if name == "web" else signal.SIGTERM)
+        for name in own:  # their data goes with the stack: no clean shutdown to wait for
+            self.kill(name, signal.SIGKILL)
         if self.pg_db:
             _drop_postgres_db(self.pg_db)
             self.pg_db = None

@@ -72,7 +72,7 @@ class Workload:
         if chaos is not None:
             chaos(self)
         for t in threads:
-            t.join(300)
+            t.join(180)
         assert not self.errors, self.errors
         assert not any(t.is_alive() for t in threads), "a client is still waiting"
         return self
@@ -85,7 +85,7 @@ class Workload:
     def _client(self, i: int) -> None:
         try:
             service = tinker.ServiceClient(base_url=self.url, api_key=API_KEY)
-            tc = service.create_lora_training_client(BASE, rank=4, seed=100 + i)
+            tc = service.create_lora_training_client(BASE, rank=4, seed=100 + i).result()
             self._count()
             for step in range(STEPS):
                 fb = tc.forward_backward(batch(i, step), "cross_entropy")
@@ -209,7 +209,7 @@ def test_worker_killed_during_a_save(stack, reference):
 
     run = Workload(stack.url, save_every=4).run(chaos)
     check(stack, run, reference)
-    rest = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY).create_rest_client()
+    rest = tinker.RestClient(base_url=stack.url, api_key=API_KEY)
     for model_id in run.final.values():
         listed = rest.list_checkpoints(model_id).result().checkpoints
         assert sorted(c.checkpoint_id for c in listed) == sorted(
