@@ -192,3 +192,45 @@ def test_a_follower_does_not_outlive_its_leader(tmp_path):
     while not _gone(follower) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _gone(follower)
+
+
+def test_a_run_snapshotted_at_two_ranks_is_restored_at_two_and_one(tmp_path):
+    """A snapshot holds whole tensors: a run snapshotted at N=2 (the followers take part in
+    the gather, rank 0 writes) and its calls replayed rebuild it at N=2 and at N=1."""
+    from protocol.jobs import RESTORE
+    from store import snapshots
+
+    def calls(model_id: str) -> list:
+        out = []
+        for seq in (1, 3):
+            out += [job("forward_backward", fwdbwd_body(model_id, seq, PROMPT), model_id, seq,
+                        rid=f"{model_id}-fb{seq}"),
+                    job("optim_step", {"adam_params": ADAM}, model_id, seq + 1,
+                        rid=f"{model_id}-o{seq}")]
+        return out
+
+    def restore(executor: Executor, model_id: str, root: Path) -> np.ndarray:
+        body = {"model_id": model_id, "base_model": "tiny", "snapshot_seq": 0,
+                "snapshot_dir": str(snapshots.folder(root, "a", 0)), "next_seq": 5}
+        restore = job(RESTORE, body, model_id, rid=f"restore-{model_id}")
+        restore.body["replay"] = calls(model_id)
+        out = executor.run(Plan(barriers=[restore]))
+        assert out[restore.request_id].ok, out
+        return logprobs(executor, model_id, 5)
+
+    two = Executor.build(settings(tmp_path / "two", 2))
+    try:
+        create = {"model_id": "a", "base_model": "tiny", "lora": {"rank": 8, "seed": 3}}
+        two.run(Plan(barriers=[job("create_model", create, "a")], snapshots=["a"]))
+        assert two.snapshots.wait_idle(30)
+        for call in calls("a"):
+            plan = Plan(train=[call]) if call.kind == "forward_backward" else Plan(
+                barriers=[call])
+            assert all(o.ok for o in two.run(plan).values())
+        trained = logprobs(two, "a", 5)
+        root = tmp_path / "two" / "snapshots"
+        np.testing.assert_allclose(restore(two, "again", root), trained, atol=1e-6)
+    finally:
+        two.leader.close()
+    one = Executor.build(settings(tmp_path / "one", 1))
+    np.testing.assert_allclose(restore(one, "again", root), trained, atol=2e-4)
