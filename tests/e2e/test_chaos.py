@@ -12,12 +12,14 @@ pass is batch-invariant: workers/lora.py), and that no request row is left pendi
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import sqlalchemy as sa
 import tinker
@@ -26,7 +28,7 @@ from safetensors.torch import load_file
 from tinker import types
 
 from store.engine import normalise_url
-from tests.e2e.stack import API_KEY, Stack
+from tests.e2e.stack import API_KEY, Stack, procfile_command
 from tests.e2e.test_sdk import BASE
 
 pytestmark = pytest.mark.e2e
@@ -221,3 +223,23 @@ def test_worker_killed_during_a_save(stack, reference):
             assert load_file(folder / "adapter_model.safetensors")
     leftovers = list(Path(stack.data_dir, "checkpoints").glob("*/*/*/.*"))
     assert leftovers == []
+
+
+def test_the_procfiles_supervisor_restarts_a_killed_worker(stack, reference):
+    """Under `honcho start` nothing restarts a dead process: the Procfile runs the worker
+    under workers.supervise, which does. Its worker is killed with SIGKILL and nobody else
+    intervenes; the clients finish all the same."""
+    command = procfile_command("worker").split()
+    assert command[:3] == ["python", "-m", "workers.supervise"]
+    stack.kill("worker")
+    stack.commands["worker"] = [sys.executable, *command[1:]]
+    stack.restart("worker")
+    supervisor = psutil.Process(stack.procs["worker"].pid)
+
+    def chaos(run: Workload) -> None:
+        run.until(STEPS * CLIENTS // 2)
+        [worker] = supervisor.children()
+        worker.kill()
+
+    check(stack, Workload(stack.url).run(chaos), reference)
+    assert "starting it again" in (stack.data_dir / "worker.log").read_text()
