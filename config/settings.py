@@ -167,7 +167,7 @@ class Settings:
         "its last snapshot, whatever snapshot_every_steps says."
     )
     resend_after_s: float = _opt(
-        30.0, "The worker sends again a call of its queue that has waited this long, that it "
+        10.0, "The worker sends again a call of its queue that has waited this long, that it "
         "does not hold and that is not in the broker's queue (its message was lost: a Redis "
         "restart, an API killed between writing and sending)."
     )
