@@ -55,8 +55,9 @@ def prune(root: Path, model_id: str, first_pending: int) -> list[Path]:
 
 def models(root: Path) -> list[str]:
     """The runs that have a snapshot folder."""
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() \
-        else []
+    if not Path(root).is_dir():
+        return []
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
 
 
 def remove(root: Path, model_id: str) -> None:

@@ -56,10 +56,10 @@ def abandon(s: Session, request_id: str, queue: str, lost_after: dt.timedelta) -
     seen = last_seen(s, queue)
     if seen is not None and now - seen < lost_after:
         return False
-    silent = "no worker of queue {q!r} has ever been seen" if seen is None else \
-        "the worker of queue {q!r} was last seen {ago:.0f} s ago"
-    ago = (now - seen).total_seconds() if seen is not None else 0.0
-    message = (silent.format(q=queue, ago=ago) + f": this call waited past worker_lost_s="
+    silent = (f"no worker of queue {queue!r} has ever been seen" if seen is None else
+              f"the worker of queue {queue!r} was last seen "
+              f"{(now - seen).total_seconds():.0f} s ago")
+    message = (f"{silent}: this call waited past worker_lost_s="
                f"{lost_after.total_seconds():.0f} and was not run; send it again once a "
                "worker serves the queue")
     done = s.execute(

@@ -99,19 +99,14 @@ def load_sampler_weights(path: Path) -> tuple[AdapterSpec, LayerWeights]:
 # --- training state ------------------------------------------------------------------------
 @dataclass
 class TrainingState:
-    """A run's whole training state on the CPU, ready to write: the adapter under peft's
-    names, its spec, its AdamW state (None before its first step) and its base model."""
+    """A run's whole training state, on the CPU ready to write (or on its device, for the
+    snapshot writer to bring over): the adapter under peft's names, its spec, its AdamW
+    state (None before its first step) and its base model."""
 
     tensors: dict[str, torch.Tensor]
     spec: AdapterSpec
     optimizer: AdamState | None
     base_model: str
-
-    @property
-    def nbytes(self) -> int:
-        moments = [] if self.optimizer is None else [*self.optimizer.exp_avg,
-                                                      *self.optimizer.exp_avg_sq]
-        return sum(t.nbytes for t in [*self.tensors.values(), *moments])
 
 
 def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | None,

@@ -225,11 +225,9 @@ def _groupable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
     """torch._grouped_mm runs, in bf16, on sm90+ GPUs; its operands need rows of a multiple
     of 16 bytes. (The CPU never gets here: see `_per_segment`.)"""
     step = 16 // x.element_size()
-    if in_features % step or out_features % step:
+    if in_features % step or out_features % step or not x.is_cuda:
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and _capability(x.device.index) >= (9, 0)
-    return False
+    return x.dtype == torch.bfloat16 and _capability(x.device.index) >= (9, 0)
 
 
 class LoraRouter:

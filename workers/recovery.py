@@ -59,6 +59,7 @@ def restore_many(ex: Executor, jobs: list[Job]) -> dict[str, Outcome]:
             log.exception("could not restore model %s", job.model_id)
             outcomes[job.request_id] = Outcome.fail(f"{type(e).__name__}: {e}", "server")
     by_id = {job.request_id: job for job in jobs}
+    replayed = {rid: sum(map(len, groups)) for rid, groups in todo.items()}
     while any(todo.values()):
         turn = {rid: groups.pop(0) for rid, groups in todo.items() if groups}
         train = [j for group in turn.values() if group[0].kind == "forward_backward"
@@ -79,9 +80,8 @@ def restore_many(ex: Executor, jobs: list[Job]) -> dict[str, Outcome]:
     for rid in todo:
         job = by_id[rid]
         log.info("restored model %s from the snapshot at seq_id %d and %d call(s) after it",
-                 job.model_id, job.body["snapshot_seq"], len(job.body["replay"]))
-        outcomes[rid] = Outcome(json={"model_id": job.model_id,
-                                      "replayed": len(job.body["replay"]),
+                 job.model_id, job.body["snapshot_seq"], replayed[rid])
+        outcomes[rid] = Outcome(json={"model_id": job.model_id, "replayed": replayed[rid],
                                       "type": "restore_model"})
     return outcomes
 
@@ -107,5 +107,3 @@ def _groups(replay: list[Job]) -> list[list[Job]]:
         else:
             groups.append([job])
     return groups
-
-

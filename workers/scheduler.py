@@ -213,11 +213,11 @@ class Scheduler:
     def _snapshot_due(self, job: Job, now: float) -> bool:
         if not self.snapshot_every_steps:
             return False
-        if job.kind in OPENING_KINDS and self.knows(job.model_id):
+        if job.seq_id is None and self.knows(job.model_id):
             return False  # a redelivered opening of a live model changes nothing
         if job.kind == RESTORE:
             return bool(job.body.get("replay"))  # else its snapshot is the one it read
-        if job.kind in OPENING_KINDS or job.kind == "load_weights":
+        if job.kind in OPENING_KINDS:  # a creation, or a load (opening or ordered)
             return True
         if job.kind != "optim_step":
             return False

@@ -134,6 +134,13 @@ def test_snapshots_are_written_at_creation_and_every_k_steps_and_pruned(tmp_path
         scheduler.complete(plan, {j.request_id: Outcome()}, now)
     # creation; 2nd step; (3rd: 1 since); 4th: 147 s since the last, past snapshot_every_s
     assert marks == [True, False, True, False, True, False]
+    # an ordered load (load_state) is snapshotted; a redelivered creation of the live run not
+    for seq, kind, want in [(6, "load_weights", ["m"]), (None, "create_model", [])]:
+        scheduler.add(j := job(kind, create_body("m"), "m", seq, rid=f"{kind}-again"))
+        j.enqueued_at = 200
+        plan = scheduler.schedule(200)
+        assert plan.barriers == [j] and plan.snapshots == want
+        scheduler.complete(plan, {j.request_id: Outcome()}, 200)
     for seq in (0, 4, 8, 12):
         os.makedirs(snapshots.folder(tmp_path, "m", seq))
     (tmp_path / "m" / ".000000000016.tmp-host-1-x").mkdir()  # a write in progress
