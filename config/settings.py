@@ -155,6 +155,10 @@ class Settings:
         256, "Celery threads in the GPU worker: calls that can wait on the engine at once."
     )
     tensor_parallel_size: int = _opt(1, "GPUs the worker spreads the model over (1 = no TP).")
+    data_parallel_size: int = _opt(
+        1, "Replicas of the (tensor-parallel) model in the worker, each on its own GPUs: a "
+        "tick's datums and samples are split over them (data_parallel_size × "
+        "tensor_parallel_size GPUs in all).")
     # --- durability -----------------------------------------------------------------------
     snapshot_every_steps: int = _opt(
         8, "A training run's state (weights, AdamW moments) is snapshotted to data_dir after "
@@ -199,6 +203,11 @@ class Settings:
         return not self.redis_url
 
     @property
+    def world_size(self) -> int:
+        """The worker's ranks (one process and GPU each): replicas × tensor-parallel ranks."""
+        return self.data_parallel_size * self.tensor_parallel_size
+
+    @property
     def checkpoint_root(self) -> Path:
         return self.data_path / "checkpoints"
 
@@ -229,7 +238,8 @@ class Settings:
                      "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
                      "loss_chunk_tokens", "max_models_per_tenant",
-                     "worker_concurrency", "tensor_parallel_size", "download_url_ttl_s",
+                     "worker_concurrency", "tensor_parallel_size", "data_parallel_size",
+                     "download_url_ttl_s",
                      "sample_max_pending"):
             value = getattr(self, name)
             if value < 1:

@@ -203,7 +203,7 @@ def _peft_tensors(model: LoraModel, slot: int, host: bool = True) -> dict[str, t
 
 
 def _writes(model: LoraModel) -> bool:
-    return model.tp is None or model.tp.rank == 0
+    return model.rank == 0
 
 
 def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], spec: AdapterSpec,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,20 +24,20 @@ from typing import Any
 
 import torch
 
-from config import Settings, model_dir
+from config import Settings
 from protocol.custom_graph import check_inputs
 from protocol.jobs import RESTORE, Job, Outcome, UserError
 from protocol.losses import ProtocolError, check_loss_inputs, resolve_loss_config
 from protocol.wire import FwdBwdRequest, WireError, encode_forward_backward_output
 from workers import checkpoints, recovery
-from workers.model import AdapterSpec, LoraModel, pick_device, pick_dtype
-from workers.parallel import tp
+from workers.model import AdapterSpec, LoraModel
+from workers.parallel import dp, tp
+from workers.parallel.replicas import Replicas
 from workers.residency import Residency, Run
-from workers.sampling import choose, sampler
+from workers.sampling import sampler
 from workers.sampling.decoding import RunningBatch
 from workers.scheduler import Plan
 from workers.snapshots import SnapshotWriter
-from workers.training import fastpath
 from workers.training.optimizer import AdamState, adamw_step
 from workers.training.trainer import Trainer, TrainJob
 
@@ -78,7 +77,9 @@ class Executor:
                                      settings.sample_kv_tokens, settings.sample_cuda_graphs,
                                      fused=None if settings.sample_fused_step else False)
         self._sample_started: dict[str, float] = {}  # request id -> admission time
-        self.leader: Any = None  # parallel.runtime.Leader on rank 0 under tensor parallelism
+        self.leader: Any = None  # parallel.runtime.Leader on rank 0 over several ranks
+        # the replicas' shares of the work, under data parallelism
+        self.replicas = Replicas(model.dp) if dp.active(model.dp) else None
         self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
         if settings.random_seed >= 0:
             self.rng.seed(settings.random_seed)
@@ -89,47 +90,13 @@ class Executor:
 
     @classmethod
     def build(cls, settings: Settings, rank: int = 0,
-              join: Callable[[torch.device], tp.TP] | None = None) -> Executor:
-        """Load the model (rank `rank`'s shard under tensor parallelism: rank 0 starts the
-        other ranks, a follower joins them with `join`) and make the executor."""
-        from workers.default_model import ensure_default_model
+              join: Callable[[torch.device], Any] | None = None) -> Executor:
+        """Load the model (rank `rank`'s replica, or its shard under tensor parallelism:
+        rank 0 starts the other ranks, a follower joins them with `join`, which gives its
+        `runtime.Ranks`) and make the executor."""
+        from workers.startup import build
 
-        folder = model_dir(settings)
-        if rank == 0 and settings.base_model == "tinkerq/tiny-qwen3":
-            ensure_default_model(folder)
-        if rank == 0:
-            stale = checkpoints.remove_stale_temp(settings.checkpoint_root)
-            stale += checkpoints.remove_stale_temp(settings.snapshot_root,
-                                                   patterns=checkpoints.SNAPSHOT_TEMP)
-            if stale:
-                log.warning("removed %d temporary folder(s) a dead writer left, e.g. %s",
-                            len(stale), stale[0])
-        if rank == 0:  # released runs of an earlier process: their records died with it
-            shutil.rmtree(settings.released_dir, ignore_errors=True)
-        device = pick_device(settings.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", rank)
-        leader, group = None, None
-        if settings.tensor_parallel_size > 1:
-            from workers.parallel.runtime import Leader
-
-            if rank == 0:
-                leader = Leader.start(settings, device, cls.build)
-                group = leader.tp
-            else:
-                group = join(device)  # type: ignore[misc]
-        model = LoraModel.load(folder, device, pick_dtype(settings.dtype, device), group)
-        decode, eos = model.detokenizer(folder)
-        if device.type == "cuda" and model.fast and settings.compile_kernels:
-            fastpath.compile_kernels()
-            choose.compile_sampling()
-            started = time.monotonic()
-            model.warm_up(settings.max_lora_adapters + settings.max_sampler_adapters)
-            log.info("training kernels compiled in %.1f s", time.monotonic() - started)
-        log.info("loaded %s from %s on %s", settings.base_model, folder, device)
-        executor = cls(model, settings, decode, eos)
-        executor.leader = leader
-        return executor
+        return build(cls, settings, rank, join)
 
     # --- the plan -----------------------------------------------------------------------------
     def run(self, plan: Plan) -> dict[str, Outcome]:
@@ -159,17 +126,24 @@ class Executor:
                 recovery.snapshot(self, job)
         if plan.train:
             outcomes.update(self._train(plan.train))
-        if plan.samples:
-            outcomes.update(self._sample(plan.samples))
+        finished = self._sample(plan.samples) if plan.samples else []
         if self.sampling.busy:
-            outcomes.update(self._decode())
+            finished += self._decode()
+        if self.replicas is not None:  # every replica, every tick: the parts that finished
+            finished = self.replicas.exchange(finished, self.sampling.busy)
+        now = time.perf_counter()
+        for request_id, result in finished:
+            seconds = now - self._sample_started.pop(request_id, now)
+            outcomes[request_id] = (result if isinstance(result, Outcome)
+                                    else sampler.outcome(result, seconds))
         self.residency.release(plan.releases)
         return outcomes
 
     @property
     def busy(self) -> bool:
-        """The running sample batch has work: the engine ticks again without waiting."""
-        return self.sampling.busy
+        """The running sample batch (of any replica) has work: the engine ticks again
+        without waiting."""
+        return self.sampling.busy or (self.replicas is not None and self.replicas.others_busy)
 
     def _timed(self, fn: Callable[[Job], Outcome], job: Job) -> Outcome:
         start = time.perf_counter()
@@ -234,6 +208,7 @@ class Executor:
     def _optim_step(self, job: Job, body: dict[str, Any]) -> Outcome:
         run = self._run(job.model_id)
         params = self.model.adapter_parameters(run.slot)
+        dp.all_reduce_grads(params, self.model.dp)  # every replica's share of the gradient
         norm = None
         if tp.active(self.model.tp):  # shards' squares summed over ranks, replicas once
             layers = self.model.adapter_layers(run.slot)
@@ -327,9 +302,9 @@ class Executor:
         models = list(dict.fromkeys(p.job.model_id for p in batch))
         # the batch's models fit in the slots, so making one resident never offloads another
         slots = {m: self.residency.resident(m, keep=models).slot for m in models}
-        results = self.trainer.run(
-            [TrainJob(p.request, p.config, slots[p.job.model_id]) for p in batch]
-        )
+        jobs = [TrainJob(p.request, p.config, slots[p.job.model_id]) for p in batch]
+        results = (self.trainer.run(jobs) if self.replicas is None
+                   else self.replicas.train(self.trainer, jobs))
         seconds = (time.perf_counter() - start) / len(batch)
         return {
             p.job.request_id: Outcome.fail(r.error, "user") if r.error else Outcome(
@@ -345,34 +320,39 @@ class Executor:
         body = _body(job)
         return sampler.SampleSpec.of(body, self.residency.sampler_slot(body.get("adapter_dir")))
 
-    def _sample(self, jobs: list[Job]) -> dict[str, Outcome]:
+    def _sample(self, jobs: list[Job]) -> list[tuple[str, Outcome]]:
         """Validate each sample job and add it to the running batch; only failures answer
-        now (the others answer from `_decode` when their last sequence ends)."""
-        outcomes: dict[str, Outcome] = {}
+        now (the others answer when their last sequence ends)."""
+        finished = []
         for job in jobs:
             _, failure = _attempt(self._admit_sample, job)
             if failure:
-                outcomes[job.request_id] = failure
-        return outcomes
+                finished.append((job.request_id, failure))
+        return finished
 
     def _admit_sample(self, job: Job) -> None:
         spec = self._sample_spec(job)
         sampler.validate(spec, self.model)
-        self.sampling.admit(job.request_id, spec, sampler.adapter_of(self.model, spec.slot))
         self._sample_started[job.request_id] = time.perf_counter()
+        if spec.seed is None:  # drawn here, so that every replica draws it alike
+            spec.seed = self.sampling.rng.getrandbits(62)
+        if self.replicas is not None:
+            lo, hi = self.replicas.share(job.request_id, spec.num_samples)
+            if hi == lo:
+                return  # the other replicas sample this request
+            spec.num_samples, spec.first_index = hi - lo, lo
+        self.sampling.admit(job.request_id, spec, sampler.adapter_of(self.model, spec.slot))
 
-    def _decode(self) -> dict[str, Outcome]:
-        """Run the running batch for this tick's decode steps; answer what finished."""
+    def _decode(self) -> list[tuple[str, Any]]:
+        """Run the running batch for this tick's decode steps: the requests that finished,
+        each with its SampleOutput or its failure."""
         try:
             finished = self.sampling.step(self.settings.sample_steps_per_tick)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail, the worker lives
             log.exception("decode step failed")
             finished = self.sampling.fail_all(e)
-        now, outcomes = time.perf_counter(), {}
-        for request_id, result in finished:
-            seconds = now - self._sample_started.pop(request_id, now)
-            outcomes[request_id] = sampler.outcome(result, seconds)
-        return outcomes
+        return [(request_id, result if isinstance(result, sampler.SampleOutput)
+                 else sampler.outcome(result, 0.0)) for request_id, result in finished]
 
 
 def _body(job: Job) -> Any:

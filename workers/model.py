@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from workers.lora import LoraRouter, LoraWeights, MultiLoraLinear, init_lora_weights, target_names
 from workers.lora import wrap_model as _wrap
 from workers.parallel import tp
+from workers.parallel.dp import DP
 from workers.training import fastpath, packed
 
 SUPPORTED_ARCHS = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -83,6 +84,8 @@ class LoraModel:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.fast = fastpath.supported(self.hf)  # packed passes through workers.training.fastpath
         self.tp: tp.TP | None = None  # set by tp.apply_tp
+        self.dp: DP | None = None  # this replica, under data parallelism (Executor.build)
+        self.rank = 0  # the worker's rank this model lives in: rank 0 alone writes files
 
     # --- construction ---------------------------------------------------------------------
     @classmethod

@@ -206,8 +206,7 @@ class Residency:
         return path
 
     def _released_file(self, model_id: str) -> Path:
-        rank = self.model.tp.rank if tp.active(self.model.tp) else 0
-        return self.released_dir / f"{model_id}.rank{rank}.safetensors"
+        return self.released_dir / f"{model_id}.rank{self.model.rank}.safetensors"
 
     # --- sampler weights ----------------------------------------------------------------------
     def sampler_slot(self, folder: str | None) -> int:

@@ -1,9 +1,12 @@
 """The worker over N ranks: rank 0 (the Celery worker's engine) leads, ranks 1..N-1 follow.
 
+N = D × T: D data-parallel replicas (workers/parallel/dp.py) of T tensor-parallel ranks
+(workers/parallel/tp.py); rank r is replica r // T's tensor-parallel rank r % T.
+
     leader = Leader.start(settings, device, Executor.build)
                                       # spawns the followers (one process per GPU), each
                                       # building its executor, and joins the process group
-                                      # (NCCL on GPUs, gloo on the CPU)
+                                      # (NCCL on GPUs, gloo on the CPU) and its subgroups
     seed = leader.send(plan)          # before each tick: every follower gets the plan
     follow(rank, ...)                 # a follower: build the same sharded executor, then
                                       # run every plan it is sent, in order
@@ -35,15 +38,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from workers.parallel.dp import DP
 from workers.parallel.tp import TP
 
 log = logging.getLogger(__name__)
 TIMEOUT = dt.timedelta(minutes=10)  # a collective this late means a rank is stuck
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """A rank's place in the worker: its global rank, its tensor-parallel group (the ranks
+    of its replica) and its data-parallel group (its peers in the other replicas)."""
+
+    rank: int
+    tp: TP
+    dp: DP
+
+
 @dataclass
 class Leader:
-    tp: TP
+    ranks: Ranks
     pipes: list[Any]
     procs: list[mp.process.BaseProcess]
     dead: threading.Event = field(default_factory=threading.Event)  # set: closing
@@ -55,25 +69,27 @@ class Leader:
         """Spawn ranks 1..N-1, each calling `build(settings, rank=, join=)` for its executor
         (a picklable callable, `Executor.build`: this module imports no executor), and join
         them as rank 0."""
-        n = settings.tensor_parallel_size
+        t, n = settings.tensor_parallel_size, settings.world_size
         if device.type == "cuda" and torch.cuda.device_count() < n:
-            raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; "
-                             f"{torch.cuda.device_count()} are visible")
+            raise ValueError(f"data_parallel_size={n // t} × tensor_parallel_size={t} needs "
+                             f"{n} GPUs; {torch.cuda.device_count()} are visible")
         ctx = mp.get_context("spawn")
         address = f"tcp://127.0.0.1:{_free_port()}"
         pipes, procs = [], []
         for rank in range(1, n):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=follow, args=(rank, n, address, settings, theirs, build),
-                               name=f"tinkerq-tp-rank{rank}", daemon=True)
+            proc = ctx.Process(target=follow, args=(rank, n, t, address, settings, theirs,
+                                                    build),
+                               name=f"tinkerq-rank{rank}", daemon=True)
             proc.start()
             pipes.append(mine)
             procs.append(proc)
-        tp = _join(0, n, address, device)
-        leader = cls(tp, pipes, procs, seeds=random.Random(settings.random_seed)
+        ranks = _join(0, n, t, address, device)
+        leader = cls(ranks, pipes, procs, seeds=random.Random(settings.random_seed)
                      if settings.random_seed >= 0 else random.SystemRandom())
-        threading.Thread(target=leader._watch, name="tinkerq-tp-watchdog", daemon=True).start()
-        log.info("tensor parallelism over %d ranks (%s)", n, dist.get_backend(tp.group))
+        threading.Thread(target=leader._watch, name="tinkerq-rank-watchdog", daemon=True).start()
+        log.info("%d ranks: %d data-parallel replica(s) × %d tensor-parallel rank(s) (%s)",
+                 n, n // t, t, dist.get_backend())
         return leader
 
     def send(self, plan: Any) -> int:
@@ -121,13 +137,13 @@ class Leader:
         than hang in a collective); its unacknowledged tasks run again after the restart."""
         proc = self.procs[rank - 1]
         proc.join(timeout=1)
-        log.critical("tensor-parallel rank %d exited (code %s); the worker stops so that it "
-                     "restarts whole", rank, proc.exitcode)
+        log.critical("rank %d exited (code %s); the worker stops so that it restarts whole",
+                     rank, proc.exitcode)
         logging.shutdown()
         os._exit(70)
 
 
-def follow(rank: int, size: int, address: str, settings: Any, pipe: Any,
+def follow(rank: int, size: int, tp_size: int, address: str, settings: Any, pipe: Any,
            build: Callable[..., Any]) -> None:
     """A follower rank's whole life: join, build the executor, run plans until told off."""
     logging.basicConfig(level=logging.INFO,
@@ -135,7 +151,7 @@ def follow(rank: int, size: int, address: str, settings: Any, pipe: Any,
     parent = os.getppid()
     threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
     executor = build(settings, rank=rank, join=lambda device: _join(
-        rank, size, address, device))
+        rank, size, tp_size, address, device))
     while True:
         try:
             seed, plan = pipe.recv()
@@ -145,13 +161,25 @@ def follow(rank: int, size: int, address: str, settings: Any, pipe: Any,
         executor.run_here(plan, seed)
 
 
-def _join(rank: int, size: int, address: str, device: torch.device) -> TP:
+def _join(rank: int, size: int, tp_size: int, address: str, device: torch.device) -> Ranks:
+    """Join the worker's process group, then its subgroups: the ranks of each replica (for
+    tensor parallelism) and each tensor-parallel rank's peers across the replicas (for
+    data parallelism). Every rank makes every subgroup, in the same order."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
                             timeout=TIMEOUT)
-    return TP(rank, size, dist.group.WORLD)
+    replicas, (replica, t) = size // tp_size, divmod(rank, tp_size)
+    tp_group = dp_group = dist.group.WORLD
+    if 1 < tp_size < size:
+        for d in range(replicas):
+            group = dist.new_group(list(range(d * tp_size, (d + 1) * tp_size)))
+            tp_group = group if d == replica else tp_group
+        for i in range(tp_size):
+            group = dist.new_group(list(range(i, size, tp_size)))
+            dp_group = group if i == t else dp_group
+    return Ranks(rank, TP(t, tp_size, tp_group), DP(replica, replicas, dp_group))
 
 
 def _orphan_watch(parent: int) -> None:

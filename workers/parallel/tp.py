@@ -183,7 +183,7 @@ def apply_tp(model, tp: TP) -> dict[int, tuple[int, int, int] | None]:
         layer.tp, layer.tp_style, layer.tp_span = tp, style, (lo, hi)
         layer.full_features = (full_in, full_out)
     _check_heads(model, tp)
-    model.tp = tp
+    model.tp, model.rank = tp, tp.rank  # (Executor.build sets the worker-wide rank)
     return done
 
 

@@ -190,7 +190,7 @@ class RunningBatch:
                     arena.release(s, r.region)
                 break  # waits for running sequences to free their regions
             self.waiting.popleft()
-            r.seqs = [Seq(r, j, s) for j, s in enumerate(starts)]
+            r.seqs = [Seq(r, j, s) for j, s in enumerate(starts, start=r.spec.first_index)]
             r.open = len(r.seqs)
             joined.append(r)
         if joined:

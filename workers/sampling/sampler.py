@@ -46,11 +46,12 @@ class SampleSpec:
     prompt_logprobs_last_n: int | None = None  # score only the prompt's last n tokens
     prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first
     target_prompt: dict | None = None  # {"ids": [L-1][K] (-1: none), "layout": CSR | None}
+    first_index: int = 0  # the index of the first sample (a data-parallel replica's block)
 
     @classmethod
     def of(cls, body: dict[str, Any], slot: int) -> SampleSpec:
         """The spec of a sample job's payload (protocol/jobs.py), on adapter `slot`."""
-        names = {f.name for f in fields(cls)} - {"slot"}
+        names = {f.name for f in fields(cls)} - {"slot", "first_index"}
         return cls(slot=slot, **{k: v for k, v in body.items() if k in names})
 
     @property

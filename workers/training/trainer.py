@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,11 @@ class JobResult:
     error: str | None = None
 
 
+# (this replica's results, the exception its pass raised) -> the jobs that failed on any
+# replica; raises if any replica's pass raised (every replica then retries alike)
+Agree = Callable[[list[JobResult], Exception | None], set[int]]
+
+
 @dataclass
 class _Row:
     job: int  # index into the tick's jobs
@@ -73,12 +79,30 @@ class Trainer:
         self.checkpoint_layers = checkpoint_layers
         self.learned_budget: int | None = None  # lowered by out-of-memory errors
 
-    def run(self, jobs: list[TrainJob]) -> list[JobResult]:
+    def run(self, jobs: list[TrainJob], agree: Agree | None = None) -> list[JobResult]:
+        """Every job's outputs, loss and metrics; the gradients of the jobs that ran whole
+        are added to their adapters. With `agree` (data parallelism), the replicas settle
+        which jobs failed before any gradient is committed (see `Agree`)."""
         rows = [_Row(j, d, job.slot, not job.request.forward_only)
                 for j, job in enumerate(jobs) for d in job.request.data]
         results = [JobResult() for _ in jobs]
         staged: dict[int, list[torch.Tensor]] = {}
-        per_row: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        per_row: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, float]]] = {}
+        raised: Exception | None = None
+        try:
+            self._compute(jobs, rows, results, staged, per_row)
+            self._collect(jobs, rows, results, per_row)
+        except Exception as e:  # noqa: BLE001 - raised again below, after the agreement
+            if agree is None:
+                raise
+            raised = e
+        if agree is not None:
+            for j in agree(results, raised):  # raises if any replica raised
+                results[j].error = results[j].error or "failed on another data-parallel replica"
+        self._commit(jobs, results, staged)
+        return results
+
+    def _compute(self, jobs, rows, results, staged, per_row) -> None:
         learned = self.learned_budget
         training = {job.slot for job in jobs if not job.request.forward_only}
         # This tick's staged gradients, and their sum with .grad at commit, live beside it.
@@ -92,7 +116,10 @@ class Trainer:
             estimate = tp.agree_min(estimate_budget(self.model, self.checkpoint_layers,
                                                  self.chunk_tokens, reserve), self.model.tp)
             self.learned_budget = grown if grown < estimate else None
-        self._commit(jobs, results, staged)
+
+    @staticmethod
+    def _collect(jobs, rows, results, per_row) -> None:
+        """Each job's per-datum outputs, summed loss and custom metrics, on the host."""
         for i, row in enumerate(rows):
             result = results[row.job]
             if result.error is None:
@@ -106,7 +133,6 @@ class Trainer:
             for key in result.metrics:  # ...and averaged, for the :mean ones
                 if key.endswith(":mean"):
                     result.metrics[key] /= len(job.request.data)
-        return results
 
     # --- memory -------------------------------------------------------------------------------
     def budget(self, reserve: int = 0) -> int:
