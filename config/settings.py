@@ -179,6 +179,13 @@ class Settings:
         600.0, "A call pending this long on a queue whose worker has not been seen (heartbeat) "
         "for this long fails with a server error instead of waiting for ever."
     )
+    failover_after_s: float = _opt(
+        60.0, "A worker is live while it beat within this many seconds (new runs and "
+        "sampling sessions go to live workers). A queue whose workers have all been silent "
+        "this long is taken over by a live worker of the same base model: its runs (rebuilt "
+        "from their snapshots and calls), samplers and pending calls move there. A worker "
+        "that could not beat for this long stops, to restart with nothing stale in memory."
+    )
     random_seed: int = _opt(
         -1, "Seed of the worker's own random choices: the LoRA init of a create call without a "
         "seed and the sampling seed of a request without one, in the order they come; -1 = a "
@@ -250,6 +257,9 @@ class Settings:
         if self.resend_after_s <= 0 or self.worker_lost_s <= 0:
             raise SettingsError(f"resend_after_s={self.resend_after_s} and worker_lost_s="
                                 f"{self.worker_lost_s} must be above 0")
+        if not 0 < self.failover_after_s < self.worker_lost_s:
+            raise SettingsError(f"failover_after_s={self.failover_after_s} must be above 0 and "
+                                f"below worker_lost_s={self.worker_lost_s}")
         if self.checkpoint_sweep_s < 0:
             raise SettingsError(f"checkpoint_sweep_s={self.checkpoint_sweep_s} must be >= 0")
         if self.max_offload_gib < 0 or self.release_idle_s < 0 or self.session_idle_s <= 0:

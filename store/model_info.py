@@ -16,10 +16,12 @@ from protocol.errors import RequestError
 
 
 class ModelInfo:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, path: Path | None = None):
+        """The model of `settings`, or the one in folder `path` (another base model, as a
+        worker of it registered its folder)."""
         self._settings = settings
         self._config: dict[str, Any] | None = None
-        self._path: Path | None = None
+        self._path: Path | None = path
 
     @property
     def path(self) -> Path:

@@ -217,6 +217,11 @@ class WorkerRow(Base):
     base_model: Mapped[str] = mapped_column(String(256))
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    names: Mapped[str] = mapped_column(String(1024), default="")  # base_model, aliases: ","
+    model_path: Mapped[str] = mapped_column(String(1024), default="")  # its config.json's folder
+    gpus: Mapped[int] = mapped_column(Integer, default=0)  # 0: the CPU
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # training runs it holds
+    max_runs: Mapped[int] = mapped_column(Integer, default=0)  # its max_models
 
 
 class AuditRow(Base):

@@ -1,6 +1,13 @@
-"""Which GPU workers are alive, and the calls no live worker holds.
+"""The worker registry: which GPU workers are alive, what they serve, and the calls no live
+worker holds.
 
-A worker beats (`beat`) every few seconds from its housekeeping thread. Its request sweep
+A worker beats (`beat`) every few seconds from its housekeeping thread, with what it serves
+(its base model's names and folder, its GPUs, its runs). The API lists the base models of
+the live workers (`live`: beaten within failover_after_s), places a new training run on the
+live worker of its base model that holds the fewest runs (`pick_trainer`) and a sampling
+session on the one with the fewest unanswered samples (`pick_sampler`). A live worker takes
+over the runs, samplers and pending calls of a queue of its base model whose workers have
+been silent for failover_after_s (`dead_queues`, `take_over`). Its request sweep
 (`unanswered`) finds the calls of its queue that wait with no message behind them, to send
 again; and `retrieve_future` fails a call (`abandon`) whose queue has had no live worker for
 worker_lost_s, so that no future waits for ever.
@@ -15,21 +22,108 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from store.schema import FAILED, PENDING, RequestRow, WorkerRow, utcnow
+from store.schema import FAILED, PENDING, ModelRow, RequestRow, SamplerRow, WorkerRow, utcnow
 
 FORGET_AFTER = dt.timedelta(days=1)  # a worker row silent this long is deleted
 
 
-def beat(s: Session, worker_id: str, queue: str, host: str, pid: int, base_model: str) -> None:
-    """Record that the worker is alive now (its first beat creates its row)."""
+def beat(s: Session, worker_id: str, queue: str, host: str, pid: int, base_model: str,
+         **serves: Any) -> None:
+    """Record that the worker is alive now (its first beat creates its row), and what it
+    serves: `names`, `model_path`, `gpus`, `runs`, `max_runs` (WorkerRow's columns)."""
     now = utcnow()
     row = s.get(WorkerRow, worker_id)
     if row is None:
-        s.add(WorkerRow(id=worker_id, queue=queue, host=host, pid=pid, base_model=base_model,
-                        started_at=now, heartbeat_at=now))
-    else:
-        row.heartbeat_at = now
+        row = WorkerRow(id=worker_id, queue=queue, host=host, pid=pid, base_model=base_model,
+                        started_at=now)
+        s.add(row)
+    row.heartbeat_at = now
+    for name, value in serves.items():
+        setattr(row, name, value)
     s.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < now - FORGET_AFTER))
+
+
+def live(s: Session, within: dt.timedelta) -> list[WorkerRow]:
+    """The workers that beat within `within`, newest first."""
+    return list(s.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= utcnow() - within)
+                          .order_by(WorkerRow.heartbeat_at.desc())))
+
+
+def serving(s: Session, name: str, within: dt.timedelta) -> list[WorkerRow]:
+    """The live workers whose base model answers to `name` (its name or an alias), one per
+    queue."""
+    found: dict[str, WorkerRow] = {}
+    for row in live(s, within):
+        if name in names_of(row) and row.queue not in found:
+            found[row.queue] = row
+    return list(found.values())
+
+
+def model_path(s: Session, name: str) -> str | None:
+    """The folder of base model `name` as its most recent worker registered it."""
+    for row in s.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())):
+        if name in names_of(row) and row.model_path:
+            return row.model_path
+    return None
+
+
+def names_of(row: WorkerRow) -> list[str]:
+    return [n for n in (row.names or row.base_model).split(",") if n]
+
+
+def _pending(s: Session, kind: str) -> dict[str, int]:
+    return dict(s.execute(select(RequestRow.queue, func.count()).where(
+        RequestRow.state == PENDING, RequestRow.kind == kind).group_by(RequestRow.queue)).all())
+
+
+def pick_trainer(s: Session, name: str, within: dt.timedelta) -> WorkerRow | None:
+    """The live worker of base model `name` for a new training run: the fewest runs held
+    or on their way (creations pending), then the queue's name."""
+    creating = _pending(s, "create_model")
+    rows = serving(s, name, within)
+    return min(rows, key=lambda r: (r.runs + creating.get(r.queue, 0), r.queue), default=None)
+
+
+def pick_sampler(s: Session, name: str, within: dt.timedelta) -> WorkerRow | None:
+    """The live worker of base model `name` for a new sampling session: the fewest
+    unanswered samples, then the queue's name."""
+    waiting = _pending(s, "sample")
+    rows = serving(s, name, within)
+    return min(rows, key=lambda r: (waiting.get(r.queue, 0), r.queue), default=None)
+
+
+def dead_queues(s: Session, base_model: str, mine: str, after: dt.timedelta
+                ) -> list[tuple[str, dt.datetime]]:
+    """The queues of base model `base_model` (not `mine`) whose workers have all been
+    silent for `after`, and that still own runs, samplers or pending calls: (queue, its
+    last heartbeat)."""
+    last = dict(s.execute(select(WorkerRow.queue, func.max(WorkerRow.heartbeat_at))
+                          .where(WorkerRow.base_model == base_model, WorkerRow.queue != mine)
+                          .group_by(WorkerRow.queue)).all())
+    dead = [(q, seen) for q, seen in last.items() if seen < utcnow() - after]
+    owned = {q for (q,) in s.execute(select(ModelRow.queue).where(
+        ModelRow.queue.in_([q for q, _ in dead])).distinct())}
+    owned |= {q for (q,) in s.execute(select(SamplerRow.queue).where(
+        SamplerRow.queue.in_([q for q, _ in dead])).distinct())}
+    owned |= {q for (q,) in s.execute(select(RequestRow.queue).where(
+        RequestRow.queue.in_([q for q, _ in dead]), RequestRow.state == PENDING).distinct())}
+    return sorted((q, seen) for q, seen in dead if q in owned)
+
+
+def take_over(s: Session, queue: str, mine: str) -> tuple[int, int, Sequence[Any]]:
+    """Move the runs, samplers and pending calls of `queue` to `mine`; returns how many
+    runs and samplers moved, and the moved calls as (id, kind, summary, queue) rows."""
+    runs = s.execute(update(ModelRow).where(ModelRow.queue == queue).values(queue=mine))
+    samplers = s.execute(update(SamplerRow).where(SamplerRow.queue == queue).values(queue=mine))
+    calls = s.execute(select(RequestRow.id).where(RequestRow.queue == queue,
+                                                  RequestRow.state == PENDING)).scalars().all()
+    s.execute(update(RequestRow).where(RequestRow.id.in_(calls), RequestRow.queue == queue)
+              .values(queue=mine))  # (another taker may have moved some first)
+    moved = s.execute(select(RequestRow.id, RequestRow.kind, RequestRow.summary,
+                             RequestRow.queue).where(RequestRow.id.in_(calls),
+                                                     RequestRow.queue == mine)
+                      .order_by(RequestRow.created_at)).all() if calls else []
+    return runs.rowcount, samplers.rowcount, moved
 
 
 def last_seen(s: Session, queue: str) -> dt.datetime | None:

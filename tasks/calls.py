@@ -17,7 +17,6 @@ from sqlalchemy.exc import IntegrityError
 from protocol import paths
 from protocol.checks import (
     check_adam,
-    check_base_model,
     check_forward_backward,
     check_lora,
     check_optimizer_config,
@@ -32,7 +31,7 @@ from protocol.wire import TextOnlyError, WireError, decode_forward_backward
 from store import usage
 from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from store.sessions import owner_urn
-from tasks import custom_losses, stability
+from tasks import custom_losses, placement, stability
 from tasks.saves import checkpoint_dir
 from tasks.submit import Submitter, future, new_request_id, payload
 
@@ -53,7 +52,8 @@ def create_model(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
     model_id = new_model_id(sub, tenant, body)
     if found := sub.store.request_holding(model_id, None, 0):
         return future(found, model_id)
-    base = check_base_model(field(body, "base_model", str), sub.settings)
+    base = field(body, "base_model", str)
+    queue = placement.queue_for(sub, base, training=True)  # (400 if no worker serves it)
     lora = check_lora(field(body, "lora_config", dict, {}), sub.settings)
     check_optimizer_config(body.get("optimizer_config"))
     model = ModelRow(
@@ -67,7 +67,7 @@ def create_model(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
         train_mlp=lora["train_mlp"],
         train_unembed=lora["train_unembed"],
         user_metadata=field(body, "user_metadata", dict, {}),
-        queue=sub.settings.queue,
+        queue=queue,
     )
     data = {"model_id": model_id, "base_model": base, "lora": lora}
     return sub.creation(model, "create_model", data)
@@ -127,7 +127,7 @@ def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
         return future(found, model_id)
     ckpt, source = weights_source(sub, tenant, body)
     if body.get("base_model") is not None:
-        check_base_model(field(body, "base_model", str), sub.settings)
+        placement.queue_for(sub, field(body, "base_model", str), training=True)  # served?
     check_optimizer_config(body.get("optimizer_config"))
     metadata = field(body, "user_metadata", dict, None)
     model = ModelRow(
@@ -140,7 +140,7 @@ def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
         train_attn=source.train_attn,
         train_mlp=source.train_mlp,
         train_unembed=source.train_unembed,
-        queue=sub.settings.queue,
+        queue=placement.queue_for(sub, source.base_model, training=True),
         user_metadata=dict(source.user_metadata) if metadata is None else metadata,
     )
     return sub.creation(model, "load_weights", load_data(model_id, True, body, ckpt, source))
@@ -184,7 +184,8 @@ def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]
             stored = stability.resolve(sub, model, req, body)
         if req.loss_fn == CUSTOM:  # the loss's graph goes in
             stored = custom_losses.resolve(sub, model, req, body)
-        check_forward_backward(req, sub.settings, sub.model.vocab_size)
+        check_forward_backward(req, sub.settings,
+                               placement.model_info(sub, model.base_model).vocab_size)
         return stored, f"loss={req.loss_fn} datums={len(req.data)} tokens={req.num_tokens}"
 
     return sub.numbered(model, check_seq_id(req.seq_id), kind, build)
@@ -248,7 +249,8 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
             sampler.base_model, sampler.model_path = source.base_model, path
             sampler.checkpoint_dir = folder
         else:
-            sampler.base_model = check_base_model(field(body, "base_model", str), sub.settings)
+            sampler.base_model = field(body, "base_model", str)
+        sampler.queue = placement.queue_for(sub, sampler.base_model, training=False)
         s.add(sampler)
     return sampler
 
@@ -256,8 +258,8 @@ def _new_sampler(sub: Submitter, tenant: str, body: dict[str, Any], planned: boo
 def sample(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
     sampler = sub.load_sampler(tenant, body.get("sampling_session_id"))
     seq_id = field(body, "seq_id", int)
-    data = check_sample(body, sub.settings, sub.model.vocab_size,
-                        sub.model.max_position_embeddings)
+    info = placement.model_info(sub, sampler.base_model)
+    data = check_sample(body, sub.settings, info.vocab_size, info.max_position_embeddings)
     data["adapter_dir"] = sampler.checkpoint_dir
     record = field(body, "record_stability_info", bool, False)
     row = RequestRow(

@@ -69,9 +69,9 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
         if restored:
             log.warning("put back %d call(s) that a previous worker of queue %s had taken "
                         "and not finished", restored, queue)
-        store = context.get()[0]
+        store, _, engine = context.get()
         housekeeping.start(store, celery_app.conf.tinkerq_settings, held, resend,
-                           lambda: queue_depth(queue))
+                           lambda: queue_depth(queue), lambda: len(engine.executor.runs))
 
 
 def restore_orphans(queue: str, before: float) -> int:
@@ -189,24 +189,31 @@ def run_request(request_id: str) -> str:
             _HELD.discard(request_id)
 
 
-def _read(store: Store, request_id: str) -> Job | None:
+def _read(store: Store, request_id: str) -> tuple[Job, str] | None:
+    """The call's job and the queue that runs it now."""
     with store.transaction() as db:
         row = db.get(RequestRow, request_id)
-        return None if row is None else _job_for(row)
+        return None if row is None else (_job_for(row), row.queue)
 
 
 def _run(request_id: str) -> str:
     store, doorbell, engine = context.get()
-    job = store.patiently(lambda: _read(store, request_id), f"reading {request_id}")
-    if job is None:
+    found = store.patiently(lambda: _read(store, request_id), f"reading {request_id}")
+    if found is None:
         log.warning("request %s is not in the database; dropped", request_id)
         return "missing"
+    job, queue = found
+    settings = celery_app.conf.tinkerq_settings
+    if queue and queue != settings.queue:
+        # its run moved to another worker (a failover) after this message was sent: only
+        # the worker that owns the run may run it
+        resend(request_id, job.kind, "", queue)
+        return f"moved to queue {queue}"
     if job.kind == "skip" and (job.seq_id is None or job.model_id is None):
         doorbell.ring(request_id)  # nothing to order (a creation, a sample): wake any poller
         return "already answered"
     if (job.model_id is not None and job.kind not in OPENING_KINDS | {"skip"}
             and not engine.knows(job.model_id)):
-        settings = celery_app.conf.tinkerq_settings
         restore = store.patiently(lambda: recovery.restore_job(store, settings, job.model_id),
                                   f"reading what rebuilds {job.model_id}")
         if restore is not None:

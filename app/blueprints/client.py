@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint
 
 from app.blueprints.common import services
+from tasks import placement
 
 bp = Blueprint("client", __name__)
 
@@ -42,6 +43,7 @@ def healthz() -> dict[str, Any]:
 @bp.get("/get_server_capabilities")
 def server_capabilities() -> dict[str, Any]:
     settings = services().settings
+    names = placement.served(services().submit)
     models = [
         {
             "model_name": name,
@@ -49,6 +51,6 @@ def server_capabilities() -> dict[str, Any]:
             "trainable": True,
             "sampleable": True,
         }
-        for name in settings.served_model_names()
+        for name in names
     ]
     return {"supported_models": models}

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint
 
 from app.blueprints.common import json_body, services, tenant
-from tasks import calls
+from tasks import calls, placement
 
 bp = Blueprint("models", __name__)
 
@@ -24,7 +24,7 @@ def create_model() -> dict[str, Any]:
 @bp.post("/get_info")
 def get_info() -> dict[str, Any]:
     model = services().submit.load_model(tenant(), json_body().get("model_id"))
-    info = services().model
+    info = placement.model_info(services().submit, model.base_model)
     return {
         "type": "get_info",
         "model_id": model.id,
