@@ -22,7 +22,16 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from store.schema import FAILED, PENDING, ModelRow, RequestRow, SamplerRow, WorkerRow, utcnow
+from store.schema import (
+    FAILED,
+    PENDING,
+    ModelRow,
+    RequestRow,
+    SamplerRow,
+    SessionRow,
+    WorkerRow,
+    utcnow,
+)
 
 FORGET_AFTER = dt.timedelta(days=1)  # a worker row silent this long is deleted
 
@@ -71,23 +80,22 @@ def names_of(row: WorkerRow) -> list[str]:
     return [n for n in (row.names or row.base_model).split(",") if n]
 
 
-def _pending(s: Session, kind: str) -> dict[str, int]:
-    return dict(s.execute(select(RequestRow.queue, func.count()).where(
-        RequestRow.state == PENDING, RequestRow.kind == kind).group_by(RequestRow.queue)).all())
-
-
 def pick_trainer(s: Session, name: str, within: dt.timedelta) -> WorkerRow | None:
-    """The live worker of base model `name` for a new training run: the fewest runs held
-    or on their way (creations pending), then the queue's name."""
-    creating = _pending(s, "create_model")
+    """The live worker of base model `name` for a new training run: the fewest runs of
+    live sessions assigned to its queue (a creation counts from its transaction on), then
+    the queue's name."""
+    assigned = dict(s.execute(
+        select(ModelRow.queue, func.count()).join(SessionRow, SessionRow.id == ModelRow.session_id)
+        .where(SessionRow.finished_at.is_(None)).group_by(ModelRow.queue)).all())
     rows = serving(s, name, within)
-    return min(rows, key=lambda r: (r.runs + creating.get(r.queue, 0), r.queue), default=None)
+    return min(rows, key=lambda r: (assigned.get(r.queue, 0), r.queue), default=None)
 
 
 def pick_sampler(s: Session, name: str, within: dt.timedelta) -> WorkerRow | None:
     """The live worker of base model `name` for a new sampling session: the fewest
     unanswered samples, then the queue's name."""
-    waiting = _pending(s, "sample")
+    waiting = dict(s.execute(select(RequestRow.queue, func.count()).where(
+        RequestRow.state == PENDING, RequestRow.kind == "sample").group_by(RequestRow.queue)).all())
     rows = serving(s, name, within)
     return min(rows, key=lambda r: (waiting.get(r.queue, 0), r.queue), default=None)
 

@@ -107,6 +107,9 @@ class TrainingState:
     spec: AdapterSpec
     optimizer: AdamState | None
     base_model: str
+    # on the device: one fp32 buffer that every tensor above is a view of, in order (the
+    # weights, then the first moments, then the second): one copy brings it all to the host
+    flat: torch.Tensor | None = None
 
 
 def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | None,
@@ -124,10 +127,28 @@ def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | No
                               tp.full_tensors(layers, optimizer.exp_avg_sq))
     if not _writes(model):
         return None
-    if on_device and optimizer is not None:
-        optimizer = AdamState(optimizer.step, [m.detach().clone() for m in optimizer.exp_avg],
-                              [v.detach().clone() for v in optimizer.exp_avg_sq])
-    return TrainingState(tensors, spec, optimizer, base_model)
+    if not on_device:
+        return TrainingState(tensors, spec, optimizer, base_model)
+    moments = [] if optimizer is None else [*optimizer.exp_avg, *optimizer.exp_avg_sq]
+    names = list(tensors)
+    flat, views = _packed([*tensors.values(), *moments])
+    tensors = dict(zip(names, views[:len(names)], strict=True))
+    if optimizer is not None:
+        n, rest = len(optimizer.exp_avg), views[len(names):]
+        optimizer = AdamState(optimizer.step, rest[:n], rest[n:])
+    return TrainingState(tensors, spec, optimizer, base_model, flat)
+
+
+def _packed(sources: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 copies of `sources` as views of one new buffer on their device, made by one
+    batched copy (a run's state is some thousand small tensors: one launch each would
+    cost the tick milliseconds)."""
+    flat = torch.empty(sum(t.numel() for t in sources), dtype=torch.float32,
+                       device=sources[0].device)
+    views = [part.view(t.shape) for part, t in zip(
+        flat.split([t.numel() for t in sources]), sources, strict=True)]
+    torch._foreach_copy_(views, [t.detach() for t in sources])
+    return flat, views
 
 
 def write_training_state(path: Path, state: TrainingState) -> int:
@@ -193,12 +214,12 @@ def _spec_of(model: LoraModel, slot: int) -> AdapterSpec:
 def _peft_tensors(model: LoraModel, slot: int, host: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's whole A and B under peft's names (a collective under tensor
     parallelism: every rank calls it, rank 0 writes), on the CPU or, with `host` off, as
-    fp32 copies of their own on the model's device."""
+    they are on the model's device (the caller copies them)."""
     tensors = {}
     for name, (A, B) in model.full_adapter(slot).items():
         for part, t in (("A", A), ("B", B)):
-            t = t.float().cpu() if host else t.detach().float().clone()
-            tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"] = t.contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"] = (
+                t.float().cpu().contiguous() if host else t)
     return tensors
 
 

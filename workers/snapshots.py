@@ -100,22 +100,25 @@ class SnapshotWriter:
         optimizer = state.optimizer
         moments = [] if optimizer is None else [*optimizer.exp_avg, *optimizer.exp_avg_sq]
         tensors = [*state.tensors.values(), *moments]
-        device = tensors[0].device
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        flat = state.flat
+        sources = [flat] if flat is not None else tensors  # one buffer: one copy
+        total = sum(t.numel() * t.element_size() for t in sources)
         if self._pinned is None or self._pinned.numel() < total:
             self._pinned = None  # the old buffer goes before the larger one is made
             self._pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        stream = self._streams.setdefault(device, torch.cuda.Stream(device))
-        views, offset = [], 0
+        stream = self._streams.setdefault(sources[0].device, torch.cuda.Stream(sources[0].device))
+        copies, offset = [], 0
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            for t in tensors:
+            for t in sources:
                 size = t.numel() * t.element_size()
                 view = self._pinned[offset:offset + size].view(t.dtype).view(t.shape)
                 view.copy_(t, non_blocking=True)
-                views.append(view)
+                copies.append(view)
                 offset += size
         stream.synchronize()
+        views = copies if flat is None else [part.view(t.shape) for part, t in zip(
+            copies[0].split([t.numel() for t in tensors]), tensors, strict=True)]
         names = list(state.tensors)
         host = dict(zip(names, views[:len(names)], strict=True))
         if optimizer is not None:

@@ -21,11 +21,11 @@ from tests.api.test_training import PROTO, datum, fwdbwd_body
 OTHER = "acme/other-base"
 
 
-def register(services, queue: str, base: str, names: str, path: str = "", runs: int = 0,
+def register(services, queue: str, base: str, names: str, path: str = "",
              age_s: float = 0.0) -> None:
     with services.store.transaction() as s:
         workers.beat(s, f"{queue}@host:1", queue, "host", 1, base, names=names,
-                     model_path=path, gpus=1, runs=runs, max_runs=8)
+                     model_path=path, gpus=1, runs=0, max_runs=8)
         s.execute(update(WorkerRow).where(WorkerRow.queue == queue).values(
             heartbeat_at=utcnow() - dt.timedelta(seconds=age_s)))
 
@@ -52,17 +52,26 @@ def test_capabilities_list_the_live_workers_base_models(api, services, settings,
     assert sorted(served(api)) == sorted([settings.base_model, ALIAS, OTHER])  # not the stale
 
 
-def test_new_runs_go_to_the_least_loaded_worker_of_their_base_model(api, services, settings,
-                                                                    session_id, tmp_path):
-    register(services, "gpu-a1", settings.base_model, ALIAS, runs=2)
-    register(services, "gpu-a2", settings.base_model, ALIAS, runs=0)
+def test_new_runs_go_to_the_least_loaded_worker_of_their_base_model(api, other, services,
+                                                                    settings, session_id,
+                                                                    tmp_path):
+    register(services, "gpu-a1", settings.base_model, ALIAS)
     register(services, "gpu-b", OTHER, OTHER, other_model(tmp_path))
-    queues = []
-    for seq in range(3):  # a1 holds 2 runs, a2 none: a2 takes two, then the tie goes to a1
-        model_id = api.ok("create_model", create_model_body(session_id, seq=seq))["model_id"]
+
+    theirs = other.ok("create_session", {"tags": [], "sdk_version": "0.38.0",
+                                          "type": "create_session"})["session_id"]
+
+    def create(seq: int, client=api, session=session_id) -> str:
+        body = create_model_body(session, seq=seq)
+        model_id = client.ok("create_model", body)["model_id"]
         with services.store.transaction() as s:
-            queues.append(s.get(ModelRow, model_id).queue)
-    assert queues == ["gpu-a2", "gpu-a2", "gpu-a1"]
+            return s.get(ModelRow, model_id).queue
+
+    # another tenant's two runs, on the only worker of the model; its runs count too
+    assert [create(0, other, theirs), create(1, other, theirs)] == ["gpu-a1", "gpu-a1"]
+    register(services, "gpu-a2", settings.base_model, ALIAS)  # a second one comes up
+    # a1 holds 2 runs, a2 none: a2 takes two, then the tie goes to a1 (the queue's name)
+    assert [create(2), create(3), create(4)] == ["gpu-a2", "gpu-a2", "gpu-a1"]
     body = create_model_body(session_id, seq=9) | {"base_model": OTHER}
     model_id = api.ok("create_model", body)["model_id"]
     with services.store.transaction() as s:

@@ -158,6 +158,22 @@ class Stack:
             self._spawn("flower", ["/bin/sh", "-c", procfile_command("flower")])
         self._wait_until_ready()
 
+    def add_worker(self, name: str, timeout: float = 120.0, **env: str) -> None:
+        """Start one more GPU worker (`python -m workers`) as process `name`, with these
+        environment variables over the stack's (its TINKERQ_QUEUE, TINKERQ_BASE_MODEL...),
+        and wait until it is ready."""
+        own = self.env | env
+        self.commands[name] = [sys.executable, "-m", "workers"]
+        log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(
+            self.commands[name], cwd=ROOT, env=own, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while b" ready." not in (self.data_dir / f"{name}.log").read_bytes():
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not become ready:\n{self.logs()}")
+            time.sleep(0.3)
+
     def _wait_until_ready(
         self, timeout: float = 120.0, log_offset: dict[str, int] | None = None
     ) -> None:
