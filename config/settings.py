@@ -30,6 +30,11 @@ class Settings:
     data_dir: str = _opt(
         "var", "Folder for the SQLite file, checkpoints, the embedded Redis and the default model."
     )
+    store_dir: str = _opt(
+        "", "Folder of the checkpoint store that every worker and API process reads and writes "
+        "(checkpoints, run snapshots); empty = data_dir. On several hosts: one shared mount "
+        "(NFS and the like), the same path everywhere."
+    )
     database_url: str = _opt(
         "", "SQLAlchemy URL of the durable store; empty = SQLite file <data_dir>/tinkerq.db."
     )
@@ -215,8 +220,13 @@ class Settings:
         return self.data_parallel_size * self.tensor_parallel_size
 
     @property
+    def store_path(self) -> Path:
+        """The shared checkpoint store (store_dir, or data_dir)."""
+        return Path(self.store_dir).resolve() if self.store_dir else self.data_path
+
+    @property
     def checkpoint_root(self) -> Path:
-        return self.data_path / "checkpoints"
+        return self.store_path / "checkpoints"
 
     @property
     def released_dir(self) -> Path:
@@ -226,7 +236,7 @@ class Settings:
     @property
     def snapshot_root(self) -> Path:
         """The training runs' snapshots (see snapshot_every_steps), shared by the workers."""
-        return self.data_path / "snapshots"
+        return self.store_path / "snapshots"
 
     @property
     def offload_budget_bytes(self) -> int:

@@ -1,6 +1,8 @@
 """Many workers behind one API: three Celery workers, two serving the built-in tiny model
 and one a second tiny model of another shape, SDK clients on both base models at once; one
-of the pair is killed with SIGKILL mid-training and nothing restarts it.
+of the pair is killed with SIGKILL mid-training and nothing restarts it. The workers are
+laid out as on two hosts: each host has a data_dir of its own, and they share only the
+database, Redis and the checkpoint store (store_dir).
 
 The live one of the pair takes over its queue once it has been silent for failover_after_s
 (its runs are rebuilt from their snapshots and done calls, its pending calls sent again),
@@ -13,16 +15,18 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 import tinker
 import torch
+from safetensors.torch import load_file
 
 from store.engine import normalise_url
 from tests.e2e.stack import API_KEY, Stack
-from tests.e2e.test_chaos import ADAM, batch, final_state, pending_rows
+from tests.e2e.test_chaos import ADAM, batch, pending_rows
 from tests.e2e.test_sdk import BASE
 
 pytestmark = pytest.mark.e2e
@@ -48,11 +52,13 @@ def fleet(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack-fleet")
     other = write_other_model(tmp / "other-model")
     s = Stack.start(tmp / "data", "postgres", long_poll_seconds="5", snapshot_every_steps="3",
-                    resend_after_s="3", failover_after_s="10", checkpoint_sweep_s="0")
+                    resend_after_s="3", failover_after_s="10", checkpoint_sweep_s="0",
+                    store_dir=str(tmp / "store"))
     try:
-        queue = s.env["TINKERQ_QUEUE"]
-        s.add_worker("worker-a2", TINKERQ_QUEUE=f"{queue}-a2")
-        s.add_worker("worker-b", TINKERQ_QUEUE=f"{queue}-b", TINKERQ_BASE_MODEL=other)
+        queue, host2 = s.env["TINKERQ_QUEUE"], str(tmp / "host2")
+        s.add_worker("worker-a2", TINKERQ_QUEUE=f"{queue}-a2", TINKERQ_DATA_DIR=host2)
+        s.add_worker("worker-b", TINKERQ_QUEUE=f"{queue}-b", TINKERQ_BASE_MODEL=other,
+                     TINKERQ_DATA_DIR=host2)
         s.names = {queue: "worker", f"{queue}-a2": "worker-a2"}  # type: ignore[attr-defined]
         s.other = other  # type: ignore[attr-defined]
         deadline = time.monotonic() + 60  # every worker has beaten: all three are live
@@ -68,6 +74,14 @@ def served(stack: Stack) -> list[str]:
     answer = httpx.get(f"{stack.url}/api/v1/get_server_capabilities",
                        headers={"X-API-Key": API_KEY}, timeout=10).json()
     return [m["model_name"] for m in answer["supported_models"]]
+
+
+def final_state(stack: Stack, model_id: str) -> dict[str, torch.Tensor]:
+    """A run's final checkpoint, from the shared store."""
+    [folder] = Path(stack.env["TINKERQ_STORE_DIR"], "checkpoints").glob(
+        f"*/{model_id}/weights/final")
+    return {**load_file(folder / "adapter_model.safetensors"),
+            **load_file(folder / "optimizer.safetensors")}
 
 
 def queue_of(stack: Stack, model_id: str) -> str:
@@ -161,4 +175,5 @@ def test_a_killed_worker_of_the_pair_fails_over_to_the_other(fleet):
     assert pending_rows(fleet) == 0
     log = (fleet.data_dir / f"{fleet.names[survivor]}.log").read_text()
     assert f"took over queue {victim}" in log and "rebuilding model" in log
+    assert not Path(fleet.data_dir, "checkpoints").exists()  # all in the shared store
     assert sorted(served(fleet)) == sorted([BASE, fleet.other])  # the pair still serves
