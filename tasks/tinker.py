@@ -189,11 +189,12 @@ def run_request(request_id: str) -> str:
             _HELD.discard(request_id)
 
 
-def _read(store: Store, request_id: str) -> tuple[Job, str] | None:
-    """The call's job and the queue that runs it now."""
+def _read(store: Store, request_id: str) -> tuple[Job, str, str] | None:
+    """The call's job, the queue that runs it now and its kind (a finished call's job is a
+    `skip`)."""
     with store.transaction() as db:
         row = db.get(RequestRow, request_id)
-        return None if row is None else (_job_for(row), row.queue)
+        return None if row is None else (_job_for(row), row.queue, row.kind)
 
 
 def _run(request_id: str) -> str:
@@ -202,12 +203,12 @@ def _run(request_id: str) -> str:
     if found is None:
         log.warning("request %s is not in the database; dropped", request_id)
         return "missing"
-    job, queue = found
+    job, queue, kind = found
     settings = celery_app.conf.tinkerq_settings
     if queue and queue != settings.queue:
         # its run moved to another worker (a failover) after this message was sent: only
         # the worker that owns the run may run it
-        resend(request_id, job.kind, "", queue)
+        resend(request_id, kind, "", queue)
         return f"moved to queue {queue}"
     if job.kind == "skip" and (job.seq_id is None or job.model_id is None):
         doorbell.ring(request_id)  # nothing to order (a creation, a sample): wake any poller

@@ -126,7 +126,13 @@ class Executor:
                 recovery.snapshot(self, job)
         if plan.train:
             outcomes.update(self._train(plan.train))
-        finished = self._sample(plan.samples) if plan.samples else []
+        finished = []
+        for request_id, failure in self._sample(plan.samples) if plan.samples else []:
+            if self.replicas is not None and request_id in self.replicas.expected:
+                finished.append((request_id, failure))  # one replica's part failed
+            else:  # failed before any split: the same answer on every replica
+                self._sample_started.pop(request_id, None)
+                outcomes[request_id] = failure
         if self.sampling.busy:
             finished += self._decode()
         if self.replicas is not None:  # every replica, every tick: the parts that finished

@@ -177,3 +177,15 @@ def test_a_killed_worker_of_the_pair_fails_over_to_the_other(fleet):
     assert f"took over queue {victim}" in log and "rebuilding model" in log
     assert not Path(fleet.data_dir, "checkpoints").exists()  # all in the shared store
     assert sorted(served(fleet)) == sorted([BASE, fleet.other])  # the pair still serves
+
+    # The victim comes back: the calls it had taken when it died are put back on its queue,
+    # and it forwards them to the queue that owns their run now instead of running them.
+    name = fleet.names[victim]
+    env = {"TINKERQ_QUEUE": victim} | ({"TINKERQ_DATA_DIR": str(fleet.data_dir.parent / "host2")}
+                                       if name == "worker-a2" else {})
+    fleet.add_worker(name, **env)
+    deadline = time.monotonic() + 60
+    while "moved to queue" not in (fleet.data_dir / f"{name}.log").read_text():
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(0.5)
+    assert pending_rows(fleet) == 0

@@ -67,7 +67,8 @@ def follower(stack: Stack) -> psutil.Process:
 
 
 def test_two_ranks_serve_the_sdk(service, stack, tmp_path):
-    assert "tensor parallelism over 2 ranks (gloo)" in stack.logs(tail=100_000)
+    assert "1 data-parallel replica(s) × 2 tensor-parallel rank(s) (gloo)" in stack.logs(
+        tail=100_000)
     tc = service.create_lora_training_client(BASE, rank=8).result()
     first = tc.forward([datum(PROMPT)], "cross_entropy").result().metrics["loss:sum"]
     assert first == pytest.approx(one_rank_loss(tmp_path), rel=1e-5)

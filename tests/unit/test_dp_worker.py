@@ -82,10 +82,13 @@ def workload(ex: Executor, tmp) -> dict:
         "checkpoint_dir": str(folder), "tinker_path": "tinker://a/sampler_weights/s"}, "a", 6)]))
     asks = {"greedy": sample_body(3, 0.0, 1, str(folder)),
             "seeded": sample_body(5, 1.0, 42, str(folder)),
-            "one": sample_body(1, 1.0, 7, None), "base": sample_body(2, 1.0, None, None)}
+            "one": sample_body(1, 1.0, 7, None), "base": sample_body(2, 1.0, None, None),
+            "bad": sample_body(2, 1.0, 1, None) | {"prompt": [10**7]}}
     answers = ex.run(Plan(samples=[job("sample", body, rid=name) for name, body in asks.items()]))
     while ex.busy:
         answers.update(ex.run(Plan()))
+    got["bad"] = answers.pop("bad").category  # answered (once), as a user error
+    del asks["bad"]
     for name in asks:
         res = deserialize_sample_response(answers[name].proto)
         got[name] = [s.tokens for s in res.sequences]
@@ -100,6 +103,7 @@ def assert_alike(a: dict, b: dict, after: float = 2e-4) -> None:
     for x, y in zip(a["after"], b["after"], strict=True):
         np.testing.assert_allclose(y, x, atol=after)
     np.testing.assert_allclose(b["norm"], a["norm"], rtol=1e-4)
+    assert a["bad"] == b["bad"] == "user"
     for name in ("greedy", "seeded", "one", "base"):
         # (an unseeded request draws its seed from the tick's: not comparable across D)
         assert b[name] == a[name] or name == "base", name
