@@ -96,6 +96,7 @@ class _Watch:
         self.beaten: float | None = None  # when the last beat went through (monotonic)
         self.steady_since: float | None = None  # beats have gone through since then
         self.on_lost: Callable[[], None] = _stop  # its own beats failed for failover_after_s
+        self.model_path: str | None = None  # its base model's folder, as registered
 
     def beat(self) -> None:
         now = time.monotonic()
@@ -106,10 +107,12 @@ class _Watch:
             self.on_lost()
             return
         settings = self.settings
-        try:
-            path = str(model_dir(settings))
-        except SettingsError:
-            path = ""
+        if self.model_path is None:  # found once (a Hugging Face id: a cache lookup)
+            try:
+                self.model_path = str(model_dir(settings))
+            except SettingsError:
+                self.model_path = ""
+        path = self.model_path
         with self.store.transaction() as s:
             workers.beat(s, self.worker_id, settings.queue, socket.gethostname(), os.getpid(),
                          settings.base_model, names=",".join(settings.served_model_names()),

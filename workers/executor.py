@@ -7,6 +7,10 @@ Order of work in a tick: the barriers (each alone), then every forward/forward_b
 every model in batched passes (one per group of at most `max_lora_adapters` models, each
 group made resident before it runs), then every sample request in one batched call.
 
+Over several ranks every rank runs the same plan: tensor-parallel ranks each their shard,
+data-parallel replicas each their share of the datums and sequences
+(workers/parallel/replicas.py); rank 0 answers.
+
 Failures stay with their request: bad input becomes a `user` error for that job alone,
 and if a batched pass fails as a whole, its jobs are retried one by one so that only the
 culprit fails.
@@ -126,8 +130,16 @@ class Executor:
                 recovery.snapshot(self, job)
         if plan.train:
             outcomes.update(self._train(plan.train))
-        finished = []
-        for request_id, failure in self._sample(plan.samples) if plan.samples else []:
+        outcomes.update(self._sampling(plan.samples))
+        self.residency.release(plan.releases)
+        return outcomes
+
+    def _sampling(self, jobs: list[Job]) -> dict[str, Outcome]:
+        """Admit the tick's sample jobs and run the decode steps; the answers of the
+        requests that failed or finished (under data parallelism: of the requests whose
+        parts, traded between the replicas, are all in)."""
+        outcomes, finished = {}, []
+        for request_id, failure in self._sample(jobs) if jobs else []:
             if self.replicas is not None and request_id in self.replicas.expected:
                 finished.append((request_id, failure))  # one replica's part failed
             else:  # failed before any split: the same answer on every replica
@@ -142,7 +154,6 @@ class Executor:
             seconds = now - self._sample_started.pop(request_id, now)
             outcomes[request_id] = (result if isinstance(result, Outcome)
                                     else sampler.outcome(result, seconds))
-        self.residency.release(plan.releases)
         return outcomes
 
     @property

@@ -89,6 +89,14 @@ class Workload:
             service = tinker.ServiceClient(base_url=self.url, api_key=API_KEY)
             tc = service.create_lora_training_client(BASE, rank=4, seed=100 + i).result()
             self._count()
+        except BaseException as e:  # noqa: BLE001 - reported by run()
+            self.errors.append(e)
+            return
+        self._train(i, tc)
+
+    def _train(self, i: int, tc: tinker.TrainingClient) -> None:
+        """Client i's steps and final save_state (errors go to run())."""
+        try:
             for step in range(STEPS):
                 fb = tc.forward_backward(batch(i, step), "cross_entropy")
                 opt = tc.optim_step(ADAM)

@@ -13,7 +13,6 @@ equal a fault-free run's bit for bit (the CPU's pass is batch-invariant).
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -26,13 +25,10 @@ from safetensors.torch import load_file
 
 from store.engine import normalise_url
 from tests.e2e.stack import API_KEY, Stack
-from tests.e2e.test_chaos import ADAM, batch, pending_rows
+from tests.e2e.test_chaos import CLIENTS, STEPS, Workload, pending_rows
 from tests.e2e.test_sdk import BASE
 
 pytestmark = pytest.mark.e2e
-
-STEPS = 10
-
 
 def write_other_model(folder) -> str:
     """A second tiny base model: the default's config with a narrower MLP."""
@@ -94,54 +90,21 @@ def queue_of(stack: Stack, model_id: str) -> str:
         engine.dispose()
 
 
-class Fleet:
-    """Two clients on the tiny model, one on the other; created one after the other (so
-    that the pair's runs are placed on both of its workers), then trained at once."""
+class Fleet(Workload):
+    """The chaos tests' workload, but two clients on the tiny model and one on the other,
+    created one after the other (so that the pair's runs land on both of its workers)
+    before they train at once."""
 
     def __init__(self, stack: Stack):
+        super().__init__(stack.url)
         service = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
         self.clients = [service.create_lora_training_client(base, rank=4, seed=100 + i).result()
                         for i, base in enumerate((BASE, BASE, stack.other))]  # type: ignore
-        self.progress, self.calls = 0, len(self.clients)
-        self.errors: list[BaseException] = []
-        self.final: dict[int, str] = {}
-        self._lock = threading.Lock()
+        assert len(self.clients) == CLIENTS
+        self.calls = CLIENTS
 
-    def run(self, chaos=None) -> Fleet:
-        threads = [threading.Thread(target=self._train, args=(i,), daemon=True)
-                   for i in range(len(self.clients))]
-        for t in threads:
-            t.start()
-        if chaos is not None:
-            chaos(self)
-        for t in threads:
-            t.join(240)
-        assert not self.errors, self.errors
-        assert not any(t.is_alive() for t in threads), "a client is still waiting"
-        return self
-
-    def _train(self, i: int) -> None:
-        tc = self.clients[i]
-        try:
-            for step in range(STEPS):
-                fb = tc.forward_backward(batch(i, step), "cross_entropy")
-                opt = tc.optim_step(ADAM)
-                assert fb.result().loss_fn_outputs and opt.result() is not None
-                with self._lock:
-                    self.calls += 2
-                    self.progress += 1
-            assert tc.save_state("final").result().path
-            with self._lock:
-                self.calls += 1
-            self.final[i] = tc.model_id
-        except BaseException as e:  # noqa: BLE001 - reported by run()
-            self.errors.append(e)
-
-    def until(self, steps: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.progress < steps:
-            assert time.monotonic() < deadline and not self.errors, self.errors
-            time.sleep(0.05)
+    def _client(self, i: int) -> None:
+        self._train(i, self.clients[i])
 
 
 def test_capabilities_list_both_base_models(fleet):
@@ -159,11 +122,11 @@ def test_a_killed_worker_of_the_pair_fails_over_to_the_other(fleet):
     victim = queues[1]
 
     def chaos(run: Fleet) -> None:
-        run.until(STEPS)  # a third of the way
+        run.until(STEPS * CLIENTS // 3)
         fleet.kill(fleet.names[victim], signal.SIGKILL)
 
     run.run(chaos)
-    assert run.calls == 3 * (2 + 2 * STEPS)
+    assert run.calls == run.expected_calls
     survivor = next(q for q in fleet.names if q != victim)
     assert queue_of(fleet, run.clients[1].model_id) == survivor  # the run moved
     for i, model_id in run.final.items():
