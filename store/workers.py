@@ -108,14 +108,12 @@ def dead_queues(s: Session, base_model: str, mine: str, after: dt.timedelta
     last = dict(s.execute(select(WorkerRow.queue, func.max(WorkerRow.heartbeat_at))
                           .where(WorkerRow.base_model == base_model, WorkerRow.queue != mine)
                           .group_by(WorkerRow.queue)).all())
-    dead = [(q, seen) for q, seen in last.items() if seen < utcnow() - after]
-    owned = {q for (q,) in s.execute(select(ModelRow.queue).where(
-        ModelRow.queue.in_([q for q, _ in dead])).distinct())}
-    owned |= {q for (q,) in s.execute(select(SamplerRow.queue).where(
-        SamplerRow.queue.in_([q for q, _ in dead])).distinct())}
-    owned |= {q for (q,) in s.execute(select(RequestRow.queue).where(
-        RequestRow.queue.in_([q for q, _ in dead]), RequestRow.state == PENDING).distinct())}
-    return sorted((q, seen) for q, seen in dead if q in owned)
+    dead = {q: seen for q, seen in last.items() if seen < utcnow() - after}
+    owned: set[str] = set()
+    for column, *pending in ((ModelRow.queue,), (SamplerRow.queue,),
+                             (RequestRow.queue, RequestRow.state == PENDING)):
+        owned |= set(s.scalars(select(column).where(column.in_(dead), *pending).distinct()))
+    return sorted((q, seen) for q, seen in dead.items() if q in owned)
 
 
 def take_over(s: Session, queue: str, mine: str) -> tuple[int, int, Sequence[Any]]:

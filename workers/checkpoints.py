@@ -107,9 +107,28 @@ class TrainingState:
     spec: AdapterSpec
     optimizer: AdamState | None
     base_model: str
-    # on the device: one fp32 buffer that every tensor above is a view of, in order (the
-    # weights, then the first moments, then the second): one copy brings it all to the host
+    # on the device: one fp32 buffer that every tensor above is a view of, in `ordered()`
+    # order: one copy brings it all to the host
     flat: torch.Tensor | None = None
+
+    def ordered(self) -> list[torch.Tensor]:
+        """The weights, then the first moments, then the second."""
+        moments = [] if self.optimizer is None else [*self.optimizer.exp_avg,
+                                                      *self.optimizer.exp_avg_sq]
+        return [*self.tensors.values(), *moments]
+
+    def over(self, flat: torch.Tensor) -> TrainingState:
+        """The same layout as views of `flat` (fp32, as many elements as the state)."""
+        ordered = self.ordered()
+        views = [part.view(t.shape) for part, t in zip(
+            flat.split([t.numel() for t in ordered]), ordered, strict=True)]
+        n = len(self.tensors)
+        tensors = dict(zip(self.tensors, views[:n], strict=True))
+        optimizer = self.optimizer
+        if optimizer is not None:
+            k = len(optimizer.exp_avg)
+            optimizer = AdamState(optimizer.step, views[n:n + k], views[n + k:])
+        return TrainingState(tensors, self.spec, optimizer, self.base_model, flat)
 
 
 def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | None,
@@ -127,28 +146,16 @@ def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | No
                               tp.full_tensors(layers, optimizer.exp_avg_sq))
     if not _writes(model):
         return None
+    state = TrainingState(tensors, spec, optimizer, base_model)
     if not on_device:
-        return TrainingState(tensors, spec, optimizer, base_model)
-    moments = [] if optimizer is None else [*optimizer.exp_avg, *optimizer.exp_avg_sq]
-    names = list(tensors)
-    flat, views = _packed([*tensors.values(), *moments])
-    tensors = dict(zip(names, views[:len(names)], strict=True))
-    if optimizer is not None:
-        n, rest = len(optimizer.exp_avg), views[len(names):]
-        optimizer = AdamState(optimizer.step, rest[:n], rest[n:])
-    return TrainingState(tensors, spec, optimizer, base_model, flat)
-
-
-def _packed(sources: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """fp32 copies of `sources` as views of one new buffer on their device, made by one
-    batched copy (a run's state is some thousand small tensors: one launch each would
-    cost the tick milliseconds)."""
-    flat = torch.empty(sum(t.numel() for t in sources), dtype=torch.float32,
-                       device=sources[0].device)
-    views = [part.view(t.shape) for part, t in zip(
-        flat.split([t.numel() for t in sources]), sources, strict=True)]
-    torch._foreach_copy_(views, [t.detach() for t in sources])
-    return flat, views
+        return state
+    # a run's state is some thousand small tensors: copied one launch each, they would cost
+    # the tick milliseconds; packed into one buffer, it is one batched copy
+    sources = state.ordered()
+    packed = state.over(torch.empty(sum(t.numel() for t in sources), dtype=torch.float32,
+                                    device=sources[0].device))
+    torch._foreach_copy_(packed.ordered(), [t.detach() for t in sources])
+    return packed
 
 
 def write_training_state(path: Path, state: TrainingState) -> int:

@@ -147,7 +147,9 @@ class Executor:
                 outcomes[request_id] = failure
         if self.sampling.busy:
             finished += self._decode()
-        if self.replicas is not None:  # every replica, every tick: the parts that finished
+        if self.replicas is not None and (jobs or self.replicas.any_busy):
+            # every replica alike: the parts that finished (a tick with no sampling trades
+            # nothing: no replica has a part)
             finished = self.replicas.exchange(finished, self.sampling.busy)
         now = time.perf_counter()
         for request_id, result in finished:

@@ -23,7 +23,6 @@ import torch
 
 from store import snapshots
 from workers.checkpoints import TrainingState, write_training_state
-from workers.training.optimizer import AdamState
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class SnapshotWriter:
     def put(self, model_id: str, seq: int, state: TrainingState) -> None:
         """Queue the state of `model_id` after seq_id `seq` for writing; returns at once."""
         ready = None
-        if any(t.is_cuda for t in state.tensors.values()):
+        if state.flat is not None and state.flat.is_cuda:
             ready = torch.cuda.Event()
             ready.record()  # the copies are made once the tick's stream gets here
         with self._cond:
@@ -97,35 +96,19 @@ class SnapshotWriter:
         as DMA on a stream of its own, so neither the tick's stream nor its thread waits."""
         if ready is None:
             return state
-        optimizer = state.optimizer
-        moments = [] if optimizer is None else [*optimizer.exp_avg, *optimizer.exp_avg_sq]
-        tensors = [*state.tensors.values(), *moments]
-        flat = state.flat
-        sources = [flat] if flat is not None else tensors  # one buffer: one copy
-        total = sum(t.numel() * t.element_size() for t in sources)
+        flat = state.flat  # a device state is packed (checkpoints.gather_training_state)
+        assert flat is not None
+        total = flat.numel() * flat.element_size()
         if self._pinned is None or self._pinned.numel() < total:
             self._pinned = None  # the old buffer goes before the larger one is made
             self._pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        stream = self._streams.setdefault(sources[0].device, torch.cuda.Stream(sources[0].device))
-        copies, offset = [], 0
+        host = state.over(self._pinned[:total].view(flat.dtype))
+        stream = self._streams.setdefault(flat.device, torch.cuda.Stream(flat.device))
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            for t in sources:
-                size = t.numel() * t.element_size()
-                view = self._pinned[offset:offset + size].view(t.dtype).view(t.shape)
-                view.copy_(t, non_blocking=True)
-                copies.append(view)
-                offset += size
+            host.flat.copy_(flat, non_blocking=True)  # type: ignore[union-attr]
         stream.synchronize()
-        views = copies if flat is None else [part.view(t.shape) for part, t in zip(
-            copies[0].split([t.numel() for t in tensors]), tensors, strict=True)]
-        names = list(state.tensors)
-        host = dict(zip(names, views[:len(names)], strict=True))
-        if optimizer is not None:
-            n = len(optimizer.exp_avg)
-            rest = views[len(names):]
-            optimizer = AdamState(optimizer.step, rest[:n], rest[n:])
-        return TrainingState(host, state.spec, optimizer, state.base_model)
+        return host
 
     def _write(self, model_id: str, seq: int, state: TrainingState) -> None:
         started = time.perf_counter()

@@ -31,6 +31,9 @@ class Replicas:
         self.expected: dict[str, int] = {}  # open sample request -> parts it was split into
         self.parts: dict[str, dict[int, Any]] = {}  # ... -> replica -> its finished part
         self.others_busy = False  # another replica still decodes (the engine ticks on)
+        # some replica decodes: the next tick trades parts even with no sample job (every
+        # replica reads the same flags, so all trade or none)
+        self.any_busy = False
 
     # --- training -------------------------------------------------------------------------
     def train(self, trainer: Trainer, jobs: list[TrainJob]) -> list[JobResult]:
@@ -83,6 +86,7 @@ class Replicas:
         replicas; the requests whose parts are all in (or one of which failed), joined."""
         everyone = gather((finished, busy), self.dp)
         self.others_busy = any(b for d, (_, b) in enumerate(everyone) if d != self.dp.rank)
+        self.any_busy = any(b for _, b in everyone)
         done = []
         for d, (parts, _) in enumerate(everyone):
             for request_id, part in parts:
