@@ -112,7 +112,7 @@ def dead_queues(s: Session, base_model: str, mine: str, after: dt.timedelta
     owned: set[str] = set()
     for column, *pending in ((ModelRow.queue,), (SamplerRow.queue,),
                              (RequestRow.queue, RequestRow.state == PENDING)):
-        owned |= set(s.scalars(select(column).where(column.in_(dead), *pending).distinct()))
+        owned |= set(s.scalars(select(column).where(column.in_(list(dead)), *pending).distinct()))
     return sorted((q, seen) for q, seen in dead.items() if q in owned)
 
 
