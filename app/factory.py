@@ -2,7 +2,8 @@
 
 `create_app()` builds one `Services` bundle per app (settings, store, doorbell, model info,
 the submit path with its enqueue), stores it in `app.extensions["tinkerq"]`, migrates the
-schema and registers one blueprint per Tinker resource under /api/v1.
+schema and registers one blueprint per Tinker resource under /api/v1 (and the health
+checks at the root).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from app.blueprints import (
     checkpoints,
     client,
     futures,
+    health,
     identity,
     models,
     openai_api,
@@ -66,4 +68,5 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
                    checkpoints, identity, admin):
         app.register_blueprint(module.bp, url_prefix="/api/v1")
     app.register_blueprint(openai_api.bp, url_prefix="/v1")
+    app.register_blueprint(health.bp)  # /healthz, /readyz: for supervisors, no key
     return app

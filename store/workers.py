@@ -58,6 +58,11 @@ def live(s: Session, within: dt.timedelta) -> list[WorkerRow]:
                           .order_by(WorkerRow.heartbeat_at.desc())))
 
 
+def registered(s: Session) -> list[WorkerRow]:
+    """Every worker that beat within the last FORGET_AFTER, live or not."""
+    return list(s.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())))
+
+
 def serving(s: Session, name: str, within: dt.timedelta) -> list[WorkerRow]:
     """The live workers whose base model answers to `name` (its name or an alias), one per
     queue."""

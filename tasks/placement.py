@@ -32,6 +32,17 @@ def served(sub: Submitter) -> list[str]:
     return list(dict.fromkeys(names or sub.settings.served_model_names()))
 
 
+def readiness(sub: Submitter) -> dict[str, bool]:
+    """Whether each base model this deployment serves has a live worker: the API's own and
+    every one a worker registered (a worker's row is forgotten a day after its last beat)."""
+    with sub.store.transaction() as s:
+        known = workers.registered(s)
+        alive = workers.live(s, _live(sub))
+    live_models = {row.base_model for row in alive}
+    models = dict.fromkeys([sub.settings.base_model, *(row.base_model for row in known)])
+    return {name: name in live_models for name in models}
+
+
 def queue_for(sub: Submitter, base_model: str, training: bool) -> str:
     """The queue of the live worker of `base_model` that takes a new training run (the
     fewest runs) or sampling session (the fewest unanswered samples)."""
