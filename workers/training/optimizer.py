@@ -34,11 +34,12 @@ class AdamState:
         )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """A flat dict for safetensors: "step" [1], "exp_avg.{i}", "exp_avg_sq.{i}"."""
-        out = {"step": torch.tensor([self.step], dtype=torch.int64)}
-        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
-            out[f"exp_avg.{i}"] = m.detach().cpu().contiguous()
-            out[f"exp_avg_sq.{i}"] = v.detach().cpu().contiguous()
+        """A flat dict for safetensors: every "exp_avg.{i}", every "exp_avg_sq.{i}", then
+        "step" [1] (the moments in the order a packed snapshot holds them, so that they are
+        written in one piece: workers/tensorfile.py)."""
+        out = {f"exp_avg.{i}": m.detach().cpu() for i, m in enumerate(self.exp_avg)}
+        out |= {f"exp_avg_sq.{i}": v.detach().cpu() for i, v in enumerate(self.exp_avg_sq)}
+        out["step"] = torch.tensor([self.step], dtype=torch.int64)
         return out
 
     @classmethod

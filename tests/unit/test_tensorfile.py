@@ -1,0 +1,49 @@
+"""workers/tensorfile.py writes what safetensors reads, and writes a packed state (views of
+one buffer, in file order) in one piece."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from workers import tensorfile
+from workers.checkpoints import TrainingState
+from workers.model import AdapterSpec
+from workers.training.optimizer import AdamState
+
+
+def test_mixed_tensors_read_back_equal(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64),
+               "c": torch.randn(2, 3).to(torch.bfloat16), "empty": torch.zeros(0, 5),
+               "scalar": torch.tensor(2.5), "strided": torch.randn(4, 6)[:, ::2]}
+    tensorfile.save(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def test_views_of_one_buffer_in_order_are_one_write():
+    flat = torch.arange(30, dtype=torch.float32)
+    a, b, c = flat[:6].view(2, 3), flat[6:18].view(3, 4), flat[18:]
+    assert [len(g) for g in tensorfile.runs([a, b, c])] == [3]
+    assert [len(g) for g in tensorfile.runs([a, c, b])] == [1, 1, 1]
+    assert [len(g) for g in tensorfile.runs([a, torch.zeros(0), b, torch.ones(2)])] == [2, 1]
+
+
+def test_a_packed_state_is_two_writes_and_reads_back(tmp_path):
+    """A snapshot's host state: the weights in one write, the AdamW moments in one more
+    (plus the step's 8 bytes), whatever the number of tensors."""
+    weights = {f"w{i}": torch.randn(4, 3) for i in range(5)}
+    adam = AdamState(7, [torch.randn(4, 3) for _ in range(5)],
+                     [torch.rand(4, 3) for _ in range(5)])
+    state = TrainingState(weights, AdapterSpec(rank=4, alpha=8.0), adam, "tiny")
+    packed = state.over(torch.cat([t.reshape(-1) for t in state.ordered()]))
+    assert [len(g) for g in tensorfile.runs(packed.tensors.values())] == [5]
+    assert [len(g) for g in tensorfile.runs(packed.optimizer.to_tensors().values())] == [10, 1]
+    tensorfile.save(packed.optimizer.to_tensors(), tmp_path / "opt.safetensors")
+    back = AdamState.from_tensors(load_file(str(tmp_path / "opt.safetensors")))
+    assert back.step == 7
+    for got, want in zip(back.exp_avg + back.exp_avg_sq, adam.exp_avg + adam.exp_avg_sq,
+                         strict=True):
+        assert torch.equal(got, want)
