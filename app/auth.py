@@ -4,9 +4,12 @@ a JWT this API issued for one (`auth/token`); healthz and the downloads of expor
 (whose signed URL is their permission) need neither.
 
 The key is never stored; `g.tenant` is its hash (store.schema.tenant_of) and every lookup of
-a client-named row filters on it, so another tenant's id answers 404 like a missing one. Any
-`tml-` key is a tenant of its own (the open mode); a revoked key (`tinker auth logout`,
-DELETE auth/apikey/me) is refused, and so are the JWTs issued for it.
+a client-named row filters on it, so another tenant's id answers 404 like a missing one.
+Which keys are accepted is the `api_keys` setting: open = any `tml-` key is a tenant of its
+own (gunicorn then listens on loopback only, app.keys.check_bind); keys = only the keys made
+by `python -m app.keys create`. A revoked key (`tinker auth logout`, DELETE auth/apikey/me,
+`python -m app.keys revoke`) is refused, and so are the JWTs issued for it: a JWT passes the
+same check as its key, on every call.
 
 JWTs (HS256 over the deployment's secret key, `JWT_LIFETIME_S`) carry the identity claims
 the SDK reads for `whoami`: `sub` (tml:user:<tenant>), `org_id`, `email`. The SDK asks for
@@ -33,6 +36,8 @@ JWT_LIFETIME_S = 3600
 ISSUER = "tinkerq"
 ORG = "tinkerq"
 _INVALID = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+UNKNOWN_KEY = ("unknown API key: this server accepts only the keys its operator made "
+               "(`python -m app.keys create --name NAME`)")
 
 
 def issue_token(tenant: str) -> str:
@@ -71,9 +76,16 @@ def _check_key() -> None:
         tenant = _tenant_of_token(key)
     else:
         raise RequestError(401, "invalid API key: it must start with 'tml-'")
-    if keys.revoked(services().store, tenant):
-        raise RequestError(401, "this API key was revoked", _INVALID)
+    _check_standing(tenant)
     g.tenant = tenant
+
+
+def _check_standing(tenant: str) -> None:
+    row = keys.find(services().store, tenant)
+    if row is not None and row.revoked_at is not None:
+        raise RequestError(401, "this API key was revoked", _INVALID)
+    if services().settings.api_keys == "keys" and (row is None or not row.registered):
+        raise RequestError(401, UNKNOWN_KEY)
 
 
 def init_app(app: Flask) -> None:

@@ -1,4 +1,5 @@
-"""The application factory. Run: `gunicorn -k gevent 'app.factory:create_app()'`.
+"""The application factory. Run: `gunicorn --config app/gunicorn_conf.py 'app.factory:create_app()'`
+(the config's gevent worker, and its check that api_keys=open listens on loopback only).
 
 `create_app()` builds one `Services` bundle per app (settings, store, doorbell, model info,
 the submit path with its enqueue), stores it in `app.extensions["tinkerq"]`, migrates the

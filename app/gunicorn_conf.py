@@ -2,15 +2,19 @@
 
 Each in-flight `retrieve_future` is one HTTP/1.1 connection parked on the Redis doorbell
 (a greenlet, no thread, no database connection), so one process with a large
-worker_connections serves them all. Address from TINKERQ_HOST (default 127.0.0.1: any `tml-`
-key is accepted, so the API answers this machine only until it is put behind a gateway; the
-container image sets 0.0.0.0) and port from TINKERQ_PORT (default 8000).
+worker_connections serves them all. Address from TINKERQ_HOST (default 127.0.0.1) and port
+from TINKERQ_PORT (default 8000). While api_keys=open (any `tml-` key is accepted) gunicorn
+refuses to start on an address beyond loopback (`on_starting`); the container image sets
+0.0.0.0 and api_keys=keys.
 """
 
 import json
 import os
 
 from gunicorn import util
+
+from app.keys import check_bind
+from config import SettingsError, load_settings
 
 
 def _json_error(sock, status_int, reason, mesg):
@@ -31,3 +35,16 @@ worker_connections = 10000
 timeout = 120  # above the 25 s long-poll window; gevent workers heartbeat independently
 keepalive = 75  # the SDK keeps connections alive between polls
 accesslog = os.environ.get("TINKERQ_ACCESS_LOG")  # e.g. "-" for stdout
+
+
+def on_starting(server):
+    """Before binding: refuse every address beyond loopback while api_keys=open (`-b` flags
+    included, as gunicorn merged them into cfg.bind)."""
+    try:
+        settings = load_settings()
+        for address in server.cfg.bind:
+            parsed = util.parse_address(address)
+            if isinstance(parsed, tuple):  # else a unix socket, or a socket systemd passed on
+                check_bind(parsed[0], settings)
+    except SettingsError as e:
+        raise RuntimeError(str(e)) from e  # gunicorn prints a RuntimeError's text and exits 1

@@ -48,6 +48,9 @@ class Settings:
     )
     # --- API ----------------------------------------------------------------------------
     port: int = _opt(8000, "HTTP port of the API.")
+    api_keys: str = _opt("open", "API keys accepted: open = any `tml-` key, a tenant of its own "
+                         "(gunicorn then refuses to listen beyond loopback); keys = only those "
+                         "made by `python -m app.keys create` and not revoked.")
     long_poll_seconds: float = _opt(
         25.0, "How long retrieve_future holds a request before answering try_again (< 45 s)."
     )
@@ -64,7 +67,15 @@ class Settings:
     )
     checkpoint_sweep_s: float = _opt(
         60.0, "How often the worker deletes checkpoints past their ttl_seconds (their rows "
-        "and files); expired ones are hidden from listings and loads at once. 0 = never."
+        "and files) and calls past request_retention_s; expired checkpoints are hidden from "
+        "listings and loads at once. 0 = never."
+    )
+    request_retention_s: float = _opt(
+        7 * 86400.0, "Finished calls (their rows: inputs and results) are deleted this long "
+        "after they finished, by the worker's sweep (checkpoint_sweep_s); kept are those a live "
+        "training run may replay after a crash (from its newest snapshot on) and samples "
+        "recorded for stable_reinforce until this long after their record expires. "
+        "retrieve_future of a deleted call answers 404. 0 = keep forever."
     )
     openai_timeout_s: float = _opt(
         600.0, "How long an OpenAI-compatible call (/v1/...) waits for its sample before "
@@ -270,8 +281,9 @@ class Settings:
         if not 0 < self.failover_after_s < self.worker_lost_s:
             raise SettingsError(f"failover_after_s={self.failover_after_s} must be above 0 and "
                                 f"below worker_lost_s={self.worker_lost_s}")
-        if self.checkpoint_sweep_s < 0:
-            raise SettingsError(f"checkpoint_sweep_s={self.checkpoint_sweep_s} must be >= 0")
+        if self.checkpoint_sweep_s < 0 or self.request_retention_s < 0:
+            raise SettingsError(f"checkpoint_sweep_s={self.checkpoint_sweep_s} and "
+                                f"request_retention_s={self.request_retention_s} must be >= 0")
         if self.max_offload_gib < 0 or self.release_idle_s < 0 or self.session_idle_s <= 0:
             raise SettingsError(f"max_offload_gib={self.max_offload_gib} and release_idle_s="
                                 f"{self.release_idle_s} must be >= 0, session_idle_s="
@@ -283,6 +295,8 @@ class Settings:
                 f"long_poll_seconds={self.long_poll_seconds} must be in (0, 45): the SDK gives "
                 "up on a poll after 45 s"
             )
+        if self.api_keys not in ("open", "keys"):
+            raise SettingsError(f"api_keys={self.api_keys!r} must be one of open, keys")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise SettingsError(f"dtype={self.dtype!r} must be one of auto, bf16, fp32")
         if self.max_sample_tokens >= self.max_seq_len:

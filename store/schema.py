@@ -64,8 +64,9 @@ class SessionRow(Base):
 
 
 class ApiKeyRow(Base):
-    """An API key the server has seen asked about (auth/apikey/me) or revoked: only its hash
-    (`tenant`) is kept. A revoked key is refused everywhere."""
+    """An API key made by `python -m app.keys create` (`registered`: the only keys that
+    api_keys=keys accepts), or one the open mode has seen asked about (auth/apikey/me) or
+    revoked. Only its hash (`tenant`) is kept. A revoked key is refused everywhere."""
 
     __tablename__ = "api_keys"
     __table_args__ = (UniqueConstraint("tenant", name="uq_api_keys_tenant"),)
@@ -75,6 +76,7 @@ class ApiKeyRow(Base):
     note: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    registered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ModelRow(Base):
@@ -152,7 +154,8 @@ class RequestRow(Base):
     error_category: Mapped[str | None] = mapped_column(String(16))
     compute_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # indexed: the retention sweep (store/retention.py) walks the finished calls in this order
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, index=True)
     # a sample recorded for stable_reinforce (record_stability_info): usable until then
     stability_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     # retrieve_futures: the cursor of the poll that first reported this finished sample

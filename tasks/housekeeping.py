@@ -2,7 +2,8 @@
 
 Every `checkpoint_sweep_s`: delete the checkpoints past their TTL (rows and files,
 store.checkpoints.sweep_expired; every worker sweeps, each checkpoint is deleted by whichever
-gets to it first), and the snapshots of runs that will take no call again.
+gets to it first), the snapshots of runs that will take no call again, and the finished
+calls past `request_retention_s` that no recovery needs (store.retention.prune).
 
 Every few seconds: the worker's heartbeat (store.workers.beat, with what it serves), the
 failover, and the request sweep.
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config import Settings, SettingsError, model_dir
-from store import checkpoints, replay, snapshots, workers
+from store import checkpoints, replay, retention, snapshots, workers
 from store.db import Store
 from store.schema import utcnow
 
@@ -54,21 +55,36 @@ def start(store: Store, settings: Settings, held: Callable[[], set[str]],
     if settings.checkpoint_sweep_s > 0:
         threads.append(threading.Thread(
             target=_sweep_forever, name="tinkerq-checkpoint-sweep", daemon=True,
-            args=(store, settings.checkpoint_root, settings.snapshot_root,
-                  settings.checkpoint_sweep_s)))
+            args=(store, settings)))
     for thread in threads:
         thread.start()
     return threads
 
 
-def _sweep_forever(store: Store, root: Path, snapshot_root: Path, every_s: float) -> None:
+def _sweep_forever(store: Store, settings: Settings) -> None:
+    every_s = settings.checkpoint_sweep_s
     while True:
         try:
-            checkpoints.sweep_expired(store, root)
-            forget_snapshots(store, snapshot_root)
+            checkpoints.sweep_expired(store, settings.checkpoint_root)
+            forget_snapshots(store, settings.snapshot_root)
+            prune_requests(store, settings)
         except Exception:  # noqa: BLE001 - the database may be away: try again next round
-            log.exception("checkpoint sweep failed; trying again in %.0f s", every_s)
+            log.exception("sweep of checkpoints, snapshots and old calls failed; trying "
+                          "again in %.0f s", every_s)
         time.sleep(every_s)
+
+
+def prune_requests(store: Store, settings: Settings) -> int:
+    """Delete the finished calls past request_retention_s that no run may replay (0: keep
+    them all); returns how many."""
+    keep_s = settings.request_retention_s
+    if keep_s <= 0:
+        return 0
+    gone = retention.prune(store, settings.snapshot_root, dt.timedelta(seconds=keep_s))
+    if gone:
+        log.info("deleted %d finished call(s) older than request_retention_s=%.0f", gone,
+                 keep_s)
+    return gone
 
 
 def forget_snapshots(store: Store, root: Path) -> list[str]:
