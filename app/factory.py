@@ -28,7 +28,7 @@ from app.blueprints import (
     training,
 )
 from app.services import Services
-from config.settings import Settings, load_settings
+from config import Settings, load_settings
 from store.db import Store
 from store.doorbell import Doorbell
 from store.downloads import Signer

@@ -8,6 +8,7 @@ has a default and a help text; `python -m config --help` prints them all.
 This package imports nothing of the project.
 """
 
-from config.settings import Settings, SettingsError, load_settings, model_dir
+from config.loader import load_settings, model_dir
+from config.settings import Settings, SettingsError
 
 __all__ = ["Settings", "SettingsError", "load_settings", "model_dir"]

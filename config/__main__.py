@@ -2,7 +2,7 @@
 
 import sys
 
-from config.settings import build_parser, load_settings
+from config.loader import build_parser, load_settings
 
 if __name__ == "__main__":
     build_parser().parse_args(sys.argv[1:])  # --help exits here with the full list

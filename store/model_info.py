@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from config.settings import Settings, SettingsError, model_dir
+from config import Settings, SettingsError, model_dir
 from protocol.errors import RequestError
 
 

@@ -18,7 +18,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields
 
 from config import Settings, load_settings
-from config.settings import build_parser, env_name
+from config.loader import build_parser, env_name
 
 
 def main(argv: list[str]) -> None:

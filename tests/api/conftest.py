@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text, update
 
 from app.factory import create_app
-from config.settings import load_settings
+from config import load_settings
 from protocol.paths import SEGMENT_OF
 from store.doorbell import sampler_bell
 from store.schema import DONE, FAILED, CheckpointRow, RequestRow, utcnow

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from config.settings import SettingsError, load_settings
+from config import SettingsError, load_settings
 from store import retention, snapshots
 from store.schema import DONE, FAILED, PENDING, RequestRow, SessionRow, tenant_of, utcnow
 from tasks.housekeeping import prune_requests
