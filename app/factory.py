@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import auth, errors
+from app import auth, errors, metrics
 from app.blueprints import (
     admin,
     checkpoints,
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
         jwt_key=derived_key(signing_key(settings), "jwt"),
     )
     errors.init_app(app)
+    metrics.init_app(app, store)
     auth.init_app(app)
     for module in (client, sessions, session_views, models, training, sampling, futures, runs,
                    checkpoints, identity, admin):

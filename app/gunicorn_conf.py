@@ -10,6 +10,8 @@ refuses to start on an address beyond loopback (`on_starting`); the container im
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 from gunicorn import util
 
@@ -36,6 +38,11 @@ timeout = 120  # above the 25 s long-poll window; gevent workers heartbeat indep
 keepalive = 75  # the SDK keeps connections alive between polls
 accesslog = os.environ.get("TINKERQ_ACCESS_LOG")  # e.g. "-" for stdout
 
+# /metrics (app/metrics.py) in prometheus_client's multiprocess mode: each worker process
+# counts into files of this folder, a scrape of any process sums them
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tinkerq-metrics-")
+
 
 def on_starting(server):
     """Before binding: refuse every address beyond loopback while api_keys=open (`-b` flags
@@ -48,3 +55,12 @@ def on_starting(server):
                 check_bind(parsed[0], settings)
     except SettingsError as e:
         raise RuntimeError(str(e)) from e  # gunicorn prints a RuntimeError's text and exits 1
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()  # counts of an earlier run of the API: the counters start again
+
+
+def child_exit(server, worker):
+    """A worker process exited: its live gauges (long-polls parked) leave the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

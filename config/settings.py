@@ -42,6 +42,10 @@ class Settings:
     )
     # --- API ----------------------------------------------------------------------------
     port: int = _opt(8000, "HTTP port of the API.")
+    metrics_port: int = _opt(
+        9100, "Port of the GPU worker's Prometheus /metrics (the API serves its own at "
+        "/metrics on its port); 0 = none. Each worker of a host needs its own.")
+    metrics_host: str = _opt("127.0.0.1", "Address the worker's /metrics listens on.")
     api_keys: str = _opt("open", "API keys accepted: open = any `tml-` key, a tenant of its own "
                          "(gunicorn then refuses to listen beyond loopback); keys = only those "
                          "made by `python -m app.keys create` and not revoked.")

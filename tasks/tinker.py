@@ -70,6 +70,12 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
             log.warning("put back %d call(s) that a previous worker of queue %s had taken "
                         "and not finished", restored, queue)
         store, _, engine = context.get()
+        settings = celery_app.conf.tinkerq_settings
+        if settings.metrics_port:
+            from workers import metrics
+
+            metrics.serve(settings.metrics_host, settings.metrics_port, engine,
+                          lambda: queue_depth(queue))
         housekeeping.start(store, celery_app.conf.tinkerq_settings, held, resend,
                            lambda: queue_depth(queue), lambda: len(engine.executor.runs))
 

@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from config import Settings
 from protocol.jobs import OPENING_KINDS, RESTORE, Job, Outcome
 from workers.executor import Executor
+from workers.metrics import Stopwatch, Tick
 from workers.model import device_lost
 from workers.scheduler import Scheduler
 
@@ -65,6 +66,7 @@ class Engine:
         self.ticks = 0
         self.lost: str | None = None  # set once the device is lost: nothing runs any more
         self.on_fatal: Callable[[], None] = _stop_worker
+        self.metrics = Tick(executor)  # workers/metrics.py: what each tick did
         self.probe: Callable[[], str | None] = lambda: device_lost(executor.model.device)
 
     @classmethod
@@ -113,9 +115,11 @@ class Engine:
         if not busy:
             time.sleep(self.settings.tick_gather_ms / 1000)  # let concurrent calls join
         self._take(timeout=0)
+        watch = Stopwatch()
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty() and not busy:
             return
+        watch.lap("schedule")
         try:
             outcomes = self.executor.run(plan)
         except Exception as e:  # noqa: BLE001 - the tick's calls fail; none is left waiting
@@ -127,7 +131,10 @@ class Engine:
             outcomes[job.request_id] = Outcome.fail(message)
         for job in plan.skips:
             outcomes[job.request_id] = Outcome(json={})
+        watch.lap("execute")
         self.scheduler.complete(plan, outcomes, time.monotonic())
+        watch.lap("complete")
+        self.metrics.observe(plan, watch)
         self.ticks += 1
         for job in plan.barriers:
             if job.kind == RESTORE:

@@ -31,9 +31,11 @@ import torch
 from config import Settings
 from protocol.custom_graph import check_inputs
 from protocol.jobs import RESTORE, Job, Outcome, UserError
-from protocol.losses import ProtocolError, check_loss_inputs, resolve_loss_config
-from protocol.wire import FwdBwdRequest, WireError, encode_forward_backward_output
+from protocol.losses import check_loss_inputs, resolve_loss_config
+from protocol.wire import FwdBwdRequest, encode_forward_backward_output
 from workers import checkpoints, recovery
+from workers.attempts import attempt, body
+from workers.metrics import Stopwatch
 from workers.model import AdapterSpec, LoraModel
 from workers.parallel import dp, tp
 from workers.parallel.replicas import Replicas
@@ -85,6 +87,8 @@ class Executor:
         # the replicas' shares of the work, under data parallelism
         self.replicas = Replicas(model.dp) if dp.active(model.dp) else None
         self.rng = self.sampling.rng  # unseeded adapters and samples draw from it
+        self.laps: dict[str, float] = {}  # the last tick's phases (workers/metrics.py)
+        self.sampled_tokens = 0  # by the samples answered so far
         if settings.random_seed >= 0:
             self.rng.seed(settings.random_seed)
 
@@ -120,6 +124,7 @@ class Executor:
         if seed is not None:  # the tick's random choices, alike on every rank
             self.rng.seed(seed)
         outcomes: dict[str, Outcome] = {}
+        watch = Stopwatch()
         restores = [job for job in plan.barriers if job.kind == RESTORE]
         if restores:  # together: their replays share passes
             outcomes.update(recovery.restore_many(self, restores))
@@ -128,10 +133,14 @@ class Executor:
                 outcomes[job.request_id] = self._timed(self._barrier, job)
             if outcomes[job.request_id].ok and job.model_id in plan.snapshots:
                 recovery.snapshot(self, job)
+        watch.lap("barriers")
         if plan.train:
             outcomes.update(self._train(plan.train))
+        watch.lap("train")
         outcomes.update(self._sampling(plan.samples))
+        watch.lap("sample")
         self.residency.release(plan.releases)
+        self.laps = watch.laps  # workers/metrics.py reports them
         return outcomes
 
     def _sampling(self, jobs: list[Job]) -> dict[str, Outcome]:
@@ -154,6 +163,8 @@ class Executor:
         now = time.perf_counter()
         for request_id, result in finished:
             seconds = now - self._sample_started.pop(request_id, now)
+            if isinstance(result, sampler.SampleOutput):
+                self.sampled_tokens += sum(len(seq.tokens) for seq in result.sequences)
             outcomes[request_id] = (result if isinstance(result, Outcome)
                                     else sampler.outcome(result, seconds))
         return outcomes
@@ -166,13 +177,13 @@ class Executor:
 
     def _timed(self, fn: Callable[[Job], Outcome], job: Job) -> Outcome:
         start = time.perf_counter()
-        outcome, failure = _attempt(fn, job)
+        outcome, failure = attempt(fn, job)
         return (outcome or failure).replace(compute_seconds=time.perf_counter() - start)
 
     # --- barriers -----------------------------------------------------------------------------
     def _barrier(self, job: Job) -> Outcome:
         handler = getattr(self, f"_{job.kind}")
-        return handler(job, _body(job))
+        return handler(job, body(job))
 
     def _run(self, model_id: str) -> Run:
         """The run of a barrier's model, its adapter brought into a device slot."""
@@ -265,7 +276,7 @@ class Executor:
 
     # --- forward / backward -------------------------------------------------------------------
     def _prepare(self, job: Job) -> _Prepared:
-        request = _body(job)
+        request = body(job)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         vocab = self.model.vocab_size
         for i, datum in enumerate(request.data):
@@ -286,7 +297,7 @@ class Executor:
         outcomes: dict[str, Outcome] = {}
         prepared: list[_Prepared] = []
         for job in jobs:
-            ready, failure = _attempt(self._prepare, job)
+            ready, failure = attempt(self._prepare, job)
             if failure:
                 outcomes[job.request_id] = failure
             else:
@@ -336,15 +347,15 @@ class Executor:
 
     # --- sampling -----------------------------------------------------------------------------
     def _sample_spec(self, job: Job) -> sampler.SampleSpec:
-        body = _body(job)
-        return sampler.SampleSpec.of(body, self.residency.sampler_slot(body.get("adapter_dir")))
+        data = body(job)
+        return sampler.SampleSpec.of(data, self.residency.sampler_slot(data.get("adapter_dir")))
 
     def _sample(self, jobs: list[Job]) -> list[tuple[str, Outcome]]:
         """Validate each sample job and add it to the running batch; only failures answer
         now (the others answer when their last sequence ends)."""
         finished = []
         for job in jobs:
-            _, failure = _attempt(self._admit_sample, job)
+            _, failure = attempt(self._admit_sample, job)
             if failure:
                 finished.append((job.request_id, failure))
         return finished
@@ -372,21 +383,3 @@ class Executor:
             finished = self.sampling.fail_all(e)
         return [(request_id, result if isinstance(result, sampler.SampleOutput)
                  else sampler.outcome(result, 0.0)) for request_id, result in finished]
-
-
-def _body(job: Job) -> Any:
-    """The job's decoded payload; a payload that did not decode fails the job alone."""
-    if job.invalid is not None:
-        raise UserError(job.invalid)
-    return job.body
-
-
-def _attempt(fn: Callable[[Job], Any], job: Job) -> tuple[Any, Outcome | None]:
-    """Call fn(job); a raised error becomes that job's failure (`user` for bad input)."""
-    try:
-        return fn(job), None
-    except (UserError, ProtocolError, WireError) as e:
-        return None, Outcome.fail(str(e), "user")
-    except Exception as e:  # noqa: BLE001 - one job's crash must not take the tick down
-        log.exception("job %s (%s) failed", job.request_id, job.kind)
-        return None, Outcome.fail(f"{type(e).__name__}: {e}", "server")

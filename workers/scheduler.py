@@ -80,6 +80,10 @@ class Scheduler:
         return len(self._pending)
 
     # --- models -------------------------------------------------------------------------
+    def waiting(self) -> list[Job]:
+        """The pending jobs (a copy: workers/metrics.py reads it from another thread)."""
+        return list(self._pending.values())
+
     def open_model(self, model_id: str, next_seq: int = 1) -> None:
         """A model now exists (created or loaded: its next seq_id is 1; or restored: the one
         after the calls it replayed)."""

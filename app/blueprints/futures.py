@@ -16,6 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
+from app import metrics
 from app.blueprints.common import json_body, services, tenant
 from protocol.checks import field
 from protocol.errors import RequestError
@@ -52,7 +53,7 @@ def finished(row: Any) -> bool:
 
 def wait_for(request_id: str) -> Any:
     deadline = time.monotonic() + services().settings.long_poll_seconds
-    with services().doorbell.listen(request_id) as rang:
+    with metrics.parked(), services().doorbell.listen(request_id) as rang:
         row = fetch(request_id)  # re-check after registering: a ring cannot slip past
         while not finished(row) and (left := deadline - time.monotonic()) > 0:
             rang.wait(left)
@@ -113,7 +114,7 @@ def retrieve_futures() -> dict[str, Any]:
                                 ">= 0")
     services().submit.load_sampler(tenant(), sampler_id)  # the caller's, or 404
     store, deadline = services().store, time.monotonic() + wait
-    with services().doorbell.listen(sampler_bell(sampler_id)) as rang:
+    with metrics.parked(), services().doorbell.listen(sampler_bell(sampler_id)) as rang:
         completions, cursor = completions_since(store, sampler_id, clone, prev)
         while not completions and (left := deadline - time.monotonic()) > 0:
             rang.wait(left)

@@ -26,6 +26,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from sqlalchemy.exc import IntegrityError
 
+from app import metrics
 from app.blueprints.common import json_body, services, tenant
 from app.blueprints.futures import fetch, finished
 from protocol.checks import field
@@ -131,7 +132,7 @@ def _submit(sampler_id: str, prompt: list[int], n: int, params: dict[str, Any], 
 
 def _wait(request_id: str) -> list[WireSequence]:
     deadline = time.monotonic() + services().settings.openai_timeout_s
-    with services().doorbell.listen(request_id) as rang:
+    with metrics.parked(), services().doorbell.listen(request_id) as rang:
         row = fetch(request_id)
         while not finished(row) and (left := deadline - time.monotonic()) > 0:
             rang.wait(min(left, 5.0))

@@ -86,6 +86,11 @@ class Stack:
         return f"http://127.0.0.1:{self.env['TINKERQ_PORT']}"
 
     @property
+    def metrics_url(self) -> str:
+        """The first worker's /metrics (a worker added later finds the port taken)."""
+        return f"http://127.0.0.1:{self.env['TINKERQ_METRICS_PORT']}/metrics"
+
+    @property
     def flower_url(self) -> str:
         return f"http://127.0.0.1:{self.env['FLOWER_PORT']}"
 
@@ -111,6 +116,7 @@ class Stack:
             TINKERQ_PORT=str(free_port()),
             TINKERQ_QUEUE=queue,
             TINKERQ_WORKER_CONCURRENCY="64",
+            TINKERQ_METRICS_PORT=str(free_port()),
             PYTHONUNBUFFERED="1",
             TINKER_TELEMETRY="0",
         )
