@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import auth, errors, metrics
+from app import access, auth, errors, metrics
 from app.blueprints import (
     admin,
     checkpoints,
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
     )
     errors.init_app(app)
     metrics.init_app(app, store)
+    if settings.access_log:
+        access.init_app(app)
     auth.init_app(app)
     for module in (client, sessions, session_views, models, training, sampling, futures, runs,
                    checkpoints, identity, admin):

@@ -9,6 +9,7 @@ refuses to start on an address beyond loopback (`on_starting`); the container im
 """
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from gunicorn import util
 
 from app.keys import check_bind
-from config import SettingsError, load_settings
+from config import SettingsError, load_settings, logs
 
 
 def _json_error(sock, status_int, reason, mesg):
@@ -55,6 +56,11 @@ def on_starting(server):
                 check_bind(parsed[0], settings)
     except SettingsError as e:
         raise RuntimeError(str(e)) from e  # gunicorn prints a RuntimeError's text and exits 1
+    logs.setup(settings.log_format, "web")  # the workers fork from here with it
+    if settings.log_format == "json":  # gunicorn's own lines as JSON too
+        for name in ("gunicorn.error", "gunicorn.access"):
+            logging.getLogger(name).handlers = []
+            logging.getLogger(name).propagate = True
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()  # counts of an earlier run of the API: the counters start again
 

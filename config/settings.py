@@ -46,6 +46,11 @@ class Settings:
         9100, "Port of the GPU worker's Prometheus /metrics (the API serves its own at "
         "/metrics on its port); 0 = none. Each worker of a host needs its own.")
     metrics_host: str = _opt("127.0.0.1", "Address the worker's /metrics listens on.")
+    log_format: str = _opt(
+        "text", "Logs on stderr: text, or json (one object per line, each line of a call with "
+        "its request_id, from the API's access line to the worker's tick).")
+    access_log: bool = _opt(True, "The API logs one line per HTTP request (method, route, "
+                            "status, time, the call's request_id).")
     api_keys: str = _opt("open", "API keys accepted: open = any `tml-` key, a tenant of its own "
                          "(gunicorn then refuses to listen beyond loopback); keys = only those "
                          "made by `python -m app.keys create` and not revoked.")
@@ -293,6 +298,10 @@ class Settings:
                 f"long_poll_seconds={self.long_poll_seconds} must be in (0, 45): the SDK gives "
                 "up on a poll after 45 s"
             )
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format={self.log_format!r} must be one of text, json")
+        if not 0 <= self.metrics_port < 65536:
+            raise SettingsError(f"metrics_port={self.metrics_port} must be in [0, 65535]")
         if self.api_keys not in ("open", "keys"):
             raise SettingsError(f"api_keys={self.api_keys!r} must be one of open, keys")
         if self.dtype not in ("auto", "bf16", "fp32"):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 
-from config import Settings, load_settings
+from config import Settings, load_settings, logs
 
 
 class OutliveLostBroker(bootsteps.StartStopStep):
@@ -69,6 +69,12 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.tinkerq_settings = settings
     app.steps["consumer"].add(OutliveLostBroker)
     return app
+
+
+@signals.setup_logging.connect
+def _logs(**_: Any) -> None:
+    """The worker logs as the API does (config/logs.py), not in Celery's own format."""
+    logs.setup(celery_app.conf.tinkerq_settings.log_format, "worker")
 
 
 celery_app = make_celery(load_settings())

@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import signals
 
+from config import logs
 from protocol.jobs import ALL_KINDS, CREATION_KINDS, OPENING_KINDS, TRAIN_KINDS, Job, Outcome
 from protocol.wire import decode_sample_sequences
 from store import checkpoints
@@ -188,9 +189,14 @@ def queue_depth(queue: str) -> int:
 def run_request(request_id: str) -> str:
     with _held_lock:
         _HELD.add(request_id)
+    token = logs.REQUEST_ID.set(request_id)  # every line logged for this call names it
+    started = time.perf_counter()
     try:
-        return _run(request_id)
+        answer = _run(request_id)
+        log.info("%s in %.3f s", answer, time.perf_counter() - started)
+        return answer
     finally:
+        logs.REQUEST_ID.reset(token)
         with _held_lock:
             _HELD.discard(request_id)
 

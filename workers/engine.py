@@ -134,8 +134,8 @@ class Engine:
         watch.lap("execute")
         self.scheduler.complete(plan, outcomes, time.monotonic())
         watch.lap("complete")
-        self.metrics.observe(plan, watch)
         self.ticks += 1
+        self.metrics.observe(plan, watch, self.ticks)
         for job in plan.barriers:
             if job.kind == RESTORE:
                 self._restored(job, outcomes.get(job.request_id))

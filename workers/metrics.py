@@ -92,11 +92,18 @@ class Tick:
         self.peak = peak_flops(executor.model.device)
         self._sampled = 0
 
-    def observe(self, plan: Any, watch: Stopwatch) -> None:
+    def observe(self, plan: Any, watch: Stopwatch, tick: int) -> None:
         laps = watch.laps | getattr(self.executor, "laps", {})
+        jobs = plan.jobs()
+        if jobs:  # the tick line: which calls ran in it (a decode-only tick has none)
+            ids = [job.request_id for job in jobs]
+            log.info("tick %d ran %d call(s) in %.3f s: %s", tick, len(ids),
+                     sum(watch.laps.values()), ", ".join(ids[:8]) + (" ..." if ids[8:] else ""),
+                     extra={"tick": tick, "request_ids": ids,
+                            "phases": {k: round(v, 6) for k, v in laps.items()}})
         for phase, seconds in laps.items():
             TICK_SECONDS.labels(phase).observe(seconds)
-        for kind, n in Tally(job.kind for job in plan.jobs()).items():
+        for kind, n in Tally(job.kind for job in jobs).items():
             TICK_CALLS.labels(kind).observe(n)
         tokens = sum(job.num_tokens for job in plan.train)
         if tokens:
