@@ -29,10 +29,9 @@ def _call_of(response: Response) -> str | None:
         answer = response.get_json(silent=True)
         if isinstance(answer, dict) and isinstance(answer.get("request_id"), str):
             return answer["request_id"]
-    if request.is_json and (request.content_length or SMALL + 1) <= SMALL:
-        body = request.get_json(silent=True)
-        if isinstance(body, dict) and isinstance(body.get("request_id"), str):
-            return body["request_id"][:128]
+    body = g.get("json_body")  # as the route read it (app/blueprints/common.json_body)
+    if isinstance(body, dict) and isinstance(body.get("request_id"), str):
+        return body["request_id"][:128]
     return logs.REQUEST_ID.get()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from gunicorn import util
 
 from app.keys import check_bind
-from config import SettingsError, load_settings, logs
+from config import Settings, SettingsError, load_settings, logs
 
 
 def _json_error(sock, status_int, reason, mesg):
@@ -39,30 +39,36 @@ timeout = 120  # above the 25 s long-poll window; gevent workers heartbeat indep
 keepalive = 75  # the SDK keeps connections alive between polls
 accesslog = os.environ.get("TINKERQ_ACCESS_LOG")  # e.g. "-" for stdout
 
-# /metrics (app/metrics.py) in prometheus_client's multiprocess mode: each worker process
-# counts into files of this folder, a scrape of any process sums them
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tinkerq-metrics-")
-
-
-def on_starting(server):
-    """Before binding: refuse every address beyond loopback while api_keys=open (`-b` flags
-    included, as gunicorn merged them into cfg.bind)."""
+def check_binds(binds: list[str]) -> Settings:
+    """Refuse every address beyond loopback while api_keys=open (`-b` flags included, as
+    gunicorn merged them into cfg.bind); returns the settings."""
     try:
         settings = load_settings()
-        for address in server.cfg.bind:
+        for address in binds:
             parsed = util.parse_address(address)
             if isinstance(parsed, tuple):  # else a unix socket, or a socket systemd passed on
                 check_bind(parsed[0], settings)
     except SettingsError as e:
         raise RuntimeError(str(e)) from e  # gunicorn prints a RuntimeError's text and exits 1
+    return settings
+
+
+def on_starting(server):
+    """In the master, before binding and forking: the bind check, the logs, and the folder
+    of /metrics (app/metrics.py) in prometheus_client's multiprocess mode, where each worker
+    process counts into files that a scrape of any of them sums."""
+    settings = check_binds(server.cfg.bind)
     logs.setup(settings.log_format, "web")  # the workers fork from here with it
     if settings.log_format == "json":  # gunicorn's own lines as JSON too
         for name in ("gunicorn.error", "gunicorn.access"):
             logging.getLogger(name).handlers = []
             logging.getLogger(name).propagate = True
-    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-        stale.unlink()  # counts of an earlier run of the API: the counters start again
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink()  # counts of an earlier run of the API: the counters start again
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tinkerq-metrics-")
 
 
 def child_exit(server, worker):

@@ -37,6 +37,8 @@ REQUESTS = Counter("tinkerq_http_requests_total", "HTTP requests answered, by ro
 LATENCY = Histogram("tinkerq_http_request_seconds", "Time to answer an HTTP request, by route "
                     "and method (a long-poll counts the time it waited).", ["route", "method"],
                     buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60))
+# set by app/gunicorn_conf.py before the workers import prometheus_client
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 PARKED = Gauge("tinkerq_long_polls_parked", "retrieve_future / retrieve_futures / OpenAI calls "
                "waiting on the doorbell now.", multiprocess_mode="livesum")
 
@@ -93,7 +95,7 @@ def init_app(app: Flask, store: Store) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         registry = REGISTRY
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every gunicorn process's files
+        if MULTIPROCESS:  # every gunicorn process's files
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         database = CollectorRegistry(auto_describe=False)

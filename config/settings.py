@@ -110,9 +110,16 @@ class Settings:
         "pass it is refused. 0 = half of this machine's memory."
     )
     max_models_per_tenant: int = _opt(
-        64, "Training runs one API key may keep live at once (runs of finished sessions, or of "
-        "sessions idle past session_idle_s, do not count)."
+        64, "Training runs (LoRA adapters in training) one API key may keep live at once "
+        "(runs of finished sessions, or of sessions idle past session_idle_s, do not count); "
+        "past it, creating one answers 429 with Retry-After."
     )
+    max_pending_per_tenant: int = _opt(
+        2048, "Calls one API key may have accepted and not yet answered; past it the API "
+        "answers 429 with Retry-After, which the SDK waits out and sends again.")
+    max_pending_per_queue: int = _opt(
+        16384, "Calls a worker's queue may hold unanswered, from every key; past it the API "
+        "answers 429 with Retry-After rather than letting the queue grow.")
     session_idle_s: float = _opt(
         600.0, "A session with no heartbeat for this long counts as gone (the SDK beats every "
         "10 s)."
@@ -268,7 +275,8 @@ class Settings:
         for name in ("max_lora_adapters", "max_models", "max_lora_rank", "max_sampler_adapters",
                      "sample_max_num_sequences", "sample_steps_per_tick",
                      "max_tokens_per_tick", "max_sample_tokens", "max_seq_len",
-                     "loss_chunk_tokens", "max_models_per_tenant",
+                     "loss_chunk_tokens", "max_models_per_tenant", "max_pending_per_tenant",
+                     "max_pending_per_queue",
                      "worker_concurrency", "tensor_parallel_size", "data_parallel_size",
                      "download_url_ttl_s",
                      "sample_max_pending"):

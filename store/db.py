@@ -84,6 +84,13 @@ class Store:
                 RequestRow.queue == queue, RequestRow.kind == "sample",
                 RequestRow.state == PENDING)) or 0
 
+    def pending_counts(self, tenant: str, queue: str) -> tuple[int, int]:
+        """Calls accepted and not yet answered: the tenant's, and `queue`'s (anyone's)."""
+        with self.transaction() as s:
+            pending = select(func.count(RequestRow.id)).where(RequestRow.state == PENDING)
+            return (s.scalar(pending.where(RequestRow.tenant == tenant)) or 0,
+                    s.scalar(pending.where(RequestRow.queue == queue)) or 0)
+
     def add_request(self, row: RequestRow, *creates: Any) -> str:
         """Insert `row` and the rows it brings into being (a model, a sampler) in one
         transaction, and return the id of the request that holds its (model | sampler,

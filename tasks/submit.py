@@ -56,6 +56,7 @@ Send = Callable[[RequestRow], None]
 Retire = Callable[[str, list[str]], None]  # (queue, model ids): release them once idle
 Build = Callable[[], tuple[bytes, str]]  # validates; returns (payload, summary)
 T = TypeVar("T")
+RETRY_SOON = {"Retry-After": "1"}
 
 
 def expired(row: CheckpointRow | None) -> bool:
@@ -133,6 +134,7 @@ class Submitter:
     def submit(self, row: RequestRow, *creates: Any) -> str:
         """Insert `row` (with rows it creates) in one transaction, commit, send; a taken
         (model | sampler, seq_id) answers the first request and sends nothing."""
+        self._admit(row)
         try:
             request_id = self.store.add_request(row, *creates)
         except IntegrityError as e:
@@ -140,6 +142,23 @@ class Submitter:
         if request_id == row.id:
             self._send(row, [*creates, row])
         return request_id
+
+    def _admit(self, row: RequestRow) -> None:
+        """Backpressure: a 429 with Retry-After (the SDK waits and sends again) while the
+        caller's unanswered calls reach max_pending_per_tenant or the worker queue's reach
+        max_pending_per_queue. A resent call already accepted never gets here."""
+        if row.state == FAILED:
+            return  # a refused call, stored failed
+        mine, queued = self.store.pending_counts(row.tenant, row.queue)
+        limits = self.settings.max_pending_per_tenant, self.settings.max_pending_per_queue
+        if mine >= limits[0]:
+            raise RequestError(429, f"this API key has {mine} calls not yet answered "
+                                    f"(max_pending_per_tenant={limits[0]}); wait for their "
+                                    "results before sending more", RETRY_SOON)
+        if queued >= limits[1]:
+            raise RequestError(429, f"the worker queue {row.queue!r} holds {queued} calls not "
+                                    f"yet answered (max_pending_per_queue={limits[1]}); "
+                                    "send again shortly", RETRY_SOON)
 
     def _send(self, row: RequestRow, rows: list[Any]) -> None:
         if self.send is None:
@@ -220,9 +239,10 @@ class Submitter:
         A tenant keeps at most max_models_per_tenant live runs (see Store.live_models)."""
         limit = self.settings.max_models_per_tenant
         if self.store.live_models(model.tenant, self.settings.session_idle_s) >= limit:
-            raise RequestError(400, f"this API key already has max_models_per_tenant={limit} "
+            raise RequestError(429, f"this API key already has max_models_per_tenant={limit} "
                                     "live training runs; finish sessions you no longer use "
-                                    "(ServiceClient.close) before creating another")
+                                    "(ServiceClient.close) before creating another",
+                               {"Retry-After": "10"})
         row = RequestRow(
             id=new_request_id(),
             tenant=model.tenant,

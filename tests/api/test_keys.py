@@ -201,6 +201,6 @@ def test_the_gunicorn_hook_checks_every_bound_address(monkeypatch, mode, refused
                                                        "[::]:8001"]))
     if refused:
         with pytest.raises(RuntimeError, match="refusing to listen on '::'"):
-            gunicorn_conf.on_starting(server)
+            gunicorn_conf.check_binds(server.cfg.bind)
     else:
-        gunicorn_conf.on_starting(server)  # keys mode: every address is allowed
+        gunicorn_conf.check_binds(server.cfg.bind)  # keys mode: every address is allowed

@@ -1,0 +1,52 @@
+"""Backpressure per API key and per worker queue: past max_pending_per_tenant unanswered
+calls, or max_pending_per_queue in one queue, a new call gets 429 with Retry-After (the
+SDK waits and sends it again); a call already accepted, sent again, is answered as before;
+other keys are not held back by one key's backlog; answered calls free their places."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.factory import create_app
+from tests.api.conftest import Api, create_model_body
+
+
+@pytest.fixture
+def tight(settings, enqueued):
+    app = create_app(dataclasses.replace(settings, max_pending_per_tenant=3,
+                                         max_pending_per_queue=5), enqueue=enqueued.append)
+    yield app, app.extensions["tinkerq"]
+    app.extensions["tinkerq"].doorbell.close()
+
+
+def new_session(api: Api) -> str:
+    return api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})["session_id"]
+
+
+def test_a_keys_backlog_gets_429_until_its_calls_are_answered(tight, finish):
+    app, _ = tight
+    api = Api(app.test_client())
+    session = new_session(api)
+    ids = [api.ok("create_model", create_model_body(session, n))["request_id"] for n in range(3)]
+    resp = api.post("create_model", create_model_body(session, 3))
+    assert resp.status_code == 429
+    assert resp.headers["Retry-After"] == "1"
+    assert "max_pending_per_tenant=3" in resp.get_json()["detail"]
+    # the same call sent again (the SDK's retry of an accepted call) is answered as before
+    assert api.ok("create_model", create_model_body(session, 0))["request_id"] == ids[0]
+    finish(ids[0], {"model_id": "x"})
+    api.ok("create_model", create_model_body(session, 3))
+
+
+def test_a_full_queue_gets_429_for_everyone(tight):
+    app, _ = tight
+    keys = [Api(app.test_client(), key=f"tml-quota-{i}") for i in range(3)]
+    sessions = [new_session(k) for k in keys]
+    for k, s in zip(keys[:2], sessions[:2], strict=True):  # 3 + 2 calls: the queue holds 5
+        for n in range(3 if k is keys[0] else 2):
+            k.ok("create_model", create_model_body(s, n))
+    resp = keys[2].post("create_model", create_model_body(sessions[2], 0))
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "1"
+    assert "max_pending_per_queue=5" in resp.get_json()["detail"]
