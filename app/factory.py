@@ -16,6 +16,7 @@ from app.blueprints import (
     admin,
     checkpoints,
     client,
+    console,
     futures,
     health,
     identity,
@@ -73,4 +74,5 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
         app.register_blueprint(module.bp, url_prefix="/api/v1")
     app.register_blueprint(openai_api.bp, url_prefix="/v1")
     app.register_blueprint(health.bp)  # /healthz, /readyz: for supervisors, no key
+    app.register_blueprint(console.bp)  # /console, and its data under /api/v1/console
     return app

@@ -1,12 +1,14 @@
 """What an operator sees of a live stack (JSON logs): Prometheus metrics of the API and the
-worker, read with prometheus_client's parser; the readiness check; and one call followed by
-its request_id from the API's access line through the worker's task to the tick that ran
-it."""
+worker, read with prometheus_client's parser; the readiness check; one call followed by its
+request_id from the API's access line through the worker's task to the tick that ran it;
+and the console in a real headless chromium, with its screenshot in test-artifacts/."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from tests.e2e.test_sdk import ADAM, BASE, DATA
 
 pytestmark = pytest.mark.e2e
 STEPS = 3
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # the console's screenshot
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,45 @@ def test_a_call_is_followed_by_its_request_id(stack, trained):
     assert any(r.get("request_id") == call and r["role"] == "worker" for r in worker)
     ticks = [r for r in worker if call in (r.get("request_ids") or [])]
     assert len(ticks) == 1 and "train" in ticks[0]["phases"]
+
+
+def chromium():
+    """Debian's headless chromium through its chromedriver (apt: chromium chromium-driver;
+    .ci/run installs them)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver, "the console test needs chromium and chromium-driver (apt)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1400,1800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def test_the_console_lists_the_run_and_draws_its_curves(stack, trained):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium()
+    try:
+        browser.get(f"{stack.url}/console")
+        browser.find_element(By.ID, "key").send_keys(API_KEY)
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        loss = '.chart[data-metric="loss:sum"]'
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, f'{loss}[data-points="{STEPS}"]'))
+        runs = [row.get_attribute("data-run")
+                for row in browser.find_elements(By.CSS_SELECTOR, "#training_runs tr.run")]
+        assert runs == [trained.model_id]
+        # what Plotly drew: one trace of STEPS points, and its SVG line
+        points = browser.execute_script(
+            f"return document.querySelector('{loss}').data[0].x.length")
+        assert points == STEPS
+        assert browser.find_elements(By.CSS_SELECTOR, f"{loss} .scatterlayer path.js-line")
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "console.png"))
+    finally:
+        browser.quit()
