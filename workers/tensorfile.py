@@ -49,18 +49,20 @@ def save(tensors: dict[str, torch.Tensor], path: Path,
 
 def runs(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
     """`tensors` (made contiguous, empty ones left out) in groups that lie end to end in
-    memory, in order: each group is one write."""
+    one storage, in order: each group is one write. Two tensors of separate storages are
+    never grouped, even where the allocator happened to put them side by side."""
     groups: list[list[torch.Tensor]] = []
-    end = -1
+    end, storage = -1, -1
     for tensor in tensors:
         tensor = tensor.contiguous()
         if tensor.nbytes == 0:
             continue
-        if tensor.data_ptr() == end:
+        here = tensor.untyped_storage().data_ptr()
+        if tensor.data_ptr() == end and here == storage:
             groups[-1].append(tensor)
         else:
             groups.append([tensor])
-        end = tensor.data_ptr() + tensor.nbytes
+        end, storage = tensor.data_ptr() + tensor.nbytes, here
     return groups
 
 

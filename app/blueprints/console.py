@@ -98,7 +98,9 @@ def per_step(rows: list[Any]) -> list[tuple[int, dict[str, float]]]:
     """(step, metrics) for every step with a metric: a step's forward_backward calls and the
     optim_step that ends it."""
     out: list[tuple[int, dict[str, float]]] = []
-    step, sums, counts = 1, defaultdict(float), defaultdict(int)
+    step = 1
+    sums: defaultdict[str, float] = defaultdict(float)
+    counts: defaultdict[str, int] = defaultdict(int)
     for row in rows:
         found = _metrics(row)
         for name, value in found.items():

@@ -96,7 +96,10 @@ def workload(ex: Executor, tmp) -> dict:
     return got
 
 
-def assert_alike(a: dict, b: dict, after: float = 2e-4) -> None:
+def assert_alike(a: dict, b: dict, after: float = 1e-3) -> None:
+    """`after` bounds the logprobs after the AdamW steps: the first steps move each weight by
+    about ±lr whatever its gradient's size, so the two-way gradient sum's rounding shows
+    (3.2e-4 seen on a CI machine at D=2); what feeds the steps agrees to 2e-4."""
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
         np.testing.assert_allclose(y, x, atol=2e-4)

@@ -47,3 +47,17 @@ def test_a_packed_state_is_two_writes_and_reads_back(tmp_path):
     for got, want in zip(back.exp_avg + back.exp_avg_sq, adam.exp_avg + adam.exp_avg_sq,
                          strict=True):
         assert torch.equal(got, want)
+
+
+def test_neighbours_in_separate_storages_are_separate_writes(tmp_path):
+    """Two tensors that lie side by side in memory but in storages of their own (as the
+    allocator may place a model's small weights) are written one by one: one write over
+    both would read past the first's storage."""
+    flat = torch.arange(12, dtype=torch.float32)
+    a = torch.empty(0).set_(flat.untyped_storage()[:24], 0, (6,))
+    b = torch.empty(0).set_(flat.untyped_storage()[24:], 0, (6,))
+    assert b.data_ptr() == a.data_ptr() + a.nbytes
+    assert [len(g) for g in tensorfile.runs([a, b])] == [1, 1]
+    tensorfile.save({"a": a, "b": b}, tmp_path / "x.safetensors")
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert torch.equal(back["a"], flat[:6]) and torch.equal(back["b"], flat[6:])
