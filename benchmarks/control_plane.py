@@ -11,6 +11,11 @@ measures, through the official tinker SDK:
    samples on the base model), beside the same calls made one at a time.
 
     python -m benchmarks.control_plane [--calls 200] [--clients 200] [--backend sqlite]
+                                       [--before REV]
+
+With --before, the same measures are taken first on a stack of commit REV (a git worktree in
+a temporary folder, its processes run from there) and printed beside this checkout's: what
+a change cost the hot path, in one run on one machine.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +34,7 @@ import tinker
 from tinker import types
 
 from store.engine import normalise_url
-from tests.e2e.stack import API_KEY, Stack
+from tests.e2e.stack import API_KEY, ROOT, Stack
 
 BASE = "tinkerq/tiny-qwen3"
 
@@ -83,31 +89,50 @@ def measure_throughput(service: tinker.ServiceClient, clients: int, sequential: 
     return {"sequential": one_at_a_time, "concurrent": concurrent}
 
 
+def measure(root: Path, folder: Path, args: argparse.Namespace) -> dict:
+    stack = Stack.start(folder, args.backend, root=root)
+    try:
+        service = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
+        return measure_overhead(service, stack, args.calls) | {
+            "futures/s": measure_throughput(service, args.clients, sequential=50)}
+    finally:
+        stack.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--before", metavar="REV", help="a commit to measure beside this tree")
     args = parser.parse_args()
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack.start(Path(tmp) / "stack", args.backend)
-        try:
-            service = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
-            o = measure_overhead(service, stack, args.calls)
-            t = measure_throughput(service, args.clients, sequential=50)
-        finally:
-            stack.stop()
+        if args.before:
+            tree = Path(tmp) / "before"
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before],
+                           cwd=ROOT, check=True, capture_output=True)
+            try:
+                runs[f"before ({args.before})"] = measure(tree, Path(tmp) / "stack-before", args)
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                               check=False)
+        runs["this tree"] = measure(ROOT, Path(tmp) / "stack", args)
     ms = 1000.0
     print(f"\ncontrol plane, backend={args.backend}, tiny model on CPU, {args.calls} sequential "
           f"forward calls (8 tokens), {args.clients} concurrent clients")
-    print(f"{'measure':<44}{'median':>12}{'p99':>12}")
+    head = "".join(f"{name + ' median':>24}{'p99':>10}" for name in runs)
+    print(f"{'measure':<40}{head}")
     for label, key in [("SDK submit -> result (ms)", "latency"),
-                       ("  worker compute, baseline (ms)", "compute"),
+                       ("  worker compute (ms)", "compute"),
                        ("  overhead = latency - compute (ms)", "overhead")]:
-        print(f"{label:<44}{statistics.median(o[key]) * ms:>12.2f}{pct(o[key], 99) * ms:>12.2f}")
-    print(f"{'futures/s, 1 client at a time (baseline)':<44}{t['sequential']:>12.1f}")
-    print(f"{'futures/s, ' + str(args.clients) + ' concurrent clients':<44}"
-          f"{t['concurrent']:>12.1f}")
+        cells = "".join(f"{statistics.median(o[key]) * ms:>24.2f}{pct(o[key], 99) * ms:>10.2f}"
+                        for o in runs.values())
+        print(f"{label:<40}{cells}")
+    for label, key in [("futures/s, 1 client at a time", "sequential"),
+                       (f"futures/s, {args.clients} concurrent clients", "concurrent")]:
+        print(f"{label:<40}" + "".join(f"{o['futures/s'][key]:>24.1f}{'':>10}"
+                                       for o in runs.values()))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from store.schema import CheckpointRow, ModelRow, RequestRow, SamplerRow
 from store.sessions import owner_urn
 from tasks import custom_losses, placement, stability
 from tasks.saves import checkpoint_dir
-from tasks.submit import Submitter, future, new_request_id, payload
+from tasks.submit import Check, Submitter, future, new_request_id, payload
 
 # --- creations ------------------------------------------------------------------------------
 
@@ -118,10 +118,15 @@ def load_data(model_id: str, create: bool, body: dict[str, Any], ckpt: Checkpoin
     }
 
 
-def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
-    """A new run from a weights checkpoint; with `model_id`, the legacy load into a run."""
+def load_weights(sub: Submitter, tenant: str, body: dict[str, Any],
+                 check: Check | None = None) -> dict[str, Any]:
+    """A new run from a weights checkpoint; with `model_id`, the legacy load into a run.
+    `check`: the body's schema check, run by a numbered load so that its 400 claims the
+    seq_id; a new run is checked before."""
     if body.get("model_id") is not None:
-        return load_into(sub, tenant, body)
+        return load_into(sub, tenant, body, check)
+    if check is not None:
+        check()
     model_id = new_model_id(sub, tenant, body)
     if found := sub.store.request_holding(model_id, None, 0):
         return future(found, model_id)
@@ -146,7 +151,8 @@ def load_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
     return sub.creation(model, "load_weights", load_data(model_id, True, body, ckpt, source))
 
 
-def load_into(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+def load_into(sub: Submitter, tenant: str, body: dict[str, Any],
+              check: Check | None = None) -> dict[str, Any]:
     """Legacy form (deprecated `TrainingClient.load_state`): an existing model, a seq_id."""
     model = sub.load_model(tenant, body.get("model_id"))
     seq = check_seq_id(body.get("seq_id"))
@@ -161,7 +167,7 @@ def load_into(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, An
         data = load_data(model.id, False, body, ckpt, source)
         return payload(data), f"from={ckpt.tinker_path}"
 
-    return sub.numbered(model, seq, "load_weights", build)
+    return sub.numbered(model, seq, "load_weights", build, check)
 
 
 # --- a run's numbered calls -----------------------------------------------------------------
@@ -191,17 +197,21 @@ def forward_backward(sub: Submitter, tenant: str, body: bytes) -> dict[str, Any]
     return sub.numbered(model, check_seq_id(req.seq_id), kind, build)
 
 
-def optim_step(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+def optim_step(sub: Submitter, tenant: str, body: dict[str, Any],
+               check: Check | None = None) -> dict[str, Any]:
     model = sub.load_model(tenant, body.get("model_id"))
 
     def build() -> tuple[bytes, str]:
         if body.get("optimizer_params") is not None:
             raise bad("optimizer_params is not supported: this server trains with AdamW "
                       "(adam_params)")
-        adam = check_adam(field(body, "adam_params", dict, {}))
+        # the SDK sends adam_params; its type reads optim_params as the same field
+        key = "optim_params" if "optim_params" in body and "adam_params" not in body \
+            else "adam_params"
+        adam = check_adam(field(body, key, dict, {}))
         return payload({"adam_params": adam}), f"lr={adam['learning_rate']:g}"
 
-    return sub.numbered(model, check_seq_id(body.get("seq_id")), "optim_step", build)
+    return sub.numbered(model, check_seq_id(body.get("seq_id")), "optim_step", build, check)
 
 
 # --- sampling -------------------------------------------------------------------------------

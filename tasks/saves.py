@@ -13,7 +13,7 @@ from protocol.checks import check_seq_id, field
 from protocol.errors import RequestError, bad
 from store import checkpoints, encryption
 from store.schema import ModelRow, RequestRow, SamplerRow
-from tasks.submit import Submitter, future, new_request_id, payload
+from tasks.submit import Check, Submitter, future, new_request_id, payload
 
 
 def checkpoint_dir(sub: Submitter, model: ModelRow, segment: str, name: str) -> str:
@@ -41,7 +41,8 @@ def checkpoint_extras(body: dict[str, Any]) -> dict[str, Any]:
     return {"ttl_seconds": ttl, "user_metadata": field(body, "user_metadata", dict, None)}
 
 
-def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+def save_weights(sub: Submitter, tenant: str, body: dict[str, Any],
+                 check: Check | None = None) -> dict[str, Any]:
     """Adapter + optimizer state at tinker://<run>/weights/<path>."""
     model = sub.load_model(tenant, body.get("model_id"))
 
@@ -53,7 +54,7 @@ def save_weights(sub: Submitter, tenant: str, body: dict[str, Any]) -> dict[str,
                 "tinker_path": path, **checkpoint_extras(body)}
         return payload(data), f"path={path}"
 
-    return sub.numbered(model, check_seq_id(body.get("seq_id")), "save_weights", build)
+    return sub.numbered(model, check_seq_id(body.get("seq_id")), "save_weights", build, check)
 
 
 def check_kind(body: dict[str, Any], inflight: bool = False) -> str:
@@ -67,13 +68,13 @@ def check_kind(body: dict[str, Any], inflight: bool = False) -> str:
     return kind
 
 
-def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
-                             ) -> dict[str, Any]:
+def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any],
+                             check: Check | None = None) -> dict[str, Any]:
     """The peft adapter at tinker://<run>/sampler_weights/<path>; without a path, for a
     new sampling session (`save_weights_and_get_sampling_client`)."""
     model = sub.load_model(tenant, body.get("model_id"))
     if body.get("path") is None and body.get("sampling_session_seq_id") is not None:
-        return save_for_session(sub, model, body)
+        return save_for_session(sub, model, body, check)
 
     def build() -> tuple[bytes, str]:
         check_kind(body)
@@ -89,7 +90,7 @@ def save_weights_for_sampler(sub: Submitter, tenant: str, body: dict[str, Any]
         return payload(data), f"path={path}"
 
     seq = check_seq_id(body.get("seq_id"))
-    return sub.numbered(model, seq, "save_weights_for_sampler", build)
+    return sub.numbered(model, seq, "save_weights_for_sampler", build, check)
 
 
 MAX_AGE_RECIPIENTS = 10
@@ -110,8 +111,8 @@ def check_recipients(value: Any) -> list[str] | None:
     return value
 
 
-def save_weights_external(sub: Submitter, tenant: str, body: dict[str, Any]
-                          ) -> dict[str, Any]:
+def save_weights_external(sub: Submitter, tenant: str, body: dict[str, Any],
+                          check: Check | None = None) -> dict[str, Any]:
     """The peft adapter at tinker://<run>/external_weights/<path>, for download through
     signed URLs; each file age-encrypted when the caller names recipients."""
     model = sub.load_model(tenant, body.get("model_id"))
@@ -129,10 +130,11 @@ def save_weights_external(sub: Submitter, tenant: str, body: dict[str, Any]
         return payload(data), f"path={path}"
 
     seq = check_seq_id(body.get("seq_id"))
-    return sub.numbered(model, seq, "save_weights_external", build)
+    return sub.numbered(model, seq, "save_weights_external", build, check)
 
 
-def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> dict[str, Any]:
+def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any],
+                     check: Check | None = None) -> dict[str, Any]:
     """Path-less save: the sampling session is created now, with the folder the save will
     write, so the answer can name it."""
     seq_id = check_seq_id(body.get("seq_id"))
@@ -150,6 +152,8 @@ def save_for_session(sub: Submitter, model: ModelRow, body: dict[str, Any]) -> d
         summary=f"model={model.id} seq={seq_id} sampler={sampler_id}",
     )
     try:
+        if check is not None:
+            check()
         check_kind(body, inflight=True)
         if type(n) is not int or n < 0:
             raise bad(f"sampling_session_seq_id={n!r} must be an integer >= 0")

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[RequestRow], None]
 Retire = Callable[[str, list[str]], None]  # (queue, model ids): release them once idle
 Build = Callable[[], tuple[bytes, str]]  # validates; returns (payload, summary)
+Check = Callable[[], None]  # the body's schema check (app/schemas.py), run as build's first
 T = TypeVar("T")
 RETRY_SOON = {"Retry-After": "1"}
 
@@ -189,10 +190,12 @@ class Submitter:
         self._send(row, [row])
         raise RequestError(400, message)
 
-    def numbered(self, model: ModelRow, seq_id: int, kind: str, build: Build) -> dict[str, Any]:
+    def numbered(self, model: ModelRow, seq_id: int, kind: str, build: Build,
+                 check: Check | None = None) -> dict[str, Any]:
         """Submit a model's numbered call. A resent seq_id is answered with the original
-        request before anything is checked again; otherwise `build()` validates (a 400 from
-        it still claims the seq_id, see `reject`) and gives the payload."""
+        request before anything is checked again; otherwise `check()` and `build()` validate
+        (a 400 from either still claims the seq_id, see `reject`) and build gives the
+        payload."""
         if found := self.store.request_holding(model.id, None, seq_id):
             return future(found, model.id)
         row = RequestRow(
@@ -211,6 +214,8 @@ class Submitter:
                                         "checkpoint into a new run to train on it")
             if self.store.session_finished(model.session_id):
                 raise RequestError(400, finished_message(model.session_id))
+            if check is not None:
+                check()
             row.payload, summary = build()
         except RequestError as e:
             if e.status != 400 or not self.claim_rejected:

@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 from flask import current_app, g, request, url_for
 from sqlalchemy import func, select
 
+from app import schemas
 from app.services import Services
 from protocol.errors import RequestError
 from store import usage
 from store.schema import CheckpointRow
 from store.sessions import owner_urn
+from tasks.submit import Check
 
 T = TypeVar("T")
 
@@ -36,7 +38,21 @@ MAX_JSON_BYTES = 16 << 20  # a JSON call's body (a long prompt is well under 1 M
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, refused with a 400 when it is not JSON, nests deeper than
-    MAX_JSON_DEPTH, or holds NaN/Infinity or a NUL character (no column or path takes one)."""
+    MAX_JSON_DEPTH, holds NaN/Infinity or a NUL character (no column or path takes one), or
+    does not fit its route's schema (app/schemas.py)."""
+    data = _parsed_json()
+    schemas.check_body(request.endpoint, data)
+    return data
+
+
+def numbered_body() -> tuple[dict[str, Any], Check]:
+    """A numbered call's JSON object and its schema check, left for the submitter to run:
+    a 400 of a numbered call still claims its seq_id (tasks/submit.py)."""
+    data, endpoint = _parsed_json(), request.endpoint
+    return data, lambda: schemas.check_body(endpoint, data)
+
+
+def _parsed_json() -> dict[str, Any]:
     request.max_content_length = MAX_JSON_BYTES  # past it: 413, answered as JSON
     raw = request.get_data()
     try:

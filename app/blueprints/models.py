@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint
 
-from app.blueprints.common import json_body, services, tenant
+from app.blueprints.common import json_body, numbered_body, services, tenant
 from tasks import calls, placement
 
 bp = Blueprint("models", __name__)
@@ -41,4 +41,4 @@ def get_info() -> dict[str, Any]:
 
 @bp.post("/load_weights")
 def load_weights() -> dict[str, Any]:
-    return calls.load_weights(services().submit, tenant(), json_body())
+    return calls.load_weights(services().submit, tenant(), *numbered_body())

@@ -9,7 +9,7 @@ from typing import Any
 import zstandard
 from flask import Blueprint, request
 
-from app.blueprints.common import json_body, services, tenant
+from app.blueprints.common import json_body, numbered_body, services, tenant
 from protocol.errors import RequestError
 from tasks import calls, custom_losses, saves
 
@@ -40,17 +40,17 @@ def forward_backward() -> dict[str, Any]:
 
 @bp.post("/optim_step")
 def optim_step() -> dict[str, Any]:
-    return calls.optim_step(services().submit, tenant(), json_body())
+    return calls.optim_step(services().submit, tenant(), *numbered_body())
 
 
 @bp.post("/save_weights")
 def save_weights() -> dict[str, Any]:
-    return saves.save_weights(services().submit, tenant(), json_body())
+    return saves.save_weights(services().submit, tenant(), *numbered_body())
 
 
 @bp.post("/save_weights_for_sampler")
 def save_weights_for_sampler() -> dict[str, Any]:
-    return saves.save_weights_for_sampler(services().submit, tenant(), json_body())
+    return saves.save_weights_for_sampler(services().submit, tenant(), *numbered_body())
 
 
 @bp.post("/create_custom_loss")
@@ -60,4 +60,4 @@ def create_custom_loss() -> dict[str, Any]:
 
 @bp.post("/save_weights_external")
 def save_weights_external() -> dict[str, Any]:
-    return saves.save_weights_external(services().submit, tenant(), json_body())
+    return saves.save_weights_external(services().submit, tenant(), *numbered_body())

@@ -149,6 +149,12 @@ def session_id(api):
     return api.ok("create_session", body)["session_id"]
 
 
+def new_session(api: Api) -> str:
+    """A new session of `api`'s key, created with the body the SDK sends."""
+    body = {"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}
+    return api.ok("create_session", body)["session_id"]
+
+
 def create_model_body(session_id: str, seq: int = 0, **lora: Any) -> dict[str, Any]:
     return {
         "session_id": session_id,

@@ -8,7 +8,7 @@ from sqlalchemy import update
 from tinker import types
 
 from store.schema import DONE, RequestRow, utcnow
-from tests.api.conftest import KEY
+from tests.api.conftest import KEY, new_session
 
 
 def test_audit_logs_what_was_done_to_checkpoints(api, other, session_id, model_id,
@@ -16,9 +16,9 @@ def test_audit_logs_what_was_done_to_checkpoints(api, other, session_id, model_i
     ckpt = add_checkpoint(model_id, "training", "w")
     publish = f"training_runs/{model_id}/checkpoints/weights/w/publish"
     api.post(publish)
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     other.ok("load_weights", {"session_id": other_sid, "model_seq_id": 0,
-                              "path": ckpt.tinker_path})
+                              "path": ckpt.tinker_path, "optimizer": False})
     api.delete(publish)
     api.client.put(f"/api/v1/sessions/{session_id}/project", json={"project_id": "p"},
                    headers={"X-API-Key": KEY})
@@ -47,7 +47,8 @@ def test_usage_events_sum_tokens_per_hour_and_kind(api, session_id, model_id, se
                                                  "base_model": "Qwen/Qwen3-8B"})
     body = {"sampling_session_id": sampler["sampling_session_id"], "seq_id": 0,
             "num_samples": 2, "prompt": {"chunks": [{"type": "encoded_text",
-                                                     "tokens": [1, 2, 3]}]}}
+                                                     "tokens": [1, 2, 3]}]},
+            "sampling_params": {"max_tokens": 8}}
     api.ok("asample", body)
     hour = utcnow().replace(minute=0, second=0, microsecond=0)
     with services.store.transaction() as s:

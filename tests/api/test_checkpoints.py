@@ -16,7 +16,7 @@ from tinker import types
 
 from store import checkpoints
 from store.schema import CheckpointRow, ModelRow, utcnow
-from tests.api.conftest import KEY, OTHER_KEY, Api
+from tests.api.conftest import KEY, OTHER_KEY, Api, new_session
 
 
 def _expire(services, ckpt: CheckpointRow) -> None:
@@ -50,7 +50,7 @@ def test_save_weights_external_is_a_numbered_save(api, model_id, enqueued, add_c
     (["age1notakey"], "age1notakey"),
     ([], "list of 1 to 10"),
     (["ssh-ed25519 AAAA"], "ssh-ed25519 AAAA"),
-    ("age1x", "list of 1 to 10"),
+    ("age1x", "age_encryption_recipients: Input should be a valid list"),
 ])
 def test_bad_age_recipients_are_a_400(api, model_id, enqueued, recipients, says):
     body = {"model_id": model_id, "path": "x", "seq_id": 1,
@@ -149,7 +149,7 @@ def test_an_expired_checkpoint_is_hidden_then_swept(api, session_id, model_id,
 def test_a_published_checkpoint_is_readable_by_every_key(api, other, model_id, add_checkpoint,
                                                         enqueued):
     ckpt = add_checkpoint(model_id, "training", "w")
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     publish = f"training_runs/{model_id}/checkpoints/weights/w/publish"
     load = _load_body(other_sid, ckpt.tinker_path)
     sample = {"session_id": other_sid, "sampling_session_seq_id": 0,
@@ -175,7 +175,7 @@ def test_a_published_checkpoint_is_readable_by_every_key(api, other, model_id, a
 def test_weights_access_token_reads_the_owner_s_checkpoint(api, other, model_id,
                                                           add_checkpoint):
     ckpt = add_checkpoint(model_id, "training", "w")
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     body = _load_body(other_sid, ckpt.tinker_path)
     assert other.post("load_weights", body | {"weights_access_token": "tml-wrong"}) \
         .status_code == 404
@@ -220,7 +220,7 @@ def test_copy_weights_into_a_session_slot_and_refusals(api, other, session_id, m
     body = {"source_path": ckpt.tinker_path, "session_id": session_id, "model_seq_id": 7}
     copy = api.ok("copy_weights", body)["tinker_path"]
     assert copy == f"tinker://{session_id}:train:7/weights/w"
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     mine = {"source_path": ckpt.tinker_path, "session_id": other_sid, "model_seq_id": 0}
     assert other.post("copy_weights", mine).status_code == 404
     resp = api.post("copy_weights", {"source_path": ckpt.tinker_path})

@@ -11,6 +11,7 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from protocol.wire import decode_forward_backward
+from tests.api.conftest import new_session
 from tests.unit.test_custom_loss import CASES, upload
 
 
@@ -44,7 +45,7 @@ def test_a_custom_loss_is_stored_and_runs_by_its_id(api, other, session_id, mode
     spec = json.loads(stored.loss_fn_config["custom_loss"])
     assert [i["name"] for i in spec["inputs"]] == ["logprobs", "weights"]
     assert any(n["target"] == "operator.mul" for n in spec["nodes"])
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     assert other.post("create_custom_loss", loss_body(other_sid)).status_code == 200
     resp = api.post("forward_backward", fwdbwd(model_id, 2, f"{other_sid}:loss:0"))
     assert resp.status_code == 404  # another key's loss is no loss
@@ -60,7 +61,7 @@ def test_custom_loss_refusals(api, session_id, model_id, enqueued):
     evil["graph"]["nodes"][2]["target"] = "builtins.exec"
     resp = api.post("create_custom_loss", evil)
     assert resp.status_code == 400 and "'builtins.exec'" in resp.get_json()["detail"]
-    second = api.ok("create_session", {})["session_id"]
+    second = new_session(api)
     resp = api.post("create_model", {"session_id": second, "model_seq_id": 0,
                                      "base_model": "Qwen/Qwen3-8B", "lora_config": {"rank": 8}})
     other_run = resp.get_json()["model_id"]

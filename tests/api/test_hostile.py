@@ -15,7 +15,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from protocol.checks import check_sample
 from protocol.errors import RequestError
 from store.schema import RequestRow, SessionRow, utcnow
-from tests.api.conftest import create_model_body
+from tests.api.conftest import create_model_body, new_session
 from tests.api.test_training import PROTO, datum, fwdbwd_body
 
 ADAM = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
@@ -130,23 +130,19 @@ def test_a_tenant_keeps_a_bounded_number_of_live_runs(api, other, session_id, se
     full = api.post("create_model", create_model_body(session_id, limit))
     refused(full, f"max_models_per_tenant={limit}", status=429)  # the SDK waits, sends again
     assert full.headers["Retry-After"] == "10"
-    theirs = other.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
-    other.ok("create_model", create_model_body(theirs["session_id"], 0))
-    second = api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
-    refused(api.post("create_model", create_model_body(second["session_id"], 0)), "live",
-            status=429)
+    other.ok("create_model", create_model_body(new_session(other), 0))
+    second = new_session(api)
+    refused(api.post("create_model", create_model_body(second, 0)), "live", status=429)
     assert api.post(f"sessions/{session_id}/finish", {"reason": {"type": "success"}}
                     ).status_code == 200
-    api.ok("create_model", create_model_body(second["session_id"], 0))
+    api.ok("create_model", create_model_body(second, 0))
     for n in range(1, limit):
-        api.ok("create_model", create_model_body(second["session_id"], n))
-    refused(api.post("create_model", create_model_body(second["session_id"], limit)), "live",
-            status=429)
+        api.ok("create_model", create_model_body(second, n))
+    refused(api.post("create_model", create_model_body(second, limit)), "live", status=429)
     silent = utcnow() - dt.timedelta(seconds=services.settings.session_idle_s + 1)
     with services.store.transaction() as s:  # the client died: no heartbeat since
-        s.get(SessionRow, second["session_id"]).last_heartbeat = silent
-    third = api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})
-    api.ok("create_model", create_model_body(third["session_id"], 0))
+        s.get(SessionRow, second).last_heartbeat = silent
+    api.ok("create_model", create_model_body(new_session(api), 0))
 
 
 # --- every route, every class --------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from tinker import types
 
 from store.schema import ModelRow, RequestRow
-from tests.api.conftest import ALIAS, create_model_body
+from tests.api.conftest import ALIAS, create_model_body, new_session
 
 
 def stored(services, request_id: str) -> RequestRow:
@@ -150,7 +150,7 @@ def test_load_weights_rejects(api, other, session_id, model_id, add_checkpoint, 
     missing = f"tinker://{model_id}/weights/nope"
     resp = api.post("load_weights", base | {"path": missing})
     assert resp.status_code == 404 and missing in resp.get_json()["detail"]
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     resp = other.post("load_weights", base | {"session_id": other_sid, "path": weights.tinker_path})
     assert resp.status_code == 404
     assert enqueued == []

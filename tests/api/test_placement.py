@@ -15,7 +15,7 @@ from sqlalchemy import update
 from store import workers
 from store.schema import PENDING, ModelRow, RequestRow, SamplerRow, WorkerRow, utcnow
 from tasks.housekeeping import _Watch
-from tests.api.conftest import ALIAS, create_model_body
+from tests.api.conftest import ALIAS, create_model_body, new_session
 from tests.api.test_training import PROTO, datum, fwdbwd_body
 
 OTHER = "acme/other-base"
@@ -58,8 +58,7 @@ def test_new_runs_go_to_the_least_loaded_worker_of_their_base_model(api, other, 
     register(services, "gpu-a1", settings.base_model, ALIAS)
     register(services, "gpu-b", OTHER, OTHER, other_model(tmp_path))
 
-    theirs = other.ok("create_session", {"tags": [], "sdk_version": "0.38.0",
-                                          "type": "create_session"})["session_id"]
+    theirs = new_session(other)
 
     def create(seq: int, client=api, session=session_id) -> str:
         body = create_model_body(session, seq=seq)

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from app.factory import create_app
-from tests.api.conftest import Api, create_model_body
+from tests.api.conftest import Api, create_model_body, new_session
 
 
 @pytest.fixture
@@ -19,10 +19,6 @@ def tight(settings, enqueued):
                                          max_pending_per_queue=5), enqueue=enqueued.append)
     yield app, app.extensions["tinkerq"]
     app.extensions["tinkerq"].doorbell.close()
-
-
-def new_session(api: Api) -> str:
-    return api.ok("create_session", {"tags": [], "user_metadata": {}, "type": "x"})["session_id"]
 
 
 def test_a_keys_backlog_gets_429_until_its_calls_are_answered(tight, finish):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tinker import types
 
-from tests.api.conftest import ALIAS
+from tests.api.conftest import ALIAS, new_session
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_create_sampling_session_rejects(api, other, session_id, model_id, add_c
     resp = api.post("create_sampling_session", base | {"model_path": export})
     assert resp.status_code == 400 and "download" in resp.get_json()["detail"]
     sampler = add_checkpoint(model_id, "sampler", "s")
-    other_sid = other.ok("create_session", {})["session_id"]
+    other_sid = new_session(other)
     body = {
         "session_id": other_sid,
         "sampling_session_seq_id": 0,
@@ -171,7 +171,7 @@ def test_asample_stop_forms(api, sampler_id, enqueued, stop, strings, ids, eos):
         ({"temperature": -0.5}, "temperature=-0.5"),
         ({"top_p": 0.0}, "top_p=0.0"),
         ({"top_p": 1.5}, "top_p=1.5"),
-        ({"stop": [1, "x"]}, "mixed"),
+        ({"stop": [1, "x"]}, "sampling_params.stop"),
         ({"stop": [9999]}, "9999"),
         ({"extra": {"num_samples": 0}}, "num_samples=0"),
         ({"extra": {"num_samples": 129}}, "128"),

@@ -12,7 +12,7 @@ from tinker import types
 
 from protocol.wire import WireSequence, decode_forward_backward, encode_sample_response
 from store.schema import RequestRow, utcnow
-from tests.api.conftest import ALIAS
+from tests.api.conftest import ALIAS, new_session
 from tests.api.test_sampling import sample_body
 from tests.api.test_training import PROTO, fwdbwd_body
 
@@ -113,8 +113,8 @@ def test_unrecorded_and_other_sessions_samples_are_refused(api, other, model_id,
     resp = post(api, model_id, [rl_datum(plain["sample_sequence_ids"][0])])
     assert resp.status_code == 400 and "record_stability_info" in resp.get_json()["detail"]
     # another session of the same key: its samples are not this run's
-    other_session = api.ok("create_session", {"tags": [], "type": "create_session"})
-    sampler2 = api.ok("create_sampling_session", {"session_id": other_session["session_id"],
+    other_session = new_session(api)
+    sampler2 = api.ok("create_sampling_session", {"session_id": other_session,
                                                   "sampling_session_seq_id": 0,
                                                   "base_model": ALIAS})["sampling_session_id"]
     theirs = api.ok("asample", sample_body(sampler2) | {"record_stability_info": True})

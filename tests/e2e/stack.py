@@ -80,6 +80,7 @@ class Stack:
     flower: bool = False
     cluster: Path | None = None  # the private backend's Postgres folder
     ports: dict[str, int] = field(default_factory=dict)  # the private backend's services
+    root: Path = ROOT  # the checkout whose code the processes run (a benchmark's baseline)
 
     @property
     def url(self) -> str:
@@ -96,8 +97,8 @@ class Stack:
 
     @classmethod
     def start(cls, data_dir: Path, backend: str, *, flower: bool = False,
-              **settings: str) -> Stack:
-        stack = cls(data_dir, backend, flower=flower)
+              root: Path = ROOT, **settings: str) -> Stack:
+        stack = cls(data_dir, backend, flower=flower, root=root)
         stack._configure(settings)
         try:
             stack._launch()
@@ -145,7 +146,7 @@ class Stack:
         self.commands[name] = args
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            args, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -172,7 +173,7 @@ class Stack:
         self.commands[name] = [sys.executable, "-m", "workers"]
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
-            self.commands[name], cwd=ROOT, env=own, stdout=log, stderr=subprocess.STDOUT,
+            self.commands[name], cwd=self.root, env=own, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + timeout
         while b" ready." not in (self.data_dir / f"{name}.log").read_bytes():

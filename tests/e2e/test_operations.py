@@ -1,12 +1,16 @@
 """What an operator sees of a live stack (JSON logs): Prometheus metrics of the API and the
 worker, read with prometheus_client's parser; the readiness check; one call followed by its
 request_id from the API's access line through the worker's task to the tick that ran it;
-and the console in a real headless chromium, with its screenshot in test-artifacts/."""
+the console in a real headless chromium, with its screenshot in test-artifacts/; and the
+API spec fuzzed by schemathesis."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,3 +142,29 @@ def test_the_console_lists_the_run_and_draws_its_curves(stack, trained):
         assert browser.save_screenshot(str(ARTIFACTS / "console.png"))
     finally:
         browser.quit()
+
+
+def test_schemathesis_finds_no_server_error_and_no_answer_off_the_spec(stack, trained):
+    """/openapi.json fuzzed against the live stack (last in this module: it makes sessions
+    and refused calls of its own): a bounded number of examples per route, each answer
+    checked for a 5xx and against the spec (a 4xx must be the spec's error shape). The
+    route that revokes the caller's own key is left out: it would end the run early."""
+    st = Path(sys.executable).with_name("st")
+    report = ARTIFACTS / "schemathesis.xml"
+    proc = subprocess.run(
+        [str(st), "run", f"{stack.url}/openapi.json", "-H", f"X-API-Key: {API_KEY}",
+         "--checks", "not_a_server_error,response_schema_conformance",
+         "--max-examples", "20", "--generation-deterministic", "--request-timeout", "60",
+         "--exclude-path", "/api/v1/auth/apikey/me", "--report", "junit",
+         "--report-junit-path", str(report), "--no-color"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks"})
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    # it ran every other route (not a spec it could not read or an empty selection)
+    spec = httpx.get(f"{stack.url}/openapi.json", timeout=10).json()
+    operations = sum(len(ops) for ops in spec["paths"].values()) - 2  # apikey/me: GET, DELETE
+    suites = report.read_text()
+    cases = suites.count("<testcase ") - suites.count('name="Stateful tests"')
+    assert cases == operations and 'failures="0"' in suites, tail
+    assert not httpx.get(f"{stack.url}/healthz", timeout=10).is_error  # still serving
