@@ -74,7 +74,7 @@ async def _sample_many(sampler, n: int, concurrency: int) -> float:
 
     async def one() -> None:
         async with gate:
-            await sampler.sample_async(prompt, 1, params)
+            await sampler.sample(prompt, 1, params)
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
@@ -87,6 +87,15 @@ def measure_throughput(service: tinker.ServiceClient, clients: int, sequential: 
     one_at_a_time = asyncio.run(_sample_many(sampler, sequential, 1))
     concurrent = asyncio.run(_sample_many(sampler, clients * 2, clients))
     return {"sequential": one_at_a_time, "concurrent": concurrent}
+
+
+def _merged(old: dict | None, new: dict) -> dict:
+    """Latencies pooled over repeats; futures/s kept per repeat (the table's is their median)."""
+    if old is None:
+        return new | {"futures/s": {k: [v] for k, v in new["futures/s"].items()}}
+    out = {k: old[k] + new[k] for k in ("latency", "compute", "overhead")}
+    return out | {"futures/s": {k: old["futures/s"][k] + [v]
+                                for k, v in new["futures/s"].items()}}
 
 
 def measure(root: Path, folder: Path, args: argparse.Namespace) -> dict:
@@ -105,22 +114,29 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--before", metavar="REV", help="a commit to measure beside this tree")
+    parser.add_argument("--repeat", type=int, default=1, help="stacks started per tree, in turn")
     args = parser.parse_args()
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "before"
+        trees = {"this tree": ROOT}
         if args.before:
-            tree = Path(tmp) / "before"
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before],
+            trees = {f"before ({args.before})": before} | trees
+            subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before],
                            cwd=ROOT, check=True, capture_output=True)
-            try:
-                runs[f"before ({args.before})"] = measure(tree, Path(tmp) / "stack-before", args)
-            finally:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+        try:
+            for i in range(args.repeat):  # the trees take turns: drift hits both alike
+                for name, tree in trees.items():
+                    got = measure(tree, Path(tmp) / f"stack-{len(runs)}-{i}", args)
+                    runs[name] = _merged(runs.get(name), got)
+        finally:
+            if args.before:
+                subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT,
                                check=False)
-        runs["this tree"] = measure(ROOT, Path(tmp) / "stack", args)
     ms = 1000.0
     print(f"\ncontrol plane, backend={args.backend}, tiny model on CPU, {args.calls} sequential "
-          f"forward calls (8 tokens), {args.clients} concurrent clients")
+          f"forward calls (8 tokens), {args.clients} concurrent clients, {args.repeat} stack(s) "
+          "per tree, in turn")
     head = "".join(f"{name + ' median':>24}{'p99':>10}" for name in runs)
     print(f"{'measure':<40}{head}")
     for label, key in [("SDK submit -> result (ms)", "latency"),
@@ -131,8 +147,8 @@ def main() -> None:
         print(f"{label:<40}{cells}")
     for label, key in [("futures/s, 1 client at a time", "sequential"),
                        (f"futures/s, {args.clients} concurrent clients", "concurrent")]:
-        print(f"{label:<40}" + "".join(f"{o['futures/s'][key]:>24.1f}{'':>10}"
-                                       for o in runs.values()))
+        print(f"{label:<40}" + "".join(
+            f"{statistics.median(o['futures/s'][key]):>24.1f}{'':>10}" for o in runs.values()))
 
 
 if __name__ == "__main__":

@@ -86,10 +86,11 @@ class Store:
 
     def pending_counts(self, tenant: str, queue: str) -> tuple[int, int]:
         """Calls accepted and not yet answered: the tenant's, and `queue`'s (anyone's)."""
-        with self.transaction() as s:
-            pending = select(func.count(RequestRow.id)).where(RequestRow.state == PENDING)
-            return (s.scalar(pending.where(RequestRow.tenant == tenant)) or 0,
-                    s.scalar(pending.where(RequestRow.queue == queue)) or 0)
+        mine = func.count(RequestRow.id).filter(RequestRow.tenant == tenant)
+        queued = func.count(RequestRow.id).filter(RequestRow.queue == queue)
+        with self.transaction() as s:  # one round trip: this runs before every submission
+            row = s.execute(select(mine, queued).where(RequestRow.state == PENDING)).one()
+            return int(row[0] or 0), int(row[1] or 0)
 
     def add_request(self, row: RequestRow, *creates: Any) -> str:
         """Insert `row` and the rows it brings into being (a model, a sampler) in one
