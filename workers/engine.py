@@ -135,11 +135,11 @@ class Engine:
         self.scheduler.complete(plan, outcomes, time.monotonic())
         watch.lap("complete")
         self.ticks += 1
-        self.metrics.observe(plan, watch, self.ticks)
         for job in plan.barriers:
             if job.kind == RESTORE:
                 self._restored(job, outcomes.get(job.request_id))
         self._resolve(outcomes)
+        self.metrics.observe(plan, watch, self.ticks)  # once the answers are on their way
         failed = any(o.category == "server" for o in outcomes.values() if not o.ok)
         if failed and (why := self.probe()):
             self._give_up(why)

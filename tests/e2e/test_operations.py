@@ -24,12 +24,14 @@ from tests.e2e.test_sdk import ADAM, BASE, DATA
 
 pytestmark = pytest.mark.e2e
 STEPS = 3
+PENDING = 3  # max_pending_per_tenant: the SDK meets the backpressure (and rides through it)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # the console's screenshot
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack.start(tmp_path_factory.mktemp("stack-ops"), "sqlite", log_format="json")
+    s = Stack.start(tmp_path_factory.mktemp("stack-ops"), "sqlite", log_format="json",
+                    max_pending_per_tenant=str(PENDING))
     yield s
     s.stop()
 
@@ -142,6 +144,20 @@ def test_the_console_lists_the_run_and_draws_its_curves(stack, trained):
         assert browser.save_screenshot(str(ARTIFACTS / "console.png"))
     finally:
         browser.quit()
+
+
+def test_the_sdk_rides_through_backpressure(stack, trained):
+    """Eight forward calls at once against max_pending_per_tenant=3: the calls past it get
+    429 with Retry-After, which the SDK waits out and sends again; every one answers."""
+    def refused() -> float:
+        return value(samples(f"{stack.url}/metrics"), "tinkerq_http_requests_total",
+                     route="/api/v1/forward_backward", status="429")
+
+    before = refused()
+    futures = [trained.forward(DATA, "cross_entropy") for _ in range(8)]
+    results = [f.result(timeout=120) for f in futures]
+    assert [len(r.loss_fn_outputs) for r in results] == [len(DATA)] * 8
+    assert refused() > before
 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_off_the_spec(stack, trained):
