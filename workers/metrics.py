@@ -160,7 +160,7 @@ class State:
         if batch.arena is not None:
             kv = GaugeMetricFamily("tinkerq_kv_cache_tokens", "The running batch's KV cache, "
                                    "in tokens.", labels=["state"])
-            free = batch.arena.free_tokens()
+            free = batch.arena.free_tokens
             kv.add_metric(["used"], batch.arena.capacity - free)
             kv.add_metric(["capacity"], batch.arena.capacity)
             yield kv

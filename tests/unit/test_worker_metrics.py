@@ -48,6 +48,7 @@ def test_ticks_count_phases_calls_and_tokens(tiny_model, tmp_path):
 def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
     engine = start_engine(tiny_model, tmp_path)
     assert engine.submit(job("create_model", create_body("a"), "a")).result(10).ok
+    assert engine.submit(job("sample", SAMPLE, rid="s1")).result(30).ok  # the KV cache is made
     port = free_port()
     assert metrics.serve("127.0.0.1", port, engine, lambda: 7)
     try:
@@ -58,6 +59,8 @@ def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
         adapters = {s.labels["state"]: s.value for s in families["tinkerq_adapters"].samples}
         assert adapters["resident"] == 1 and adapters["offloaded"] == 0
         assert "tinkerq_tick_seconds" in families
+        kv = {s.labels["state"]: s.value for s in families["tinkerq_kv_cache_tokens"].samples}
+        assert kv["capacity"] > 0 and kv["used"] == 0  # the sample finished: all free again
         assert metrics.serve("127.0.0.1", port, engine, lambda: 0) is False  # port taken
     finally:
         for collector in list(REGISTRY._collector_to_names):
