@@ -3,6 +3,7 @@
     python -m app.keys create --name alice [--note laptop]  # prints the new key, this once
     python -m app.keys list                                 # names, dates, hash prefixes
     python -m app.keys revoke alice                         # or a hash prefix from `list`
+    python -m app.keys limit alice --max-models 4 --max-pending 256   # "default": the settings'
 
 The database is the deployment's (DATABASE_URL, else the SQLite file under TINKERQ_DATA_DIR),
 migrated first as the API does at start; only a key's hash is stored, and it is the key's
@@ -21,6 +22,7 @@ from config import SettingsError, load_settings
 from config.settings import Settings
 from store import keys
 from store.db import Store
+from store.schema import tenant_of
 
 HASH_SHOWN = 12  # hex digits of a key's hash that `list` shows (enough for `revoke`)
 
@@ -46,8 +48,25 @@ def check_bind(host: str, settings: Settings) -> None:
         )
 
 
+def _limit(raw: str) -> int | None:
+    """A limit on the command line: a count, or "default" (the deployment's setting)."""
+    if raw == "default":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is neither a count nor 'default'") from None
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: getattr(args, name) for name in ("max_models", "max_pending")
+            if hasattr(args, name)}  # a flag not given leaves no attribute (SUPPRESS)
+
+
 def _create(store: Store, settings: Settings, args: argparse.Namespace) -> None:
     key = keys.create(store, args.name, args.note)
+    if limits := _limits(args):
+        keys.set_limits(store, tenant_of(key), limits)
     print(key)  # stdout holds the key alone, for `KEY=$(python -m app.keys create ...)`
     print(f"made key {args.name.strip()!r}; it is shown this once, only its hash is kept",
           file=sys.stderr)
@@ -57,12 +76,17 @@ def _create(store: Store, settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _list(store: Store, settings: Settings, args: argparse.Namespace) -> None:
-    table = [("NAME", "KIND", "CREATED (UTC)", "REVOKED (UTC)", "HASH")]
+    table = [("NAME", "KIND", "CREATED (UTC)", "REVOKED (UTC)", "HASH", "MAX RUNS",
+              "MAX PENDING")]
     for row in keys.all_keys(store):
         table.append((row.name, "registered" if row.registered else "seen",
                       f"{row.created_at:%Y-%m-%d %H:%M:%S}",
                       f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-",
-                      row.tenant[:HASH_SHOWN]))
+                      row.tenant[:HASH_SHOWN],
+                      str(row.max_models) if row.max_models is not None else
+                      f"{settings.max_models_per_tenant} (default)",
+                      str(row.max_pending) if row.max_pending is not None else
+                      f"{settings.max_pending_per_tenant} (default)"))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -74,6 +98,17 @@ def _revoke(store: Store, settings: Settings, args: argparse.Namespace) -> None:
     print(f"revoked key {row.name!r} ({row.tenant[:HASH_SHOWN]}): it and its JWTs get 401")
 
 
+def _set_limits(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    limits = _limits(args)
+    if not limits:
+        raise keys.RegistryError("name a limit to set: --max-models and/or --max-pending")
+    row = keys.set_limits(store, keys.find_one(store, args.key).tenant, limits)
+    shown = {name: "default" if value is None else value
+             for name, value in (("max_models", row.max_models), ("max_pending", row.max_pending))}
+    print(f"key {row.name!r}: max_models={shown['max_models']}, "
+          f"max_pending={shown['max_pending']}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.keys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +117,17 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="unique among the keys not revoked")
     create.add_argument("--note", default="", help="a free text kept with the key")
     create.set_defaults(run=_create)
+    limit = commands.add_parser("limit", help="set a key's own quotas (live runs, calls "
+                                "pending); 'default' goes back to the deployment's settings")
+    limit.add_argument("key", metavar="NAME_OR_HASH_PREFIX")
+    limit.set_defaults(run=_set_limits)
+    for command in (create, limit):
+        command.add_argument("--max-models", type=_limit, default=argparse.SUPPRESS,
+                             metavar="N",
+                             help="live training runs (max_models_per_tenant by default)")
+        command.add_argument("--max-pending", type=_limit, default=argparse.SUPPRESS,
+                             metavar="N",
+                             help="calls not yet answered (max_pending_per_tenant by default)")
     commands.add_parser("list", help="every key the server has a row for, never the key itself"
                         ).set_defaults(run=_list)
     revoke = commands.add_parser("revoke", help="refuse a key and its JWTs from now on")

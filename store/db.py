@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.engine import make_engine
 from store.migrate import upgrade
-from store.schema import PENDING, ModelRow, RequestRow, SessionRow, utcnow
+from store.schema import PENDING, ApiKeyRow, ModelRow, RequestRow, SessionRow, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,13 +84,15 @@ class Store:
                 RequestRow.queue == queue, RequestRow.kind == "sample",
                 RequestRow.state == PENDING)) or 0
 
-    def pending_counts(self, tenant: str, queue: str) -> tuple[int, int]:
-        """Calls accepted and not yet answered: the tenant's, and `queue`'s (anyone's)."""
+    def pending_counts(self, tenant: str, queue: str) -> tuple[int, int, int | None]:
+        """Calls accepted and not yet answered: the tenant's, and `queue`'s (anyone's); and
+        the tenant's own max_pending, if its key has one."""
         mine = func.count(RequestRow.id).filter(RequestRow.tenant == tenant)
         queued = func.count(RequestRow.id).filter(RequestRow.queue == queue)
+        own = select(ApiKeyRow.max_pending).where(ApiKeyRow.tenant == tenant).scalar_subquery()
         with self.transaction() as s:  # one round trip: this runs before every submission
-            row = s.execute(select(mine, queued).where(RequestRow.state == PENDING)).one()
-            return int(row[0] or 0), int(row[1] or 0)
+            row = s.execute(select(mine, queued, own).where(RequestRow.state == PENDING)).one()
+            return int(row[0] or 0), int(row[1] or 0), row[2]
 
     def add_request(self, row: RequestRow, *creates: Any) -> str:
         """Insert `row` and the rows it brings into being (a model, a sampler) in one
@@ -126,6 +128,11 @@ class Store:
         with self.transaction() as s:
             row = s.get(SessionRow, session_id)
             return row is not None and row.finished_at is not None
+
+    def max_models(self, tenant: str) -> int | None:
+        """The tenant's own limit on live runs, if its key has one."""
+        with self.transaction() as s:
+            return s.scalar(select(ApiKeyRow.max_models).where(ApiKeyRow.tenant == tenant))
 
     def live_models(self, tenant: str, idle_s: float) -> int:
         """The tenant's training runs whose session is neither finished nor silent for more

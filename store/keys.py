@@ -73,6 +73,22 @@ def create(store: Store, name: str, note: str = "") -> str:
     return key
 
 
+def set_limits(store: Store, tenant: str, limits: dict[str, int | None]) -> ApiKeyRow:
+    """Set the key's own quotas (`max_models`, `max_pending`; None: the deployment's)."""
+    for name, value in limits.items():
+        if name not in ("max_models", "max_pending"):
+            raise RegistryError(f"{name!r} is not a key's limit (max_models, max_pending)")
+        if value is not None and not 0 <= value <= 1 << 31:
+            raise RegistryError(f"{name}={value} must be between 0 and {1 << 31}")
+    with store.transaction() as s:
+        row = s.scalars(select(ApiKeyRow).where(ApiKeyRow.tenant == tenant)).one()
+        for name, value in limits.items():
+            setattr(row, name, value)
+        s.flush()
+        s.expunge(row)
+        return row
+
+
 def all_keys(store: Store) -> list[ApiKeyRow]:
     """Every key row, oldest first."""
     with store.transaction() as s:

@@ -77,6 +77,9 @@ class ApiKeyRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     registered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the key's own quotas (`python -m app.keys limit`); None: the deployment's settings
+    max_models: Mapped[int | None] = mapped_column(Integer)
+    max_pending: Mapped[int | None] = mapped_column(Integer)
 
 
 class ModelRow(Base):

@@ -150,12 +150,14 @@ class Submitter:
         max_pending_per_queue. A resent call already accepted never gets here."""
         if row.state == FAILED:
             return  # a refused call, stored failed
-        mine, queued = self.store.pending_counts(row.tenant, row.queue)
+        mine, queued, own = self.store.pending_counts(row.tenant, row.queue)
         limits = self.settings.max_pending_per_tenant, self.settings.max_pending_per_queue
-        if mine >= limits[0]:
+        if mine >= (own if own is not None else limits[0]):
+            which = f"its own max_pending={own}" if own is not None else \
+                f"max_pending_per_tenant={limits[0]}"
             raise RequestError(429, f"this API key has {mine} calls not yet answered "
-                                    f"(max_pending_per_tenant={limits[0]}); wait for their "
-                                    "results before sending more", RETRY_SOON)
+                                    f"({which}); wait for their results before sending more",
+                               RETRY_SOON)
         if queued >= limits[1]:
             raise RequestError(429, f"the worker queue {row.queue!r} holds {queued} calls not "
                                     f"yet answered (max_pending_per_queue={limits[1]}); "
@@ -241,10 +243,13 @@ class Submitter:
 
     def creation(self, model: ModelRow, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """A run's creation (create_model, create-via-load): seq_id 0, with its model row.
-        A tenant keeps at most max_models_per_tenant live runs (see Store.live_models)."""
-        limit = self.settings.max_models_per_tenant
+        A tenant keeps at most max_models_per_tenant live runs, or its key's own max_models
+        (see Store.live_models)."""
+        own = self.store.max_models(model.tenant)
+        limit = own if own is not None else self.settings.max_models_per_tenant
         if self.store.live_models(model.tenant, self.settings.session_idle_s) >= limit:
-            raise RequestError(429, f"this API key already has max_models_per_tenant={limit} "
+            which = "its own max_models" if own is not None else "max_models_per_tenant"
+            raise RequestError(429, f"this API key already has {which}={limit} "
                                     "live training runs; finish sessions you no longer use "
                                     "(ServiceClient.close) before creating another",
                                {"Retry-After": "10"})

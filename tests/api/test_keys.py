@@ -112,6 +112,22 @@ def test_list_shows_names_and_hash_prefixes_never_the_keys(cli, api):
         assert key[4:16] not in listing.stdout
 
 
+def test_a_keys_own_quotas_are_set_listed_and_reset(cli, settings, services):
+    carol = cli("create", "--name", "carol", "--max-pending", "5").stdout.strip()
+    done = cli("limit", "carol", "--max-models", "2")
+    assert done.returncode == 0 and "max_models=2, max_pending=5" in done.stdout, done.stderr
+    row = keys.find(services.store, tenant_of(carol))
+    assert row is not None and (row.max_models, row.max_pending) == (2, 5)
+    assert cli("limit", "carol", "--max-pending", "default").returncode == 0
+    line = cli("list").stdout.splitlines()[1]
+    assert line.startswith("carol") and line.split()[-3:] == [
+        "2", str(settings.max_pending_per_tenant), "(default)"]
+    for bad, says in ((["--max-models", "many"], "neither a count nor 'default'"),
+                      (["--max-pending", "-1"], "must be between 0"), ([], "name a limit")):
+        done = cli("limit", "carol", *bad)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
 def test_revoke_by_name_or_hash_prefix_refuses_the_key_and_its_tokens(app, cli):
     alice, bob = created(cli, "alice"), created(cli, "bob")
     alice_token = as_key(app, alice).ok("auth/token")["jwt"]

@@ -10,6 +10,8 @@ import dataclasses
 import pytest
 
 from app.factory import create_app
+from store import keys
+from store.schema import tenant_of
 from tests.api.conftest import Api, create_model_body, new_session
 
 
@@ -46,3 +48,33 @@ def test_a_full_queue_gets_429_for_everyone(tight):
     resp = keys[2].post("create_model", create_model_body(sessions[2], 0))
     assert resp.status_code == 429 and resp.headers["Retry-After"] == "1"
     assert "max_pending_per_queue=5" in resp.get_json()["detail"]
+
+
+def test_a_keys_own_limits_replace_the_deployments(settings, enqueued, services):
+    """`python -m app.keys limit` (store.keys.set_limits): one key may have more pending
+    calls, or fewer live runs, than the settings give the others; "default" goes back."""
+    # max_pending_per_tenant=3; the tests' max_models_per_tenant is 4
+    app = create_app(dataclasses.replace(settings, max_pending_per_tenant=3),
+                     enqueue=enqueued.append)
+    big, small = Api(app.test_client(), key="tml-quota-big"), Api(app.test_client())
+    tenant = keys.known(services.store, tenant_of("tml-quota-big")).tenant
+    keys.set_limits(services.store, tenant, {"max_pending": 4, "max_models": 8})
+    session = new_session(big)
+    for n in range(4):  # past the deployment's 3 pending, within its own 4
+        big.ok("create_model", create_model_body(session, n))
+    resp = big.post("create_model", create_model_body(session, 4))
+    assert resp.status_code == 429 and "its own max_pending=4" in resp.get_json()["detail"]
+    keys.set_limits(services.store, tenant, {"max_pending": 8, "max_models": 4})
+    resp = big.post("create_model", create_model_body(session, 4))  # a fifth live run
+    assert resp.status_code == 429 and "its own max_models=4" in resp.get_json()["detail"]
+    keys.set_limits(services.store, tenant, {"max_models": 5})
+    big.ok("create_model", create_model_body(session, 4))
+    keys.set_limits(services.store, tenant, {"max_models": None, "max_pending": None})
+    resp = big.post("create_model", create_model_body(session, 5))
+    assert "max_models_per_tenant=4" in resp.get_json()["detail"]  # the deployment's again
+    other = new_session(small)  # the other key kept the deployment's limits throughout
+    for n in range(3):
+        small.ok("create_model", create_model_body(other, n))
+    resp = small.post("create_model", create_model_body(other, 3))
+    assert resp.status_code == 429 and "max_pending_per_tenant=3" in resp.get_json()["detail"]
+    app.extensions["tinkerq"].doorbell.close()
