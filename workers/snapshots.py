@@ -86,7 +86,9 @@ class SnapshotWriter:
                 seq, state, ready = self._pending.pop(model_id)
                 self._busy = True
             try:
-                self._write(model_id, seq, self._host(state, ready))
+                host = self._host(state, ready)
+                del state  # the device copy is done with: back to the allocator before the write
+                self._write(model_id, seq, host)
             except Exception:  # noqa: BLE001 - a full disk: the older snapshot stays usable
                 log.exception("could not write the snapshot of model %s at seq_id %d",
                               model_id, seq)
