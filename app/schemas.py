@@ -60,10 +60,9 @@ class WeightsInfoRequest(BaseModel):
     tinker_path: str
 
 
-class CompletionRequest(BaseModel):  # OpenAI's; the route reads the fields it serves
+class _OpenAIRequest(BaseModel):  # what OpenAI's two routes share; each reads what it serves
     model_config = ConfigDict(extra="allow")
     model: str
-    prompt: str | list[int] | list[str]
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -72,22 +71,16 @@ class CompletionRequest(BaseModel):  # OpenAI's; the route reads the fields it s
     stream: bool | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[int] | list[str]
     logprobs: int | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[dict[str, Any]]
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int | None = None
-    stream: bool | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
