@@ -75,6 +75,6 @@ def create_app(settings: Settings | None = None, enqueue: Send | None = None,
     app.register_blueprint(openai_api.bp, url_prefix="/v1")
     app.register_blueprint(health.bp)  # /healthz, /readyz: for supervisors, no key
     app.register_blueprint(console.bp)  # /console, and its data under /api/v1/console
-    spec = schemas.openapi(app)
+    spec = schemas.openapi(app, auth.needs_key)
     app.add_url_rule("/openapi.json", "openapi", lambda: spec)
     return app

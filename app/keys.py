@@ -63,6 +63,11 @@ def _limits(args: argparse.Namespace) -> dict[str, int | None]:
             if hasattr(args, name)}  # a flag not given leaves no attribute (SUPPRESS)
 
 
+def _shown(limit: int | None, default: str) -> str:
+    """A key's own limit as printed, or what stands for the deployment's."""
+    return default if limit is None else str(limit)
+
+
 def _create(store: Store, settings: Settings, args: argparse.Namespace) -> None:
     key = keys.create(store, args.name, args.note)
     if limits := _limits(args):
@@ -83,10 +88,8 @@ def _list(store: Store, settings: Settings, args: argparse.Namespace) -> None:
                       f"{row.created_at:%Y-%m-%d %H:%M:%S}",
                       f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-",
                       row.tenant[:HASH_SHOWN],
-                      str(row.max_models) if row.max_models is not None else
-                      f"{settings.max_models_per_tenant} (default)",
-                      str(row.max_pending) if row.max_pending is not None else
-                      f"{settings.max_pending_per_tenant} (default)"))
+                      _shown(row.max_models, f"{settings.max_models_per_tenant} (default)"),
+                      _shown(row.max_pending, f"{settings.max_pending_per_tenant} (default)")))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -103,10 +106,8 @@ def _set_limits(store: Store, settings: Settings, args: argparse.Namespace) -> N
     if not limits:
         raise keys.RegistryError("name a limit to set: --max-models and/or --max-pending")
     row = keys.set_limits(store, keys.find_one(store, args.key).tenant, limits)
-    shown = {name: "default" if value is None else value
-             for name, value in (("max_models", row.max_models), ("max_pending", row.max_pending))}
-    print(f"key {row.name!r}: max_models={shown['max_models']}, "
-          f"max_pending={shown['max_pending']}")
+    print(f"key {row.name!r}: max_models={_shown(row.max_models, 'default')}, "
+          f"max_pending={_shown(row.max_pending, 'default')}")
 
 
 def parser() -> argparse.ArgumentParser:

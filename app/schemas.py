@@ -13,6 +13,7 @@ ForwardBackwardRequest, zstd allowed).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -140,8 +141,9 @@ def _message(e: ValidationError) -> str:
     return f"{where}: {errors[0]['msg']}{more}"
 
 
-def openapi(app: Flask) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of `app`'s routes."""
+def openapi(app: Flask, needs_key: Callable[[str], bool]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `app`'s routes; `needs_key(path)` says which ask for a key
+    (app/auth.py's rule)."""
     keys, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
                                     ref_template="#/components/schemas/{model}")
     paths: dict[str, dict[str, Any]] = {}
@@ -153,7 +155,7 @@ def openapi(app: Flask) -> dict[str, Any]:
             path = path.replace(f"<path:{name}>", f"{{{name}}}").replace(
                 f"<{name}>", f"{{{name}}}")
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            paths.setdefault(path, {})[method.lower()] = _operation(rule, keys)
+            paths.setdefault(path, {})[method.lower()] = _operation(rule, keys, needs_key)
     return {
         "openapi": "3.1.0",
         "info": {"title": "tinkerq", "version": "0.1.0",
@@ -167,9 +169,8 @@ def openapi(app: Flask) -> dict[str, Any]:
     }
 
 
-def _operation(rule: Any, keys: dict[Any, Any]) -> dict[str, Any]:
-    open_route = not rule.rule.startswith(("/api/v1/", "/v1/")) or rule.rule in (
-        "/api/v1/healthz",) or rule.rule.startswith("/api/v1/downloads/")
+def _operation(rule: Any, keys: dict[Any, Any], needs_key: Callable[[str], bool]
+               ) -> dict[str, Any]:
     error = "#/components/schemas/" + ("OpenAIError" if rule.rule.startswith("/v1/") else "Error")
     op: dict[str, Any] = {
         "operationId": rule.endpoint,
@@ -182,7 +183,7 @@ def _operation(rule: Any, keys: dict[Any, Any]) -> dict[str, Any]:
             "503": {"description": "A part of the service is away for the moment; retry."},
         },
     }
-    if not open_route:
+    if needs_key(rule.rule):
         op["security"] = [{"apiKey": []}]
     if rule.endpoint in BODIES:
         schema = keys[(BODIES[rule.endpoint], "validation")]

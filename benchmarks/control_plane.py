@@ -89,21 +89,15 @@ def measure_throughput(service: tinker.ServiceClient, clients: int, sequential: 
     return {"sequential": one_at_a_time, "concurrent": concurrent}
 
 
-def _merged(old: dict | None, new: dict) -> dict:
-    """Latencies pooled over repeats; futures/s kept per repeat (the table's is their median)."""
-    if old is None:
-        return new | {"futures/s": {k: [v] for k, v in new["futures/s"].items()}}
-    out = {k: old[k] + new[k] for k in ("latency", "compute", "overhead")}
-    return out | {"futures/s": {k: old["futures/s"][k] + [v]
-                                for k, v in new["futures/s"].items()}}
-
-
 def measure(root: Path, folder: Path, args: argparse.Namespace) -> dict:
+    """One stack's figures, each a list: per call (latency, compute, overhead), and one
+    futures/s figure each way (sequential, concurrent)."""
     stack = Stack.start(folder, args.backend, root=root)
     try:
         service = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
-        return measure_overhead(service, stack, args.calls) | {
-            "futures/s": measure_throughput(service, args.clients, sequential=50)}
+        per_call = measure_overhead(service, stack, args.calls)
+        rates = measure_throughput(service, args.clients, sequential=50)
+        return per_call | {k: [v] for k, v in rates.items()}
     finally:
         stack.stop()
 
@@ -116,7 +110,6 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="a commit to measure beside this tree")
     parser.add_argument("--repeat", type=int, default=1, help="stacks started per tree, in turn")
     args = parser.parse_args()
-    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         trees = {"this tree": ROOT}
@@ -124,11 +117,13 @@ def main() -> None:
             trees = {f"before ({args.before})": before} | trees
             subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before],
                            cwd=ROOT, check=True, capture_output=True)
+        runs: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
         try:
             for i in range(args.repeat):  # the trees take turns: drift hits both alike
-                for name, tree in trees.items():
-                    got = measure(tree, Path(tmp) / f"stack-{len(runs)}-{i}", args)
-                    runs[name] = _merged(runs.get(name), got)
+                for t, (name, tree) in enumerate(trees.items()):
+                    got = measure(tree, Path(tmp) / f"stack-{t}-{i}", args)
+                    for key, values in got.items():  # pooled over the repeats
+                        runs[name].setdefault(key, []).extend(values)
         finally:
             if args.before:
                 subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT,
@@ -148,7 +143,7 @@ def main() -> None:
     for label, key in [("futures/s, 1 client at a time", "sequential"),
                        (f"futures/s, {args.clients} concurrent clients", "concurrent")]:
         print(f"{label:<40}" + "".join(
-            f"{statistics.median(o['futures/s'][key]):>24.1f}{'':>10}" for o in runs.values()))
+            f"{statistics.median(o[key]):>24.1f}{'':>10}" for o in runs.values()))
 
 
 if __name__ == "__main__":
