@@ -4,9 +4,10 @@ format is theirs) before the route's finer checks, and `/openapi.json` is made f
 types and the app's URL map. The SDK's types forbid fields they do not know; the server's
 copies ignore them at the top level instead, so that a newer SDK's added field is no error.
 
-A body that does not fit answers 400 naming the field and what was wrong. Routes with no
-SDK type (the console's, the OpenAI-compatible /v1, the health checks) are listed with their
-parameters and answers only; forward_backward's body is protobuf (the SDK's
+A body that does not fit answers 400 naming the field and what was wrong. Routes the SDK has
+no type for have small types of their own here (the tinker CLI's, the OpenAI-compatible
+/v1); routes with no JSON body (the console's, the health checks, listings) are listed with
+their parameters and answers only; forward_backward's body is protobuf (the SDK's
 ForwardBackwardRequest, zstd allowed).
 """
 
@@ -128,17 +129,13 @@ def _message(e: ValidationError) -> str:
     forms, pydantic names each form after the field; the answer names the field."""
     errors = e.errors()
     loc = errors[0]["loc"]
-    common = tuple(os.path.commonprefix([err["loc"] for err in errors])) if len(errors) > 1 \
-        else loc
-    if not common:  # errors at several fields: the first, and how many more
-        common = loc
-    where = ".".join(str(part) for part in common) or "body"
-    if common != loc:
+    common = tuple(os.path.commonprefix([err["loc"] for err in errors]))
+    if common and common != loc:  # every error under one field: its union's forms
         form = ".".join(str(part) for part in loc[len(common):])
-        return f"{where}: fits none of its {len(errors)} accepted forms ({form}: " \
-               f"{errors[0]['msg']})"
+        return f"{'.'.join(str(part) for part in common)}: fits none of its {len(errors)} " \
+               f"accepted forms ({form}: {errors[0]['msg']})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {errors[0]['msg']}{more}"
+    return f"{'.'.join(str(part) for part in loc) or 'body'}: {errors[0]['msg']}{more}"
 
 
 def openapi(app: Flask, needs_key: Callable[[str], bool]) -> dict[str, Any]:

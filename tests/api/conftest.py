@@ -140,18 +140,13 @@ def other(app):
 
 @pytest.fixture
 def session_id(api):
-    body = {
-        "tags": [],
-        "user_metadata": {"k": "v"},
-        "sdk_version": "0.38.0",
-        "type": "create_session",
-    }
-    return api.ok("create_session", body)["session_id"]
+    return new_session(api, k="v")
 
 
-def new_session(api: Api) -> str:
+def new_session(api: Api, **user_metadata: str) -> str:
     """A new session of `api`'s key, created with the body the SDK sends."""
-    body = {"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}
+    body = {"tags": [], "user_metadata": user_metadata, "sdk_version": "0.38.0",
+            "type": "create_session"}
     return api.ok("create_session", body)["session_id"]
 
 
