@@ -11,6 +11,7 @@ pass is batch-invariant: workers/lora.py), and that no request row is left pendi
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -192,10 +193,21 @@ def test_redis_restarted_mid_training(stack, reference):
 
 def test_postgres_restarted_mid_training(stack, reference):
     """While the database is away the API answers 503 (never 500: Stack.stop checks) and
-    the worker holds the answers it computed until it can store them."""
+    the worker waits for it with the calls it holds. The worker is paused until calls are
+    pending, so that it surely has some to run while the database is away (a tick lasts
+    milliseconds: left running, it is most often idle at the kill)."""
     def chaos(run: Workload) -> None:
         run.until(STEPS * CLIENTS // 2)
-        stack.kill("postgres", signal.SIGKILL)
+        worker = stack.procs["worker"].pid
+        os.killpg(worker, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while pending_rows(stack) == 0:
+                assert time.monotonic() < deadline and not run.errors, run.errors
+                time.sleep(0.05)
+            stack.kill("postgres", signal.SIGKILL)
+        finally:
+            os.killpg(worker, signal.SIGCONT)
         time.sleep(3.0)
         stack.restart("postgres")
 
