@@ -4,7 +4,7 @@ benchmark's shapes, against the copy bandwidth.
 
 Qwen3 head layouts (0.6B: 16 query and 8 KV heads, 4B: 32 and 8; head dim 128), batches
 of 1 to 256 rows, every row at the mean context of the sampler benchmark (prompt + 128 of
-256 new tokens: 256 and 640 keys), regions scattered in the arena. Calls rotate over 4
+256 new tokens: 256 and 640 keys), blocks scattered over the cache. Calls rotate over 4
 layers' caches (more than the L2 holds) inside a CUDA graph, as in a decode step. Per shape:
 the configuration `attention_kernels` picks now, the fastest one, their µs per call and the
 K/V bytes read per second as a share of the copy bandwidth.
@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.sampler import copy_bandwidth
 from workers.sampling import attention_kernels as ak
+from workers.sampling.kv_cache import BLOCK, blocks_for
 
 HEADS = {"0.6b": (16, 8), "4b": (32, 8)}
 DIM, LAYERS, CALLS = 128, 4, 32
@@ -49,17 +50,18 @@ def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[t
           ) -> str:
     heads, kv = HEADS[model]
     g = torch.Generator(device="cuda").manual_seed(0)
-    slots = rows * (context + 64)
+    per_row = blocks_for(context)
+    slots = (rows * per_row + 1) * BLOCK
     caches = [(torch.randn(slots, kv, DIM, device="cuda", generator=g, dtype=torch.bfloat16),
                torch.randn(slots, kv, DIM, device="cuda", generator=g, dtype=torch.bfloat16))
               for _ in range(LAYERS)]
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(1))
-    starts = (order * (context + 64)).to(torch.int32).cuda()
+    order = torch.randperm(rows * per_row, generator=torch.Generator().manual_seed(1))
+    table = order.view(rows, per_row).to(torch.int32).cuda()
     used = torch.full((rows,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(rows, heads, DIM, device="cuda", dtype=torch.bfloat16)
     default_splits = ak.splits(rows, kv, 1024, q.device)  # (graphs bake max_len ≥ 1024)
     scale = DIM**-0.5
-    ref = ak.attention(q, *caches[0], starts, used, scale, default_splits)
+    ref = ak.attention(q, *caches[0], table, used, scale, default_splits)
     default = (32 if default_splits > 1 else 64, 4, 3, default_splits)
     times = {}
     for bt, warps, stages, s_factor in configs:
@@ -67,10 +69,10 @@ def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[t
         key = (bt, warps, stages, n_splits)
         if key in times or (key != default and n_splits > 1 and context // n_splits < bt):
             continue
-        out = ak.attention(q, *caches[0], starts, used, scale, n_splits, key[:3])
+        out = ak.attention(q, *caches[0], table, used, scale, n_splits, key[:3])
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
         times[key] = time_calls(lambda i, key=key: ak.attention(
-            q, *caches[i], starts, used, scale, key[3], key[:3]))
+            q, *caches[i], table, used, scale, key[3], key[:3]))
     best = min(times, key=times.get)
     kv_bytes = 2 * rows * context * kv * DIM * 2
 

@@ -2,7 +2,7 @@
 memory-bandwidth floor.
 
 Real Qwen3 shapes (0.6B, 4B) with random bf16 weights; prompts of 128 and 512 tokens; 256 new
-tokens per sequence (no stop conditions); batches of 1, 32, 128, 256 sequences, each its own
+tokens per sequence (no stop conditions); batches of 1, 32, 128, 256, 512 sequences, each its own
 request and seed (temperature 1), on 1 or 8 distinct rank-32 LoRA adapters (all
 projections). All in one process, one table:
 
@@ -11,10 +11,12 @@ projections). All in one process, one table:
   floor tok/s   batch / (bytes a decode step must read / copy bandwidth measured here):
                 bytes = projection + LM-head weights + the adapters' LoRA factors + the
                 batch's K/V at the mean context (prompt + 128)
-  flash / unfused  decode tok/s of the same requests with the fused step's attention done
-                by flash attention instead of the Triton kernel, and with the unfused step
-                (eager glue between the matmuls, as before decode_kernels); 1 adapter and
-                the first prompt length only
+  16/prompt     decode tok/s of the same number of sequences, 16 to a prompt (one request
+                of num_samples=16 each, as an RL group): the prompt prefilled once and its
+                KV cache blocks shared; 1 adapter and the first prompt length only
+  unfused       decode tok/s of the same requests with the unfused step (eager glue
+                between the matmuls, as before decode_kernels); 1 adapter and the first
+                prompt length only
   hf generate   transformers `generate` of the base model, same prompts, batch 1/32/128
                 (128-token prompts), sampling on, no cache tricks
 
@@ -39,6 +41,7 @@ from workers.sampling.sampler import SampleSpec, adapter_of
 from workers.training import fastpath
 
 NEW_TOKENS = 256
+GROUP = 16  # samples to a prompt in the 16/prompt column
 PATHS = ("gemv", "dots", "addmm")  # where the fused step adds LoRA B (--lora-placement)
 
 
@@ -64,15 +67,13 @@ def adapter_bytes(model: LoraModel, slot: int) -> int:
     return sum(2 * t.numel() for t in model.adapter_parameters(slot))  # read as bf16
 
 
-def run_variant(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int,
-                fused: bool, flash_rows: int | None) -> float:
-    """Decode tok/s of `b` one-adapter requests with the step switched as asked."""
-    saved = batch.fused, batch.flash_rows
-    batch.fused, batch.flash_rows = fused, flash_rows
+def run_unfused(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int) -> float:
+    """Decode tok/s of `b` one-adapter requests through the unfused step."""
+    batch.fused = False
     try:
         return timed(model, batch, b, prompt_len, 1)[1]
     finally:
-        batch.fused, batch.flash_rows = saved
+        batch.fused = True
 
 
 def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len: int,
@@ -97,20 +98,23 @@ def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len:
     return rows
 
 
-def timed(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int, adapters: int
-          ) -> tuple[float, float]:
+def timed(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int, adapters: int,
+          group: int = 1) -> tuple[float, float]:
     """run_engine after a short untimed run of the same shape (graph capture, tuning)."""
-    run_engine(model, batch, b, prompt_len, adapters, max_tokens=8)
-    return run_engine(model, batch, b, prompt_len, adapters)
+    run_engine(model, batch, b, prompt_len, adapters, max_tokens=8, group=group)
+    return run_engine(model, batch, b, prompt_len, adapters, group=group)
 
 
 def run_engine(model: LoraModel, batch: RunningBatch, batch_size: int, prompt_len: int,
-               adapters: int, max_tokens: int = NEW_TOKENS) -> tuple[float, float]:
+               adapters: int, max_tokens: int = NEW_TOKENS, group: int = 1
+               ) -> tuple[float, float]:
+    """(tok/s, decode tok/s) of `batch_size` sequences, `group` samples to a request."""
     rng = np.random.default_rng(batch_size + prompt_len)
-    for i in range(batch_size):
+    group = min(group, batch_size)
+    for i in range(batch_size // group):
         slot = i % adapters
-        spec = SampleSpec(rng.integers(0, VOCAB, prompt_len).tolist(), 1, max_tokens, slot,
-                          temperature=1.0, seed=i, stop_at_eos=False)
+        spec = SampleSpec(rng.integers(0, VOCAB, prompt_len).tolist(), group, max_tokens,
+                          slot, temperature=1.0, seed=i, stop_at_eos=False)
         batch.admit(i, spec, adapter_of(model, slot))
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -121,7 +125,7 @@ def run_engine(model: LoraModel, batch: RunningBatch, batch_size: int, prompt_le
         done += batch.step(64)
     torch.cuda.synchronize()
     end = time.perf_counter()
-    assert len(done) == batch_size
+    assert len(done) == batch_size // group
     generated = batch_size * max_tokens
     return generated / (end - start), batch_size * (max_tokens - 1) / (end - prefilled)
 
@@ -240,10 +244,10 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                 step_bytes = (weights + min(adapters, b) * per_adapter
                               + b * context * kv_bytes_per_token(cfg))
                 floor = b * bandwidth / step_bytes
-                hf_col, flash_col, unfused_col = "", "", ""
+                hf_col, group_col, unfused_col = "", "", ""
                 if adapters == 1 and prompt_len == prompts[0]:
-                    flash_col = f"{run_variant(model, batch, b, prompt_len, True, 1):.0f}"
-                    unfused_col = f"{run_variant(model, batch, b, prompt_len, False, None):.0f}"
+                    group_col = f"{timed(model, batch, b, prompt_len, 1, GROUP)[1]:.0f}"
+                    unfused_col = f"{run_unfused(model, batch, b, prompt_len):.0f}"
                 if adapters == 1 and prompt_len == prompts[0] and b in hf_batches:
                     try:
                         hf_rate[b] = run_hf(model, b, prompt_len, device)
@@ -254,7 +258,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                     torch.cuda.empty_cache()
                 line = (f"{name:>5}{prompt_len:>7}{adapters:>9}{b:>7}{rate:>10.0f}"
                         f"{decode_rate:>13.0f}{floor:>12.0f}{100 * decode_rate / floor:>9.1f}%"
-                        f"{flash_col:>8}{unfused_col:>9}{hf_col:>12}")
+                        f"{group_col:>10}{unfused_col:>9}{hf_col:>12}")
                 print(line, flush=True)
                 rows.append(line)
     del batch, model
@@ -266,7 +270,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["0.6b", "4b"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256, 512])
     parser.add_argument("--prompt", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[1, 32, 128])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
@@ -289,7 +293,7 @@ def main() -> None:
           f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs,"
           f" fused decode step (Triton)")
     print(f"{'model':>5}{'prompt':>7}{'adapters':>9}{'batch':>7}{'tok/s':>10}{'decode tok/s':>13}"
-          f"{'floor tok/s':>12}{'of floor':>10}{'flash':>8}{'unfused':>9}{'hf generate':>12}")
+          f"{'floor tok/s':>12}{'of floor':>10}{'16/prompt':>10}{'unfused':>9}{'hf generate':>12}")
     for r in rows:
         print(r)
     if placed:

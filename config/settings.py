@@ -142,7 +142,9 @@ class Settings:
         "backpressure (the SDK's X-Tinker-Sampling-Backpressure) gets 429 and sends again."
     )
     sample_kv_tokens: int = _opt(
-        0, "Tokens of the sampler's KV cache; 0 = 30% of the GPU memory free when it starts."
+        0, "Tokens of the sampler's KV cache (paged: sequences take blocks of 32 tokens as "
+        "they grow, and the samples of a prompt share its blocks); 0 = 30% of the GPU memory "
+        "free when it starts."
     )
     sample_steps_per_tick: int = _opt(
         32, "Decode steps the running batch takes per engine tick, between training passes."

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,18 @@ class State:
         seqs.add_metric(["running"], len(batch.running))
         seqs.add_metric(["waiting"], len(batch.waiting))
         yield seqs
-        if batch.arena is not None:
+        if batch.cache is not None:
             kv = GaugeMetricFamily("tinkerq_kv_cache_tokens", "The running batch's KV cache, "
-                                   "in tokens.", labels=["state"])
-            free = batch.arena.free_tokens
-            kv.add_metric(["used"], batch.arena.capacity - free)
-            kv.add_metric(["capacity"], batch.arena.capacity)
+                                   "in tokens (whole blocks).", labels=["state"])
+            free = batch.cache.free_tokens
+            kv.add_metric(["used"], batch.cache.capacity - free)
+            kv.add_metric(["capacity"], batch.cache.capacity)
             yield kv
+            preempted = CounterMetricFamily(
+                "tinkerq_sample_preemptions", "Sample requests sent back to the queue for "
+                "want of KV cache blocks (they start again).")
+            preempted.add_metric([], batch.preemptions)
+            yield preempted
         device = ex.model.device
         if device.type == "cuda":
             mem = GaugeMetricFamily("tinkerq_gpu_memory_bytes", "GPU memory: allocated and "

@@ -11,21 +11,34 @@ import torch
 from workers.sampling import attention_kernels as ak
 from workers.sampling import gemv_kernel as gk
 from workers.sampling import sample_kernels as sk
+from workers.sampling.kv_cache import BLOCK, blocks_for
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def attention_reference(q, k, v, starts, used, scale):
+def key_slots(table: list[int], used: int) -> list[int]:
+    return [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(used)]
+
+
+def attention_reference(q, k, v, tables, used, scale):
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     group = q.shape[1] // k.shape[1]
-    for n, (s, u) in enumerate(zip(starts.tolist(), used.tolist(), strict=False)):
-        kk = k[s : s + u].double().repeat_interleave(group, dim=1)  # [u, Hq, D]
-        vv = v[s : s + u].double().repeat_interleave(group, dim=1)
+    for n, (t, u) in enumerate(zip(tables, used.tolist(), strict=True)):
+        at = torch.tensor(key_slots(t, u), device=q.device)
+        kk = k[at].double().repeat_interleave(group, dim=1)  # [u, Hq, D]
+        vv = v[at].double().repeat_interleave(group, dim=1)
         p = torch.softmax(torch.einsum("hd,thd->ht", q[n].double(), kk) * scale, dim=-1)
         out[n] = torch.einsum("ht,thd->hd", p, vv)
     return out
+
+
+def table_of(tables: list[list[int]], fill: int) -> torch.Tensor:
+    out = torch.full((len(tables), max(map(len, tables))), fill, dtype=torch.int32)
+    for row, t in enumerate(tables):
+        out[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(CUDA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,35 +46,39 @@ def attention_reference(q, k, v, starts, used, scale):
                                                 (128, 32, 8), (256, 8, 1)])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_matches_float64(dtype, dim, heads, kv_heads, splits):
+    """Rows over scattered blocks, two sharing their first blocks (a prompt)."""
     g = torch.Generator(device=CUDA).manual_seed(dim + heads)
-    capacity = 2048
-    k = torch.randn(capacity + 1, kv_heads, dim, generator=g, device=CUDA).to(dtype)
-    v = torch.randn(capacity + 1, kv_heads, dim, generator=g, device=CUDA).to(dtype)
-    q = torch.randn(3, heads, dim, generator=g, device=CUDA).to(dtype)
-    starts = torch.tensor([0, 100, 700, capacity], dtype=torch.int32, device=CUDA)
-    used = torch.tensor([1, 37, 1300], dtype=torch.int32, device=CUDA)
-    out = ak.attention(q, k, v, starts, used, dim**-0.5, splits)
-    ref = attention_reference(q, k, v, starts, used, dim**-0.5)
+    blocks = 2048 // BLOCK
+    k = torch.randn((blocks + 1) * BLOCK, kv_heads, dim, generator=g, device=CUDA).to(dtype)
+    v = torch.randn((blocks + 1) * BLOCK, kv_heads, dim, generator=g, device=CUDA).to(dtype)
+    q = torch.randn(4, heads, dim, generator=g, device=CUDA).to(dtype)
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(dim)).tolist()
+    long = order[: blocks_for(1300)]
+    tables = [[order[-1]], [order[-2], order[-3]], long, long[:3] + [order[-4]]]
+    used = torch.tensor([1, 37, 1300, 3 * BLOCK + 5], dtype=torch.int32, device=CUDA)
+    out = ak.attention(q, k, v, table_of(tables, blocks), used, dim**-0.5, splits)
+    ref = attention_reference(q, k, v, tables, used, dim**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=0)
 
 
 def test_attention_reads_a_cache_past_2_31_elements():
     """The default model's cache was sized at 97.6M tokens from free memory; 32-bit offsets
     into it wrapped and the kernel read outside it (an illegal address)."""
-    kv_heads, dim, capacity = 8, 128, (1 << 31) // (8 * 128) + 4096
-    k = torch.zeros(capacity + 1, kv_heads, dim, dtype=torch.bfloat16, device=CUDA)
+    kv_heads, dim = 8, 128
+    blocks = ((1 << 31) // (8 * 128) + 4096) // BLOCK
+    k = torch.zeros((blocks + 1) * BLOCK, kv_heads, dim, dtype=torch.bfloat16, device=CUDA)
     v = torch.zeros_like(k)
-    start = capacity - 64
+    tables = [[blocks - 1, blocks - 2]]  # the last blocks, out of order
     g = torch.Generator(device=CUDA).manual_seed(3)
-    k[start : start + 64] = torch.randn(64, kv_heads, dim, generator=g, device=CUDA).bfloat16()
-    v[start : start + 64] = torch.randn(64, kv_heads, dim, generator=g, device=CUDA).bfloat16()
+    at = torch.tensor(key_slots(tables[0], 2 * BLOCK), device=CUDA)
+    k[at] = torch.randn(2 * BLOCK, kv_heads, dim, generator=g, device=CUDA).bfloat16()
+    v[at] = torch.randn(2 * BLOCK, kv_heads, dim, generator=g, device=CUDA).bfloat16()
     q = torch.randn(1, 16, dim, generator=g, device=CUDA).bfloat16()
-    starts = torch.tensor([start, capacity], dtype=torch.int32, device=CUDA)
-    used = torch.tensor([64], dtype=torch.int32, device=CUDA)
+    used = torch.tensor([2 * BLOCK], dtype=torch.int32, device=CUDA)
     for splits in (1, 2):
-        out = ak.attention(q, k, v, starts, used, dim**-0.5, splits)
+        out = ak.attention(q, k, v, table_of(tables, blocks), used, dim**-0.5, splits)
         torch.cuda.synchronize()
-        ref = attention_reference(q, k, v, starts, used, dim**-0.5)
+        ref = attention_reference(q, k, v, tables, used, dim**-0.5)
         torch.testing.assert_close(out.double(), ref, atol=TOL[torch.bfloat16], rtol=0)
 
 

@@ -12,6 +12,7 @@ from workers.sampling import attention_kernels as ak
 from workers.sampling import decode_kernels as dk
 from workers.sampling import epilogue_kernels as ek
 from workers.sampling import gemv_kernel as gk
+from workers.sampling.kv_cache import BLOCK
 from workers.training import fastpath
 
 
@@ -86,19 +87,24 @@ def test_qkv_epilogue_matches_lora_norm_rope_and_writes_the_cache(dtype, lora, n
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_splits", [1, 3])
-def test_attention_reads_each_rows_region_with_grouped_heads(dtype, n_splits):
+def test_attention_reads_each_rows_blocks_with_grouped_heads(dtype, n_splits):
+    """Rows whose blocks lie scattered and out of order, two rows sharing their first
+    blocks (a prompt), and a 1-key row on the scratch block."""
     g = torch.Generator().manual_seed(1)
-    hq, hk, d = 6, 2, 16
-    kc = torch.randn(300, hk, d, generator=g).to(dtype)
-    vc = torch.randn(300, hk, d, generator=g).to(dtype)
-    starts = torch.tensor([0, 100, 299, 150], dtype=torch.int32)
-    used = torch.tensor([70, 1, 1, 129], dtype=torch.int32)  # (299: a 1-key scratch row)
+    hq, hk, d, nblocks = 6, 2, 16, 12
+    kc = torch.randn((nblocks + 1) * BLOCK, hk, d, generator=g).to(dtype)
+    vc = torch.randn((nblocks + 1) * BLOCK, hk, d, generator=g).to(dtype)
+    tables = [[7, 2, 9], [3, 3, 3], [nblocks] * 3, [7, 2, 0, 5, 11]]
+    used = torch.tensor([70, 1, 1, 129], dtype=torch.int32)
+    table = torch.full((4, 5), nblocks, dtype=torch.int32)
+    for row, blocks in enumerate(tables):
+        table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
     q = torch.randn(4, hq, d, generator=g).to(dtype)
-    got = ak.attention(q, kc, vc, starts, used, 0.25, n_splits)
+    got = ak.attention(q, kc, vc, table, used, 0.25, n_splits)
     for b in range(4):
-        s, m = int(starts[b]), int(used[b])
-        k = kc[s : s + m].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
-        v = vc[s : s + m].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
+        at = [tables[b][t // BLOCK] * BLOCK + t % BLOCK for t in range(int(used[b]))]
+        k = kc[at].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
+        v = vc[at].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
         ref = F.scaled_dot_product_attention(q[b].float()[:, None], k, v, scale=0.25)[:, 0]
         torch.testing.assert_close(got[b].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 

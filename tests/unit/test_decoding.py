@@ -15,8 +15,8 @@ from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
 from workers.sampling import choose
-from workers.sampling.arena import KVArena
 from workers.sampling.decoding import RunningBatch
+from workers.sampling.kv_cache import BLOCK, KVCache, slots
 from workers.sampling.sampler import SampleSpec, adapter_of
 
 
@@ -45,17 +45,17 @@ def run_alone(model, s: SampleSpec):
     return result
 
 
-def test_arena_allocates_first_fit_and_merges_freed_regions():
-    arena = KVArena(1, 100, 1, 2, torch.float32, torch.device("cpu"))
-    a, b, c = arena.alloc(30), arena.alloc(30), arena.alloc(30)
-    assert (a, b, c) == (0, 30, 60) and arena.alloc(20) is None
-    arena.release(b, 30)
-    assert arena.alloc(40) is None  # 30 + 10 free, not contiguous
-    arena.release(a, 30)
-    assert arena.alloc(60) == 0  # the two freed regions merged
-    arena.release(0, 60)
-    arena.release(c, 30)
-    assert arena.free_tokens == 100 and arena.alloc(100) == 0
+def test_the_cache_hands_out_blocks_and_takes_shared_ones_back_at_the_last_release():
+    cache = KVCache(1, 4 * BLOCK + 7, 1, 2, torch.float32, torch.device("cpu"))
+    assert cache.blocks == 5 and cache.capacity == 5 * BLOCK  # whole blocks, rounded up
+    a, b = cache.alloc(2), cache.alloc(3)
+    assert sorted(a + b) == [0, 1, 2, 3, 4] and cache.alloc(1) is None
+    cache.share(a)  # a second sequence reads a's blocks
+    cache.release(a)
+    assert cache.free_blocks == 0  # still held by the other
+    cache.release(a + b)
+    assert cache.free_tokens == cache.capacity and len(cache.alloc(5)) == 5
+    assert slots([4, 0], BLOCK - 1, BLOCK + 1) == [5 * BLOCK - 1, 0]
 
 
 def test_gumbel_noise_is_finite_where_the_hash_is_all_ones():
@@ -92,7 +92,7 @@ def test_requests_join_mid_generation_and_get_what_they_get_alone(tiny_model):
         sizes.append(len(batch.running))
     assert not batch.busy and sorted(results) == ["a", "b", "c", "d"]
     assert max(sizes) >= 5  # they really overlapped (a, b, c's three samples, ...)
-    assert batch.arena.free_tokens == batch.arena.capacity  # every region came back
+    assert batch.cache.free_tokens == batch.cache.capacity  # every region came back
     for key, s in specs.items():
         alone = run_alone(model, s)
         for got, want in zip(results[key].sequences, alone.sequences, strict=True):
@@ -121,7 +121,7 @@ def test_rows_that_end_mid_tick_idle_and_the_rest_match_running_alone(tiny_model
         results.update(batch.step(8))
         rebuilds.add(id(batch.steady))
     assert sorted(results) == list(specs) and len(rebuilds) >= 2
-    assert batch.arena.free_tokens == batch.arena.capacity
+    assert batch.cache.free_tokens == batch.cache.capacity
     for key, s in specs.items():
         got, want = results[key].sequences[0], run_alone(model, s).sequences[0]
         assert (got.tokens, got.stop_reason) == (want.tokens, want.stop_reason)
@@ -163,7 +163,7 @@ def test_fail_all_answers_every_request_once_and_frees_the_cache(tiny_model):
     failed = batch.fail_all(RuntimeError("boom"))
     assert sorted(k for k, _ in failed) == [0, 1, 2]
     assert all(str(e) == "boom" for _, e in failed) and not batch.busy
-    assert batch.arena.free_tokens == batch.arena.capacity
+    assert batch.cache.free_tokens == batch.cache.capacity
 
 
 def test_a_request_keeps_the_weights_it_was_admitted_with(tiny_model):

@@ -1,2 +1,2 @@
-"""Sampling: the running batch (continuous batching over a KV arena), its decode step, its
+"""Sampling: the running batch (continuous batching over a paged KV cache), its decode step, its
 kernels."""

@@ -1,7 +1,7 @@
-"""The fused decode step's attention over the KV arena (decode_kernels tells the design):
-per (row, KV head[, split]) the group's query heads against the row's keys in the arena,
-each key read once for the whole group; with splits (`splits`), a combine kernel merges the
-partial softmaxes.
+"""The fused decode step's attention over the paged KV cache (decode_kernels tells the
+design): per (row, KV head[, split]) the group's query heads against the row's keys, found
+through its block table (kv_cache), each key read once for the whole group; with splits
+(`splits`), a combine kernel merges the partial softmaxes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import functools
 
 import torch
 
+from workers.sampling import decode_kernels
 from workers.sampling.decode_kernels import INTERPRET, pow2
+from workers.sampling.kv_cache import BLOCK
 
 try:
     import triton
@@ -25,14 +27,14 @@ SHARED_SLACK = 32 * 1024  # shared memory a program needs beside its K/V tiles
 if triton is not None:
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, used_ptr, o_ptr, part_ptr, ml_ptr,
-                          scale, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr,
-                          GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                          S: tl.constexpr, F32DOT: tl.constexpr):
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, used_ptr, o_ptr, part_ptr, ml_ptr,
+                          scale, TW, PAGE: tl.constexpr, HQ: tl.constexpr,
+                          HK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                          D: tl.constexpr, BT: tl.constexpr, S: tl.constexpr,
+                          F32DOT: tl.constexpr):
         n = tl.program_id(0)
         hk = tl.program_id(1)
         s = tl.program_id(2)
-        start = tl.load(starts_ptr + n).to(tl.int64)  # arena offsets pass 2**31 elements
         used = tl.load(used_ptr + n)
         chunk = tl.cdiv(tl.cdiv(used, S), BT) * BT  # this row's keys, in S even pieces
         lo = s * chunk
@@ -52,7 +54,9 @@ if triton is not None:
         for t0 in range(lo, hi, BT):
             t = t0 + tl.arange(0, BT)
             tm = t < hi
-            rows = (start + t)[:, None] * HK * D + hk * D + d[None, :]
+            block = tl.load(table_ptr + n * TW + t // PAGE, mask=tm, other=0)  # each key's
+            slot = block.to(tl.int64) * PAGE + t % PAGE  # offsets pass 2**31 elements
+            rows = slot[:, None] * HK * D + hk * D + d[None, :]
             k = tl.load(k_ptr + rows, mask=tm[:, None], other=0.0)
             v = tl.load(v_ptr + rows, mask=tm[:, None], other=0.0)
             if F32DOT:  # fp32 dots in IEEE precision: Triton's default for fp32 is TF32
@@ -116,11 +120,17 @@ def _shared_bytes(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
 
 
+def usable(config) -> bool:
+    """Whether the kernel takes this model's heads on CUDA (the unfused step's attention)."""
+    return triton is not None and decode_kernels.unsupported(config) is None
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              starts: torch.Tensor, used: torch.Tensor, scale: float, n_splits: int,
+              table: torch.Tensor, used: torch.Tensor, scale: float, n_splits: int,
               config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """q [N, Hq, D] against each row's `used` keys from `starts` in the caches -> [N, Hq, D].
-    (Every row is the newest token of its sequence: it sees all of its keys.) `config`:
+    """q [N, Hq, D] against each row's first `used` keys in the caches [slots, Hk, D] ->
+    [N, Hq, D]; `table` [N, W] int32: each row's blocks of BLOCK slots, in order. (Every row
+    is the newest token of its sequence: it sees all of its keys.) `config`:
     (keys per inner step, warps, pipeline stages), else the defaults."""
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -141,7 +151,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     while stages * bt > budget and bt > 16:
         bt //= 2
     _attention_kernel[(n, kv_heads, n_splits)](
-        q, k_cache, v_cache, starts, used, out, part, ml, scale, HQ=heads, HK=kv_heads,
+        q, k_cache, v_cache, table, used, out, part, ml, scale, table.shape[1], PAGE=BLOCK,
+        HQ=heads, HK=kv_heads,
         G=group, GP=max(16, pow2(group)), D=dim, BT=bt, S=n_splits,
         F32DOT=INTERPRET or fp32, num_warps=warps, num_stages=stages)
     if n_splits > 1:

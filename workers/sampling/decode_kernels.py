@@ -10,10 +10,10 @@ whatever its size) and, at large ones, pays for every pass over [N, hidden] acti
 base weight, so each also gives x Aᵀ) and these 4 kernels:
 
   qkv_epilogue   per (row or block of rows, head): + LoRA B, Qwen3's q/k RMSNorm, RoPE;
-                 q to a buffer, K and V straight into the KV arena (no separate cache write)
+                 q to a buffer, K and V straight into the KV cache (no separate write)
   attention      per (row, KV head[, split]): the group's query heads against the row's
-                 keys in the arena, each key read once for the whole group; with splits,
-                 a combine kernel merges the partial softmaxes
+                 keys (through its block table), each key read once for the whole group;
+                 with splits, a combine kernel merges the partial softmaxes
   add_norm       residual + (o or down output + LoRA B), then the next RMSNorm: per row
                  without LoRA B; with it per (row or block of rows, column block), and the
                  last column block to finish normalises the rows

@@ -11,13 +11,15 @@
 Between steps sequences join and leave: a finished sequence frees its rows at once, and a
 request answers when its last sample ends. Requests of different adapters, sampling
 sessions and the base model share every step; at most `max_num_sequences` run at once, and
-the rest wait in arrival order. A request's prompt is prefilled once, into its first
-sample's region, and copied to the others'.
+the rest wait in arrival order. A prompt is prefilled once for every sample of its request,
+and for every request with the same prompt and adapter that joins with it: they share its
+KV cache blocks. Sequences take cache blocks as they grow; when none are left the youngest
+request goes back to the queue (preempted) and starts again later.
 
 The running batch's parts, each in its module (whose docstring tells the design):
 
-  sequences   a request and its sequences, each owning a region of the KV arena
-  arena       the KV cache: one arena per layer, regions first-fit allocated
+  sequences   a request and its sequences, each with a block table into the KV cache
+  kv_cache    the KV cache: paged, blocks shared by reference count
   lora_table  projections that read the same input as one matmul, and the batch's adapters
               side by side per projection group (every step one fixed set of matmuls)
   forward     the forward passes: prefill and the unfused decode step, and the fused decode
@@ -45,10 +47,17 @@ from protocol.jobs import UserError
 from workers.model import LoraModel
 from workers.parallel import tp
 from workers.sampling import decode_kernels
-from workers.sampling.arena import KVArena, auto_kv_tokens
 from workers.sampling.choose import next_tokens, sampling_of
 from workers.sampling.forward import decode_fused, decode_unfused, forward
 from workers.sampling.graphs import DecodeInputs, Graphs, Steady, to_host
+from workers.sampling.kv_cache import (
+    BLOCK,
+    KVCache,
+    auto_kv_tokens,
+    blocks_for,
+    most_blocks,
+    slots,
+)
 from workers.sampling.lora_table import Adapter, LoraTable, adapter_key, fuse_base_weights
 from workers.sampling.sampler import (
     PromptOut,
@@ -89,9 +98,6 @@ class RunningBatch:
         if self.fused and (why := decode_kernels.unsupported(model.config)):
             log.warning("the sampler takes the unfused decode step: %s", why)
             self.fused = False
-        # the fused step's attention: flash attention for steps of at least this many rows,
-        # else (None: always) the Triton kernel, which measured faster at every size
-        self.flash_rows: int | None = None
         # where the fused step adds LoRA B: "gemv", "dots" or "addmm"; None: by the step's
         # rows and adapters (lora_path_for)
         self.lora_path: str | None = None
@@ -99,7 +105,9 @@ class RunningBatch:
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
         self._kv_tokens = kv_tokens
-        self.arena: KVArena | None = None
+        self.cache: KVCache | None = None
+        self._arrivals = 0  # requests admitted so far: each one's `order`
+        self.preemptions = 0  # requests sent back to the queue for want of cache blocks
         fuse_base_weights(model)
         self.lora = LoraTable(model)
         self.waiting: deque[Request] = deque()
@@ -115,21 +123,24 @@ class RunningBatch:
     # --- admission -------------------------------------------------------------------------
     def admit(self, key: Any, spec: Any, adapter: Adapter | None) -> None:
         """Queue a validated request (sampler.SampleSpec) with its adapter's weights."""
-        arena = self._arena()
+        cache = self._cache()
+        self._arrivals += 1
         request = Request(key, spec, adapter,
                           self.rng.getrandbits(62) if spec.seed is None else spec.seed,
-                          None if adapter is None else adapter_key(adapter))
+                          self._arrivals, None if adapter is None else adapter_key(adapter))
         if spec.num_samples > self.max_num_sequences:
             raise UserError(f"num_samples={spec.num_samples} exceeds the sampler's "
                             f"max_num_sequences={self.max_num_sequences}")
-        if request.region * spec.num_samples > arena.capacity:
+        most = most_blocks(len(spec.prompt), spec.num_samples, spec.max_tokens)
+        if most > cache.blocks:  # alone in the cache, it must be able to finish
             raise UserError(
-                f"num_samples × (prompt + max_tokens) = {request.region * spec.num_samples} "
-                f"tokens exceeds the sampler's KV cache of {arena.capacity} tokens")
+                f"prompt + num_samples × max_tokens = {len(spec.prompt)} + "
+                f"{spec.num_samples} × {spec.max_tokens} tokens needs {most * BLOCK} tokens "
+                f"of KV cache (in blocks of {BLOCK}); the sampler's holds {cache.capacity}")
         self.waiting.append(request)
 
-    def _arena(self) -> KVArena:
-        if self.arena is None:
+    def _cache(self) -> KVCache:
+        if self.cache is None:
             c, m = self.model.config, self.model
             head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
             k_proj = next(v for n, v in m.layers.items() if n.endswith("k_proj"))
@@ -141,11 +152,11 @@ class RunningBatch:
             most = self.max_num_sequences * getattr(c, "max_position_embeddings", 1 << 20)
             tokens = self._kv_tokens or tp.agree_min(
                 min(most, auto_kv_tokens(m.device, per_token)), m.tp)
-            self.arena = KVArena(c.num_hidden_layers, tokens, kv_heads, head_dim,
+            self.cache = KVCache(c.num_hidden_layers, tokens, kv_heads, head_dim,
                                  dtype, m.device)
-            log.info("sampler KV cache: %d tokens (%.1f GiB)", tokens,
-                     tokens * per_token / 2**30)
-        return self.arena
+            log.info("sampler KV cache: %d tokens (%.1f GiB)", self.cache.capacity,
+                     self.cache.capacity * per_token / 2**30)
+        return self.cache
 
     # --- the loop --------------------------------------------------------------------------
     def step(self, max_steps: int) -> list[tuple[Any, Any]]:
@@ -155,10 +166,12 @@ class RunningBatch:
         with torch.inference_mode():
             if self.waiting:
                 self._flush(done)  # joining changes the rows: the host must be current
-                joined = self._join()
-                if joined:
-                    self._prefill(joined, done)
+                groups = self._join(max_steps)
+                if groups:
+                    self._prefill(groups, done)
                     self.steady = None
+            if self.running:
+                self._grow(max_steps, done)
             for _ in range(max_steps):
                 if not self.running:
                     break
@@ -172,84 +185,141 @@ class RunningBatch:
             out.append((r.key, SampleOutput(seqs, r.prompt_out or PromptOut())))
         return out
 
-    def _join(self) -> list[Request]:
-        arena, joined = self._arena(), []
+    @staticmethod
+    def _growth(length: int, region: int, max_steps: int, have: int) -> int:
+        """Blocks a sequence of `length` cached tokens and `have` blocks still needs for a
+        tick of `max_steps` decode steps (and the one extra step after it stops)."""
+        return max(0, blocks_for(min(length + max_steps + 1, region)) - have)
+
+    def _join(self, max_steps: int) -> list[list[Request]]:
+        """Let waiting requests join, in arrival order, while their sequences fit beside the
+        running ones and their blocks beside what the running ones need this tick. Returns
+        them in groups that share one prefill (the same prompt and adapter)."""
+        cache, groups = self._cache(), dict[tuple, list[Request]]()
+        free = cache.free_blocks - sum(self._growth(s.length, s.req.region, max_steps,
+                                                    len(s.blocks)) for s in self.running)
+        seqs = len(self.running)
         while self.waiting:
             r = self.waiting[0]
-            if len(self.running) + sum(len(j.seqs) for j in joined) + r.spec.num_samples > (
-                    self.max_num_sequences):
+            n, samples = len(r.spec.prompt), r.spec.num_samples
+            if seqs + samples > self.max_num_sequences:
                 break
-            starts = []
-            for _ in range(r.spec.num_samples):
-                start = arena.alloc(r.region)
-                if start is None:
-                    break
-                starts.append(start)
-            if len(starts) < r.spec.num_samples:
-                for s in starts:
-                    arena.release(s, r.region)
-                break  # waits for running sequences to free their regions
+            shared, tail = divmod(n, BLOCK)
+            group = groups.get(r.prefix)
+            need = (0 if group else blocks_for(n)) + (samples - (not group)) * (tail > 0)
+            need += samples * self._growth(n, r.region, max_steps, blocks_for(n))
+            if need > free - seqs:  # (a block of headroom per sequence: one that joins is
+                break  # not preempted at once) waits for running sequences to free blocks
             self.waiting.popleft()
-            r.seqs = [Seq(r, j, s) for j, s in enumerate(starts, start=r.spec.first_index)]
+            if group is None:  # its prompt's blocks, owned by its first sequence
+                blocks = cache.alloc(blocks_for(n))
+                assert blocks is not None
+                groups[r.prefix] = group = [r]
+                r.seqs = [Seq(r, r.spec.first_index, blocks)]
+            else:
+                group.append(r)
+                r.seqs = []
+            prompt = group[0].seqs[0].blocks[:shared]
+            for j in range(len(r.seqs), samples):
+                own = cache.alloc(1) if tail else []
+                assert own is not None
+                cache.share(prompt)
+                r.seqs.append(Seq(r, r.spec.first_index + j, prompt + own))
             r.open = len(r.seqs)
-            joined.append(r)
+            free -= need
+            seqs += samples
+        joined = [r for g in groups.values() for r in g]
         if joined:
             needed = {r.key_of_adapter: r.adapter
                       for r in joined + [s.req for s in self.running] if r.adapter is not None}
             changed = set(needed) != set(self.lora.adapters)
             if changed and self.lora.rebuild(list(needed.values())) and self.graphs:
                 self.graphs.graphs.clear()  # they captured the old buffers
-        return joined
+        return list(groups.values())
 
-    def _prefill(self, joined: list[Request], done: list[Request]) -> None:
-        model, arena, device = self.model, self._arena(), self.model.device
-        lengths = [len(r.spec.prompt) for r in joined]
-        tokens = torch.tensor([t for r in joined for t in r.spec.prompt], device=device)
+    def _prefill(self, groups: list[list[Request]], done: list[Request]) -> None:
+        """One packed pass over each group's prompt, written into its first sequence's
+        blocks; the other sequences share the full blocks and copy the last one."""
+        model, cache, device = self.model, self._cache(), self.model.device
+        leads = [g[0].seqs[0] for g in groups]
+        lengths = [len(g[0].spec.prompt) for g in groups]
+        tokens = torch.tensor([t for g in groups for t in g[0].spec.prompt], device=device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        write = torch.cat([torch.arange(r.seqs[0].start, r.seqs[0].start + n)
-                           for r, n in zip(joined, lengths, strict=True)]).to(device)
+        write = torch.tensor([x for s, n in zip(leads, lengths, strict=True)
+                              for x in slots(s.blocks, 0, n)], device=device)
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
         varlen = fastpath.VarlenAttention(cu, device)
 
         def attend(i, q, k, v, scale):
-            arena.k[i].index_copy_(0, write, k)
-            arena.v[i].index_copy_(0, write, v)
+            cache.k[i].index_copy_(0, write, k)
+            cache.v[i].index_copy_(0, write, v)
             return varlen(q, k, v.contiguous(), scale)
 
-        keys = [r.key_of_adapter for r in joined]
+        keys = [g[0].key_of_adapter for g in groups]
         mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)
-        full = [r.spec.scores_prompt for r in joined]
-        # logits for every prompt position of requests that want prompt logprobs, else the last
-        pick = torch.tensor([p for r, s, e, f in zip(joined, cu[:-1], cu[1:], full, strict=True)
+        # logits for every prompt position of groups where a request wants prompt
+        # logprobs, else the last
+        full = [any(r.spec.scores_prompt for r in g) for g in groups]
+        pick = torch.tensor([p for s, e, f in zip(cu[:-1], cu[1:], full, strict=True)
                              for p in (range(s, e) if f else [e - 1])], device=device)
         logits = forward(model, self.lora, tokens, positions, mask, attend, pick, uniform)
-        # The prompt's KV goes to every other sample's region.
-        src, dst = [], []
-        for r, n in zip(joined, lengths, strict=True):
-            for s in r.seqs[1:]:
-                src.append(torch.arange(r.seqs[0].start, r.seqs[0].start + n))
-                dst.append(torch.arange(s.start, s.start + n))
-        if src:
-            src_t, dst_t = torch.cat(src).to(device), torch.cat(dst).to(device)
-            for i in range(len(arena.k)):
-                arena.k[i].index_copy_(0, dst_t, arena.k[i][src_t])
-                arena.v[i].index_copy_(0, dst_t, arena.v[i][src_t])
+        src, dst = [], []  # each sequence's own copy of the prompt's last, part-filled block
+        for g, lead, n in zip(groups, leads, lengths, strict=True):
+            tail = n - n % BLOCK
+            for s in (s for r in g for s in r.seqs if s is not lead):
+                src += slots(lead.blocks, tail, n)
+                dst += slots(s.blocks, tail, n)
+        cache.copy_tokens(src, dst)
         last, k = [], 0
-        for r, n, f in zip(joined, lengths, full, strict=True):
+        for g, n, f in zip(groups, lengths, full, strict=True):
             rows = n if f else 1
-            if f:
-                r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
-            last.append(logits[k + rows - 1])
-            for s in r.seqs:
-                s.length = n
+            for r in g:
+                if r.spec.scores_prompt:
+                    r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
+                last.append(logits[k + rows - 1])
+                for s in r.seqs:
+                    s.length = n
             k += rows
         first = torch.stack(last)  # [R, V]: every sample of a request starts from it
-        seqs = [s for r in joined for s in r.seqs]
-        fan = torch.tensor([i for i, r in enumerate(joined) for _ in r.seqs], device=device)
+        requests = [r for g in groups for r in g]
+        seqs = [s for r in requests for s in r.seqs]
+        fan = torch.tensor([i for i, r in enumerate(requests) for _ in r.seqs], device=device)
         self._choose_and_advance(first[fan], seqs, done)
         self.running.extend(s for s in seqs if s.stop_reason is None)
+
+    def _grow(self, max_steps: int, done: list[Request]) -> None:
+        """Give every running sequence the blocks this tick's steps write to, oldest request
+        first; when none are free, preempt the youngest request (its blocks freed, run again
+        from its prompt later: its seeds give the same tokens)."""
+        cache, grown, flushed = self._cache(), [], False
+        for s in sorted(self.running, key=lambda s: s.req.order):
+            while s.stop_reason is None and s.req.open and (want := self._growth(
+                    s.length, s.req.region, max_steps, len(s.blocks))):
+                got = cache.alloc(want)
+                if got is not None:
+                    grown.append((s, len(s.blocks)))
+                    s.blocks += got
+                elif not flushed:  # the last step's ends free blocks
+                    self._flush(done)
+                    flushed = True
+                else:
+                    self._preempt(max((x.req for x in self.running), key=lambda r: r.order))
+        if self.steady is not None and not self.steady.stale:
+            self.steady.extend([(s, first) for s, first in grown if s.req.open])
+
+    def _preempt(self, r: Request) -> None:
+        """Take a request out of the batch (the host has read every step: `_grow` flushed)
+        and put it back at the queue's front, to start again from its prompt."""
+        log.info("sampler KV cache full: request %s (%d sample(s)) goes back to the queue",
+                 r.key, len(r.seqs))
+        self._cache().release([b for s in r.seqs if s.stop_reason is None for b in s.blocks])
+        self.running = [s for s in self.running if s.req is not r]
+        r.seqs, r.prompt_out, r.open = [], None, 0
+        self.waiting.appendleft(r)  # preempted youngest first: the oldest ends up in front
+        self.steady = None
+        self.preemptions += 1
 
     def _decode_step(self, done: list[Request]) -> None:
         """Launch one step from the device-side inputs, feed its tokens back on the device,
@@ -292,17 +362,16 @@ class RunningBatch:
                 st.rows[row] = None
                 ended.append(row)
         if ended:
-            st.idle(ended, self.arena.scratch)  # type: ignore[union-attr]
+            st.idle(ended, self._cache().scratch_block)
             self.running = [s for s in st.rows if s is not None]
 
     def decode_forward(self, x: DecodeInputs) -> torch.Tensor:
         """One decode step, its inputs -> logits [N, V]: the fused step or the unfused one."""
-        arena = self._arena()
+        cache = self._cache()
         if self.fused:
-            rows = len(x.tokens)
-            return decode_fused(self.model, self.lora, x, arena, self.flash(rows),
-                                self.lora_path_for(rows, x.mask is not None))
-        return decode_unfused(self.model, self.lora, x, arena)
+            return decode_fused(self.model, self.lora, x, cache,
+                                self.lora_path_for(len(x.tokens), x.mask is not None))
+        return decode_unfused(self.model, self.lora, x, cache)
 
     def lora_path_for(self, rows: int, several: bool) -> str:
         """Where a fused step of `rows` rows adds LoRA B; `several`: its rows use more than
@@ -312,11 +381,6 @@ class RunningBatch:
         if rows <= LORA_GEMV_ROWS or (several and rows <= MIXED_GEMV_ROWS):
             return "gemv"
         return "dots" if several else "addmm"
-
-    def flash(self, rows: int) -> bool:
-        """Whether the fused step of this many rows takes flash attention."""
-        return (self.model.device.type == "cuda" and self.flash_rows is not None
-                and rows >= self.flash_rows)
 
     def _choose_and_advance(self, logits: torch.Tensor, seqs: list[Seq],
                             done: list[Request]) -> None:
@@ -342,7 +406,7 @@ class RunningBatch:
         return "length" if len(s.tokens) >= spec.max_tokens else None
 
     def _finish(self, s: Seq, done: list[Request]) -> None:
-        self._arena().release(s.start, s.req.region)
+        self._cache().release(s.blocks)
         s.req.open -= 1
         if s.req.open == 0:
             done.append(s.req)
@@ -351,7 +415,7 @@ class RunningBatch:
         """Drop every request (after an unexpected error) and free the cache."""
         requests = list(self.waiting) + list(dict.fromkeys(s.req for s in self.running))
         for s in self.running:
-            self._arena().release(s.start, s.req.region)
+            self._cache().release(s.blocks)
         self.waiting.clear()
         self.running = []
         self.steady = None
@@ -374,8 +438,8 @@ def sample(
         except UserError as e:
             results[i] = e
     if valid:
-        kv = sum(specs[i].num_samples * (len(specs[i].prompt) + specs[i].max_tokens)
-                 for i in valid)
+        kv = BLOCK * sum(most_blocks(len(specs[i].prompt), specs[i].num_samples,
+                                     specs[i].max_tokens) for i in valid)
         batch = RunningBatch(model, decode, eos_token_ids, kv_tokens=kv, cuda_graphs=False,
                              max_num_sequences=sum(specs[i].num_samples for i in valid))
         try:

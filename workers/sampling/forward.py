@@ -5,7 +5,7 @@ step `decode_fused`.
 The decode step on CUDA is fused (`decode_fused`, kernels in epilogue_kernels,
 attention_kernels and gemv_kernel; decode_kernels tells their design): per layer 4 matmuls
 and 4 Triton kernels that carry LoRA B (where `RunningBatch.lora_path_for` puts it), the
-norms, RoPE, the K/V write into the arena, grouped-query attention over the arena and SiLU;
+norms, RoPE, the K/V write into the cache, grouped-query attention over its blocks and SiLU;
 steps of a few rows do their large projections with gemv_kernel.gemv. Its sampling (without
 top-k / top-p) runs in sample_kernels. `fused=False` (and the CPU by default) runs the
 unfused step, `forward` with eager glue, and the compiled `choose`: the same arithmetic.
@@ -21,15 +21,11 @@ import torch.nn.functional as F
 from workers.model import LoraModel
 from workers.parallel import tp
 from workers.sampling import attention_kernels, epilogue_kernels, gemv_kernel
-from workers.sampling.arena import KVArena
 from workers.sampling.graphs import DecodeInputs
+from workers.sampling.kv_cache import BLOCK, KVCache
 from workers.sampling.lora_table import LoraTable
 from workers.training import fastpath
 
-# Decode steps of at least this many rows pack a GQA group's query heads into one sequence
-# of `group` rows for the attention kernel (see flash_decode); smaller steps are
-# latency-bound, and the two reshuffles would cost more than the kernel's wasted rows.
-PACK_GQA_ROWS = 16
 # Fused steps of at most this many rows do their large projections (weights of at least
 # GEMV_MIN_BYTES, K at most GEMV_MAX_K) with gemv_kernel.gemv, which read them faster
 # than cuBLAS (4B's q/k/v, o and gate/up on an H100: 13.7 / 11.0 / 36.1 µs against
@@ -143,44 +139,28 @@ def _matmul(model: LoraModel, lora: LoraTable, group: str, x: torch.Tensor,
     return y, lora.B[group] if wide else None
 
 
-def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 x: DecodeInputs, scale: float) -> torch.Tensor:
-    """Decode attention with one flash-attention call over the arena: q [N, Hq, D] ->
-    [N, Hq, D] (`cu_seqlens_k` = region starts, `seqused_k` = lengths)."""
-    n, heads, d = q.shape
-    kv = k_cache.shape[1]
-    group = heads // kv
-    if group == 1 or n < PACK_GQA_ROWS:
-        return torch.ops.aten._flash_attention_forward(
-            q, k_cache, v_cache, x.cu_q, x.starts, 1, x.max_len, 0.0, True, False,
-            scale=scale, seqused_k=x.used)[0]
-    # The query heads sharing a KV head ride as `group` query rows of one sequence over that
-    # KV head, so each tile of the kernel (rows of queries) holds `group` live rows instead
-    # of 1: the same keys, `group` times less wasted work. Not causal: every row is the
-    # newest token and sees all keys.
-    rows = q.view(n, kv, group, d).transpose(1, 2).reshape(n * group, kv, d)
-    out = torch.ops.aten._flash_attention_forward(
-        rows, k_cache, v_cache, x.cu_q * group, x.starts, group, x.max_len, 0.0, False, False,
-        scale=scale, seqused_k=x.used)[0]
-    return out.view(n, group, kv, d).transpose(1, 2).reshape(n, heads, d)
-
-
-def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVArena
+def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KVCache
                    ) -> torch.Tensor:
     """One decode step, tokens [N] -> logits [N, V], as `forward` with eager glue: each row's
-    K/V into the arena, then attention over it (flash attention on CUDA in bf16 / fp16, else
-    SDPA per row)."""
-    if not x.tokens.is_cuda:  # the per-row CPU attention reads where each row is now
-        rows_at, rows_used = x.starts[:-1].tolist(), x.used.tolist()
+    K/V into the cache, then attention over its blocks (the Triton kernel where it runs,
+    else SDPA per row on the CPU, or over the rows' keys gathered and padded on CUDA)."""
+    write = x.write_slots()
+    kernel = x.tokens.is_cuda and attention_kernels.usable(model.config)
+    if not x.tokens.is_cuda:  # per-row attention: each row's key slots
+        rows = [kv_slots(t, u) for t, u in zip(x.table.tolist(), x.used.tolist(), strict=True)]
 
     def attend(i, q, k, v, scale):
-        arena.k[i].index_copy_(0, x.write, k)
-        arena.v[i].index_copy_(0, x.write, v)
-        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            return flash_decode(q, arena.k[i], arena.v[i], x, scale)
+        cache.k[i].index_copy_(0, write, k)
+        cache.v[i].index_copy_(0, write, v)
+        if kernel:
+            splits = attention_kernels.splits(q.shape[0], k.shape[1], x.max_len, q.device)
+            return attention_kernels.attention(q, cache.k[i], cache.v[i], x.table, x.used,
+                                               scale, splits)
+        if q.is_cuda:
+            return _padded_attention(q, cache.k[i], cache.v[i], x, scale)
         out = []
-        for b, (s, m) in enumerate(zip(rows_at, rows_used, strict=True)):
-            kk, vv = arena.k[i][s : s + m], arena.v[i][s : s + m]
+        for b, at in enumerate(rows):
+            kk, vv = cache.k[i][at], cache.v[i][at]
             groups = q.shape[1] // kk.shape[1]
             kk, vv = kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1)
             out.append(F.scaled_dot_product_attention(
@@ -191,8 +171,27 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KV
     return forward(model, lora, x.tokens, x.positions, x.mask, attend, uniform=x.uniform)
 
 
-def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVArena,
-                 flash: bool = False, path: str = "gemv") -> torch.Tensor:
+def kv_slots(table: list[int], used: int) -> list[int]:
+    """The cache slots of a row's first `used` keys, from its block table."""
+    return [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(used)]
+
+
+def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      x: DecodeInputs, scale: float) -> torch.Tensor:
+    """Attention of each row over its keys, gathered to [N, max_len] and masked past `used`
+    (CUDA models whose heads the Triton kernel does not take; graph-safe: no host reads)."""
+    t = torch.arange(x.max_len, device=q.device)
+    at = x.table[:, t // BLOCK].long() * BLOCK + t % BLOCK  # [N, L]
+    groups = q.shape[1] // k_cache.shape[1]
+    k = k_cache[at].repeat_interleave(groups, 2).transpose(1, 2)  # [N, H, L, D]
+    v = v_cache[at].repeat_interleave(groups, 2).transpose(1, 2)
+    mask = (t[None, :] < x.used[:, None])[:, None, None, :]  # [N, 1, 1, L]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                          scale=scale)[:, :, 0]
+
+
+def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KVCache,
+                 path: str = "gemv") -> torch.Tensor:
     """One decode step, tokens [N] -> logits [N, V], as 4 matmuls and 4 Triton kernels per
     layer (epilogue_kernels, attention_kernels): LoRA B, norms, RoPE, the K/V write and SiLU
     ride in the kernels between the matmuls. The same arithmetic as `forward`, fewer
@@ -201,7 +200,8 @@ def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVAr
     h = body.embed_tokens(x.tokens)  # [N, hidden], the residual stream (updated in place)
     cos, sin = body.rotary_emb(h[None], x.positions[None])
     cos, sin, n = cos[0], sin[0], h.shape[0]
-    layers, kv_heads = body.layers, arena.k[0].shape[1]
+    layers, kv_heads = body.layers, cache.k[0].shape[1]
+    write = x.write_slots()
     splits = ak.splits(n, kv_heads, x.max_len, h.device)
     rows = 16 if path == "dots" else 1  # rows per program of the kernels
     gemv = n <= GEMV_ROWS
@@ -215,13 +215,10 @@ def decode_fused(model: LoraModel, lora: LoraTable, x: DecodeInputs, arena: KVAr
         y, B = _matmul(model, lora, p + "qkv", xin, layer_masks, gemv)
         q = ek.qkv_epilogue(y, B, x.cols, None if qn is None else qn.weight,
                             None if kn is None else kn.weight,
-                            0.0 if qn is None else qn.variance_epsilon, cos, sin, arena.k[i],
-                            arena.v[i], x.write, attn.q_proj.out_features // attn.head_dim,
+                            0.0 if qn is None else qn.variance_epsilon, cos, sin, cache.k[i],
+                            cache.v[i], write, attn.q_proj.out_features // attn.head_dim,
                             rows)
-        if flash:
-            o = flash_decode(q, arena.k[i], arena.v[i], x, attn.scaling)
-        else:
-            o = ak.attention(q, arena.k[i], arena.v[i], x.starts, x.used, attn.scaling, splits)
+        o = ak.attention(q, cache.k[i], cache.v[i], x.table, x.used, attn.scaling, splits)
         y, B = _matmul(model, lora, p + "o", o.view(n, -1), layer_masks, gemv)
         ln = layer.post_attention_layernorm
         xin = ek.add_norm(y, B, x.cols, h, ln.weight, ln.variance_epsilon, rows)

@@ -3,13 +3,15 @@
 Decode steps run as CUDA graphs on CUDA (`cuda_graphs`; torch.compile only fuses the
 element-wise pieces of the unfused step and the sampling), one per batch-size bucket
 (powers of two), LoRA width and kind of step, captured on first use; padded rows of a
-bucket write to a scratch token of the arena. Elsewhere, or with graphs off, the same
+bucket read and write the KV cache's scratch block. Elsewhere, or with graphs off, the same
 function runs eagerly.
 Between steps the host builds nothing while the rows stay the same (`Steady`): the chosen
 tokens are fed back and positions advance on the device, and the host reads each step's
 tokens one step late, while the next step runs, so stop checks overlap the GPU's work. A
-sequence that stops leaves its row idle (on the scratch token) until requests join or half
-the rows idle, when the rows are rebuilt; its one extra step stays inside its own region.
+sequence that stops leaves its row idle (on the scratch block) until requests join or half
+the rows idle, when the rows are rebuilt; its one extra step stays inside its own blocks.
+The rows' block tables live on the device too: a tick's new blocks are written into them
+in one copy (`Steady.extend`), and each step finds where its K/V go from the table.
 
 The running batch (decoding.RunningBatch) is seen through `Batch`, what this module reads of
 it: decoding imports this module, not the other way round.
@@ -24,8 +26,8 @@ from typing import Protocol
 import torch
 
 from workers.model import LoraModel
-from workers.sampling.arena import KVArena
 from workers.sampling.choose import Sampling, sampling_of
+from workers.sampling.kv_cache import BLOCK, KVCache, blocks_for
 from workers.sampling.lora_table import LoraTable
 from workers.sampling.sequences import Seq
 
@@ -36,12 +38,10 @@ class Batch(Protocol):
     """What the decode inputs and the graphs read of the running batch."""
 
     model: LoraModel
-    arena: KVArena | None
+    cache: KVCache | None
     lora: LoraTable
     fused: bool
     running: list[Seq]
-
-    def flash(self, rows: int) -> bool: ...
 
     def lora_path_for(self, rows: int, several: bool) -> str: ...
 
@@ -52,32 +52,34 @@ class Batch(Protocol):
 class DecodeInputs:
     tokens: torch.Tensor  # [B] last token of each sequence
     positions: torch.Tensor  # [B]
-    write: torch.Tensor  # [B] arena index its K/V goes to
-    starts: torch.Tensor  # [B + 1] int32 region starts (the last entry unused)
+    table: torch.Tensor  # [B, W] int32 block tables (the scratch block past each row's own)
     used: torch.Tensor  # [B] int32 keys after this step
-    cu_q: torch.Tensor  # [B + 1] int32 0..B
     mask: torch.Tensor | None  # [B, R]; None: no LoRA, or `uniform`
     uniform: bool  # every row on one adapter (no mask needed)
-    max_len: int
+    max_len: int  # the longest sequence any row may reach (W = blocks_for(max_len))
     cols: torch.Tensor  # [B, 2] int32: each row's LoRA columns [lo, hi) (the fused step's mask)
+
+    def write_slots(self) -> torch.Tensor:
+        """[B] the cache slot each row's new K/V goes to (its position, through its table)."""
+        block = self.table.gather(1, (self.positions // BLOCK)[:, None])[:, 0]
+        return block.long() * BLOCK + self.positions % BLOCK
 
     @classmethod
     def build(cls, seqs: list[Seq], batch: Batch) -> DecodeInputs:
         device = batch.model.device
         keys = [s.req.key_of_adapter for s in seqs]
         cols = batch.lora.row_columns(keys)
-        starts = [s.start for s in seqs]
-        used = [s.length + 1 for s in seqs]
-        host = torch.tensor([[s.tokens[-1], s.length, s.start + s.length] for s in seqs])
-        host = host.to(device)
+        max_len = max(s.req.region for s in seqs)
+        table = torch.full((len(seqs), blocks_for(max_len)), batch.cache.scratch_block,
+                           dtype=torch.int32)
+        for row, s in enumerate(seqs):
+            table[row, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        host = torch.tensor([[s.tokens[-1], s.length] for s in seqs]).to(device)
         return cls(
-            tokens=host[:, 0], positions=host[:, 1], write=host[:, 2],
-            starts=torch.tensor(starts + [batch.arena.scratch], dtype=torch.int32,
-                                device=device),
-            used=torch.tensor(used, dtype=torch.int32, device=device),
-            cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32, device=device),
+            tokens=host[:, 0], positions=host[:, 1], table=table.to(device),
+            used=torch.tensor([s.length + 1 for s in seqs], dtype=torch.int32, device=device),
             mask=batch.lora.row_mask(keys, cols=cols), uniform=batch.lora.uniform(keys),
-            max_len=max(s.req.region for s in seqs), cols=cols,
+            max_len=max_len, cols=cols,
         )
 
 
@@ -90,6 +92,7 @@ class Steady:
     requests join or half the rows idle; then the rows are rebuilt from the host's state."""
 
     rows: list[Seq | None]
+    index: dict[Seq, int]  # row of each sequence
     x: DecodeInputs
     alive: torch.Tensor  # [B] int32, 0 for idle rows
     sampling: Sampling | None
@@ -99,7 +102,8 @@ class Steady:
     @classmethod
     def build(cls, batch: Batch) -> Steady:
         rows = list(batch.running)
-        return cls(list(rows), DecodeInputs.build(rows, batch),
+        return cls(list(rows), {s: i for i, s in enumerate(rows)},
+                   DecodeInputs.build(rows, batch),
                    torch.ones(len(rows), dtype=torch.int32, device=batch.model.device),
                    sampling_of(batch.model, rows))
 
@@ -107,18 +111,26 @@ class Steady:
         x = self.x
         x.tokens.copy_(tokens)
         x.positions += self.alive
-        x.write += self.alive
         x.used += self.alive
         if self.sampling is not None:
             self.sampling.steps += 1
 
-    def idle(self, rows: list[int], scratch: int) -> None:
+    def idle(self, rows: list[int], scratch_block: int) -> None:
         for row in rows:
-            self.x.write[row] = scratch
-            self.x.starts[row] = scratch
+            self.x.table[row] = scratch_block
             self.x.used[row] = 1
             self.alive[row] = 0
         self.stale = 2 * sum(s is not None for s in self.rows) <= len(self.rows)
+
+    def extend(self, grown: list[tuple[Seq, int]]) -> None:
+        """Write the blocks sequences took into their rows' tables (one host-to-device
+        copy); `grown`: (sequence, its first new block's index)."""
+        entries = [(row, col, s.blocks[col]) for s, first in grown
+                   if (row := self.index.get(s)) is not None and self.rows[row] is s
+                   for col in range(first, len(s.blocks))]
+        if entries:
+            at = torch.tensor(entries, dtype=torch.int64).to(self.x.table.device).T
+            self.x.table[at[0], at[1]] = at[2].to(torch.int32)
 
 
 def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple:
@@ -144,22 +156,19 @@ class Graphs:
         b = x.tokens.shape[0]
         bucket = 1 << max(0, (b - 1).bit_length())
         width, fused = self.batch.lora.width, self.batch.fused
-        key = (bucket, width, x.uniform, fused, fused and self.batch.flash(bucket),
+        key = (bucket, width, x.uniform, fused,
                fused and self.batch.lora_path_for(bucket, bool(width) and not x.uniform))
         if key not in self.graphs or x.max_len > self.max_len:
-            if x.max_len > self.max_len:  # graphs bake the longest region in: recapture all
+            if x.max_len > self.max_len:  # graphs bake the table's width in: recapture all
                 self.max_len = max(x.max_len, 2 * self.max_len, 1024)
                 self.graphs.clear()
             self.graphs[key] = self._capture(bucket, x.uniform)
         graph, static, out = self.graphs[key]
-        scratch = self.batch.arena.scratch
         for name in ("tokens", "positions"):
             getattr(static, name)[:b].copy_(getattr(x, name))
             getattr(static, name)[b:].zero_()
-        static.write[:b].copy_(x.write)
-        static.write[b:].fill_(scratch)
-        static.starts[:b].copy_(x.starts[:b])
-        static.starts[b:].fill_(scratch)
+        static.table[:b, : x.table.shape[1]].copy_(x.table)  # (the rest: scratch, unread)
+        static.table[b:].fill_(self.batch.cache.scratch_block)
         static.used[:b].copy_(x.used)
         static.used[b:].fill_(1)
         static.cols[:b].copy_(x.cols)
@@ -173,16 +182,14 @@ class Graphs:
     def _capture(self, bucket: int, uniform: bool
                  ) -> tuple[torch.cuda.CUDAGraph, DecodeInputs, torch.Tensor]:
         batch, device = self.batch, self.batch.model.device
-        scratch = batch.arena.scratch
         width = batch.lora.width
         dtype = next(batch.model.hf.parameters()).dtype
         static = DecodeInputs(
             tokens=torch.zeros(bucket, dtype=torch.long, device=device),
             positions=torch.zeros(bucket, dtype=torch.long, device=device),
-            write=torch.full((bucket,), scratch, dtype=torch.long, device=device),
-            starts=torch.full((bucket + 1,), scratch, dtype=torch.int32, device=device),
+            table=torch.full((bucket, blocks_for(self.max_len)), batch.cache.scratch_block,
+                             dtype=torch.int32, device=device),
             used=torch.ones(bucket, dtype=torch.int32, device=device),
-            cu_q=torch.arange(bucket + 1, dtype=torch.int32, device=device),
             mask=(torch.zeros(bucket, width, dtype=dtype, device=device)
                   if width and not uniform else None),
             uniform=uniform,

@@ -1,10 +1,10 @@
 """Sampling requests and their answers: SampleSpec, its validation and adapter, and the
 SampleOutput a request gets (with its prompt logprobs, from the prefill's logits).
 
-The generation itself is `workers.sampling.decoding.RunningBatch` (continuous batching, KV arena,
-CUDA graphs, batch-independent seeded sampling), which builds on this module. The worker keeps
-one running batch across ticks; `decoding.sample()` makes a private one for a fixed list of
-requests (tests, tools).
+The generation itself is `workers.sampling.decoding.RunningBatch` (continuous batching, a
+paged KV cache, CUDA graphs, batch-independent seeded sampling), which builds on this module.
+The worker keeps one running batch across ticks; `decoding.sample()` makes a private one for
+a fixed list of requests (tests, tools).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A request of the running batch and its sequences, one per sample: each sequence owns a
-region of the KV arena and collects its tokens and logprobs."""
+"""A request of the running batch and its sequences, one per sample: each sequence holds a
+block table into the KV cache (kv_cache) and collects its tokens and logprobs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from workers.sampling.lora_table import Adapter
 class Seq:
     req: Request
     index: int  # sample index within the request
-    start: int  # region in the arena
+    blocks: list[int]  # its KV cache blocks, in order (the prompt's full ones shared)
     length: int = 0  # tokens in the cache
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -26,6 +26,7 @@ class Request:
     spec: Any  # sampler.SampleSpec
     adapter: Adapter | None
     seed: int
+    order: int  # arrival: the youngest running request is the first preempted
     key_of_adapter: tuple[int, ...] | None = None  # adapter_key(adapter), computed once
     seqs: list[Seq] = field(default_factory=list)
     prompt_out: Any = None  # sampler.PromptOut, once the prefill ran
@@ -33,4 +34,10 @@ class Request:
 
     @property
     def region(self) -> int:
+        """The most positions a sequence of it writes: prompt + max_tokens."""
         return len(self.spec.prompt) + self.spec.max_tokens
+
+    @property
+    def prefix(self) -> tuple:
+        """What makes two requests' prompts one prefill: the tokens and the adapter."""
+        return tuple(self.spec.prompt), self.key_of_adapter

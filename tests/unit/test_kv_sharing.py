@@ -1,0 +1,118 @@
+"""The paged KV cache: a prompt's blocks shared by the samples of its request and by
+requests with the same prompt and adapter, blocks taken as sequences grow, and the youngest
+request preempted when none are left. Each gives exactly what unshared, unpreempted
+sampling gives with the same seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protocol.jobs import UserError
+from tests.unit.test_decoding import run_alone, spec, with_adapters
+from tests.unit.test_sampler import decode
+from workers.sampling.decoding import RunningBatch
+from workers.sampling.kv_cache import BLOCK, blocks_for
+from workers.sampling.sampler import adapter_of
+
+LONG = [(13 * i + 5) % 500 + 1 for i in range(2 * BLOCK + 6)]  # 2 full blocks and a tail
+EXACT = LONG[: 2 * BLOCK]  # whole blocks: no tail to copy
+
+
+def unshared(model, s):
+    """Each sample of `s` alone in a batch of its own (its index and seed kept): nothing to
+    share with."""
+    out = []
+    for j in range(s.num_samples):
+        one = spec(s.prompt, s.max_tokens, s.slot, temperature=s.temperature, seed=s.seed,
+                   prompt_logprobs=s.prompt_logprobs)
+        one.first_index = s.first_index + j
+        out.append(run_alone(model, one).sequences[0])
+    return out
+
+
+def assert_same(got, want):
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
+                                   atol=1e-5, rtol=0)
+
+
+def run(batch, steps=4):
+    results = {}
+    while batch.busy:
+        results.update(batch.step(steps))
+    return results
+
+
+@pytest.mark.parametrize("prompt", [LONG, EXACT], ids=["tail", "whole-blocks"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_the_samples_of_a_request_share_its_prompts_blocks(tiny_model, prompt, fused):
+    model = with_adapters(tiny_model, 1)
+    s = spec(prompt, 5 if fused else 12, 1, temperature=1.0, seed=3,
+             num_samples=4 if fused else 16)
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096,
+                         fused=fused)
+    batch.admit("x", s, adapter_of(model, 1))
+    batch.step(0)  # joins and prefills, no decode step
+    held = batch.cache.blocks - batch.cache.free_blocks
+    # the prompt's full blocks once, and one block per sample where it writes next: a copy
+    # of the prompt's part-filled last one (the first sample's is the original), or new
+    assert held == len(prompt) // BLOCK + s.num_samples
+    results = run(batch)
+    assert batch.cache.free_tokens == batch.cache.capacity
+    assert_same(results["x"].sequences, unshared(model, s))
+
+
+def test_requests_with_one_prompt_and_adapter_share_one_prefill(tiny_model):
+    """Four calls of one prompt (the cookbook's group of rollouts: num_samples=1 each, seeds
+    of their own), one of them asking for prompt logprobs; a fifth on another adapter and a
+    sixth on the base model do not share with them."""
+    model = with_adapters(tiny_model, 1, 2)
+    specs = {i: spec(LONG, 8, 1, temperature=1.0, seed=10 + i, prompt_logprobs=i == 2)
+             for i in range(4)}
+    specs[4] = spec(LONG, 8, 2, temperature=1.0, seed=14)
+    specs[5] = spec(LONG, 8, temperature=1.0, seed=15)
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    for key, s in specs.items():
+        batch.admit(key, s, adapter_of(model, s.slot))
+    batch.step(0)
+    held = batch.cache.blocks - batch.cache.free_blocks
+    assert held == 3 * blocks_for(len(LONG)) + 3  # three prompts; three more tails
+    results = run(batch)
+    for key, s in specs.items():
+        alone = run_alone(model, s)
+        assert_same(results[key].sequences, alone.sequences)
+    torch.testing.assert_close(torch.tensor(results[2].prompt.logprobs[1:]),
+                               torch.tensor(run_alone(model, specs[2]).prompt.logprobs[1:]),
+                               atol=1e-5, rtol=0)
+    assert results[0].prompt.logprobs is None or results[0].prompt.logprobs == []
+
+
+def test_a_full_cache_preempts_the_youngest_request_and_it_gets_the_same_answer(tiny_model):
+    """Six requests whose prompts fit at once but whose generations do not: sequences grow
+    until no block is left, the youngest go back to the queue and start again, and every
+    request gets what it gets alone."""
+    model = with_adapters(tiny_model, 1)
+    specs = {i: spec([3 + i, 9, 27, 81], 3 * BLOCK, 1 if i % 2 else 0, temperature=1.0,
+                     seed=i, num_samples=2) for i in range(6)}
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=14 * BLOCK)
+    for key, s in specs.items():
+        batch.admit(key, s, adapter_of(model, s.slot))
+    results, most = {}, 0
+    while batch.busy:
+        results.update(batch.step(8))
+        most = max(most, len(batch.running))
+    assert batch.preemptions > 0 and most >= 6  # they ran together, then some went back
+    assert sorted(results) == list(specs)
+    assert batch.cache.free_tokens == batch.cache.capacity
+    for key, s in specs.items():
+        assert_same(results[key].sequences, unshared(model, s))
+
+
+def test_a_request_that_cannot_fit_the_cache_alone_is_refused_by_name(tiny_model):
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=8 * BLOCK)
+    with pytest.raises(UserError, match=r"70 \+ 4 × 64 tokens needs 448 tokens .* holds 256"):
+        batch.admit("x", spec(LONG, 64, num_samples=4), None)
+    batch.admit("y", spec(LONG, 64, num_samples=2), None)  # 2 shared + 2 × 3 blocks: fits
+    assert run(batch)["y"].sequences[1].tokens

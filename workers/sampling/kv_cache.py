@@ -1,0 +1,99 @@
+"""The running batch's KV cache: paged. One K and one V tensor per layer of `blocks` blocks of
+BLOCK tokens (+ a scratch block), [tokens, kv heads, head dim]; token slot = block · BLOCK +
+offset.
+
+A sequence holds a block table (its blocks in order) and grows a block at a time as it
+decodes, so the cache holds what sequences have written, not what they might write. Blocks
+are reference-counted: the samples of a request, and requests with the same prompt and
+adapter that join together, share the prompt's full blocks (prefilled once); each sample
+copies the prompt's last, partly filled block into one of its own before it writes there.
+When growth finds no free block, the running batch preempts its youngest request
+(decoding.RunningBatch) and runs it again later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32  # tokens per block
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK)
+
+
+def most_blocks(prompt: int, samples: int, max_tokens: int) -> int:
+    """The most blocks a request ever holds: its prompt's full blocks once, and each
+    sample's own blocks up to prompt + max_tokens."""
+    shared = prompt // BLOCK
+    return shared + samples * (blocks_for(prompt + max_tokens) - shared)
+
+
+class KVCache:
+    """Per-layer K and V storage of `capacity` tokens (rounded up to whole blocks), with a
+    free list and
+    reference counts; the last block (`scratch_block`) is where idle and padded rows of a
+    decode step read and write."""
+
+    def __init__(self, layers: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.blocks = max(1, blocks_for(capacity))
+        self.capacity = self.blocks * BLOCK
+        shape = ((self.blocks + 1) * BLOCK, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.scratch_block = self.blocks
+        self.scratch = self.scratch_block * BLOCK  # the scratch block's first token slot
+        self._free = list(range(self.blocks - 1, -1, -1))  # a stack: low blocks first
+        self._refs = [0] * self.blocks
+
+    def alloc(self, n: int) -> list[int] | None:
+        """`n` fresh blocks (reference count 1), or None (and nothing taken) if fewer are
+        free."""
+        if n > len(self._free):
+            return None
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._refs[b] = 1
+        return out
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def copy_tokens(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of token slots `src` to `dst` in every layer."""
+        if not src:
+            return
+        device = self.k[0].device
+        s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        for k, v in zip(self.k, self.v, strict=True):
+            k.index_copy_(0, d, k[s])
+            v.index_copy_(0, d, v[s])
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self._free) * BLOCK
+
+
+def slots(table: list[int], start: int, stop: int) -> list[int]:
+    """Token slots of positions [start, stop) of a sequence with this block table."""
+    return [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)]
+
+
+def auto_kv_tokens(device: torch.device, per_token: int) -> int:
+    """The cache's tokens when the sampler sets none (`per_token`: a token's bytes)."""
+    if device.type != "cuda":  # at most 64k tokens and 2 GiB of host memory
+        return max(1024, min(1 << 16, (2 << 30) // per_token))
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(4096, int(0.3 * free / per_token))
