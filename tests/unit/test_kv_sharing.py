@@ -1,7 +1,7 @@
 """The paged KV cache: a prompt's blocks shared by the samples of its request and by
-requests with the same prompt and adapter, blocks taken as sequences grow, and the youngest
-request preempted when none are left. Each gives exactly what unshared, unpreempted
-sampling gives with the same seeds."""
+requests with the same prompt and adapter (joining together or later), blocks taken as
+sequences grow, and the youngest request preempted when none are left. Each gives exactly
+what unshared, unpreempted sampling gives with the same seeds."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def test_the_samples_of_a_request_share_its_prompts_blocks(tiny_model, prompt, f
     batch.admit("x", s, adapter_of(model, 1))
     batch.step(0)  # joins and prefills, no decode step
     held = batch.cache.blocks - batch.cache.free_blocks
-    # the prompt's full blocks once, and one block per sample where it writes next: a copy
-    # of the prompt's part-filled last one (the first sample's is the original), or new
-    assert held == len(prompt) // BLOCK + s.num_samples
+    # the prompt's blocks once, and one block per sample where it writes next: its copy of
+    # the prompt's part-filled last one, or a new one
+    assert held == blocks_for(len(prompt)) + s.num_samples
     results = run(batch)
     assert batch.cache.free_tokens == batch.cache.capacity
     assert_same(results["x"].sequences, unshared(model, s))
@@ -78,7 +78,7 @@ def test_requests_with_one_prompt_and_adapter_share_one_prefill(tiny_model):
         batch.admit(key, s, adapter_of(model, s.slot))
     batch.step(0)
     held = batch.cache.blocks - batch.cache.free_blocks
-    assert held == 3 * blocks_for(len(LONG)) + 3  # three prompts; three more tails
+    assert held == 3 * blocks_for(len(LONG)) + 6  # three prompts; a tail for each call
     results = run(batch)
     for key, s in specs.items():
         alone = run_alone(model, s)
@@ -87,6 +87,33 @@ def test_requests_with_one_prompt_and_adapter_share_one_prefill(tiny_model):
                                torch.tensor(run_alone(model, specs[2]).prompt.logprobs[1:]),
                                atol=1e-5, rtol=0)
     assert results[0].prompt.logprobs is None or results[0].prompt.logprobs == []
+
+
+def test_a_call_that_joins_later_shares_the_running_prompt_without_a_prefill(tiny_model):
+    """The second call of a prompt arrives while the first decodes: it takes only its own
+    blocks, and gets what it gets alone; once both end, the prompt's blocks are free. A
+    third call, asking for prompt logprobs, prefills its own."""
+    model = with_adapters(tiny_model, 1)
+    first, second = (spec(LONG, 40, 1, temperature=1.0, seed=i) for i in (1, 2))
+    third = spec(LONG, 6, 1, temperature=1.0, seed=3, prompt_logprobs=True)
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    batch.admit("a", first, adapter_of(model, 1))
+    results = dict(batch.step(4))
+    held = batch.cache.blocks - batch.cache.free_blocks
+    assert held == blocks_for(len(LONG)) + 1  # the prompt's; a's own
+    batch.admit("b", second, adapter_of(model, 1))
+    results.update(batch.step(0))
+    assert batch.cache.blocks - batch.cache.free_blocks == held + 1  # b's own, no prompt
+    batch.admit("c", third, adapter_of(model, 1))
+    results.update(batch.step(0))
+    assert batch.cache.blocks - batch.cache.free_blocks == held + 2 + blocks_for(len(LONG))
+    results.update(run(batch))
+    assert batch.cache.free_tokens == batch.cache.capacity and not batch.prompts.live
+    for key, s in (("a", first), ("b", second), ("c", third)):
+        assert_same(results[key].sequences, run_alone(model, s).sequences)
+    torch.testing.assert_close(torch.tensor(results["c"].prompt.logprobs[1:]),
+                               torch.tensor(run_alone(model, third).prompt.logprobs[1:]),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_full_cache_preempts_the_youngest_request_and_it_gets_the_same_answer(tiny_model):
@@ -111,8 +138,8 @@ def test_a_full_cache_preempts_the_youngest_request_and_it_gets_the_same_answer(
 
 
 def test_a_request_that_cannot_fit_the_cache_alone_is_refused_by_name(tiny_model):
-    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=8 * BLOCK)
-    with pytest.raises(UserError, match=r"70 \+ 4 × 64 tokens needs 448 tokens .* holds 256"):
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=9 * BLOCK)
+    with pytest.raises(UserError, match=r"70 \+ 4 × 64 tokens needs 480 tokens .* holds 288"):
         batch.admit("x", spec(LONG, 64, num_samples=4), None)
-    batch.admit("y", spec(LONG, 64, num_samples=2), None)  # 2 shared + 2 × 3 blocks: fits
+    batch.admit("y", spec(LONG, 64, num_samples=2), None)  # 3 prompt + 2 × 3 blocks: fits
     assert run(batch)["y"].sequences[1].tokens

@@ -11,15 +11,16 @@
 Between steps sequences join and leave: a finished sequence frees its rows at once, and a
 request answers when its last sample ends. Requests of different adapters, sampling
 sessions and the base model share every step; at most `max_num_sequences` run at once, and
-the rest wait in arrival order. A prompt is prefilled once for every sample of its request,
-and for every request with the same prompt and adapter that joins with it: they share its
-KV cache blocks. Sequences take cache blocks as they grow; when none are left the youngest
-request goes back to the queue (preempted) and starts again later.
+the rest wait in arrival order. A prompt is prefilled once while requests of it run: the
+samples of every request with the same prompt and adapter share its KV cache blocks.
+Sequences take cache blocks as they grow; when none are left the youngest request goes back
+to the queue (preempted) and starts again later.
 
 The running batch's parts, each in its module (whose docstring tells the design):
 
   sequences   a request and its sequences, each with a block table into the KV cache
   kv_cache    the KV cache: paged, blocks shared by reference count
+  admission   which requests join, the blocks they take, the prompts they share; growth
   lora_table  projections that read the same input as one matmul, and the batch's adapters
               side by side per projection group (every step one fixed set of matmuls)
   forward     the forward passes: prefill and the unfused decode step, and the fused decode
@@ -45,19 +46,12 @@ import torch
 
 from protocol.jobs import UserError
 from workers.model import LoraModel
-from workers.parallel import tp
-from workers.sampling import decode_kernels
+from workers.sampling import admission, decode_kernels
+from workers.sampling.admission import Prompts, SharedPrompt
 from workers.sampling.choose import next_tokens, sampling_of
-from workers.sampling.forward import decode_fused, decode_unfused, forward
+from workers.sampling.forward import decode_fused, decode_unfused, forward, lora_path
 from workers.sampling.graphs import DecodeInputs, Graphs, Steady, to_host
-from workers.sampling.kv_cache import (
-    BLOCK,
-    KVCache,
-    auto_kv_tokens,
-    blocks_for,
-    most_blocks,
-    slots,
-)
+from workers.sampling.kv_cache import BLOCK, KVCache, most_blocks, slots
 from workers.sampling.lora_table import Adapter, LoraTable, adapter_key, fuse_base_weights
 from workers.sampling.sampler import (
     PromptOut,
@@ -73,17 +67,6 @@ from workers.sampling.sequences import Request, Seq
 from workers.training import fastpath
 
 log = logging.getLogger(__name__)
-
-# Where the fused step adds LoRA B (RunningBatch.lora_path_for; measured on an H100 with
-# `benchmarks.sampler --lora-placement`): inside the kernels a row per program ("gemv":
-# each row reads only its adapter's B) in steps of at most LORA_GEMV_ROWS rows, or of at
-# most MIXED_GEMV_ROWS when the rows use several adapters; larger steps of one adapter
-# with an addmm per projection group ("addmm": B read once); larger mixed ones inside the
-# kernels 16 rows per program ("dots": tensor-core dots over the adapters of each block of
-# rows, which the running batch groups by adapter), where the addmm would read every
-# adapter's B and mask the rows first.
-LORA_GEMV_ROWS = 8
-MIXED_GEMV_ROWS = 32
 
 
 class RunningBatch:
@@ -106,6 +89,7 @@ class RunningBatch:
         self.max_num_sequences = max_num_sequences
         self._kv_tokens = kv_tokens
         self.cache: KVCache | None = None
+        self.prompts: Prompts | None = None  # the running requests' prompts, with the cache
         self._arrivals = 0  # requests admitted so far: each one's `order`
         self.preemptions = 0  # requests sent back to the queue for want of cache blocks
         fuse_base_weights(model)
@@ -141,22 +125,22 @@ class RunningBatch:
 
     def _cache(self) -> KVCache:
         if self.cache is None:
-            c, m = self.model.config, self.model
-            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-            k_proj = next(v for n, v in m.layers.items() if n.endswith("k_proj"))
-            kv_heads = k_proj.out_features // head_dim  # this rank's, under tensor parallelism
-            dtype = next(m.hf.parameters()).dtype
-            per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
-                torch.finfo(dtype).bits // 8)
-            # never more than every running sequence at the model's whole context can use
-            most = self.max_num_sequences * getattr(c, "max_position_embeddings", 1 << 20)
-            tokens = self._kv_tokens or tp.agree_min(
-                min(most, auto_kv_tokens(m.device, per_token)), m.tp)
-            self.cache = KVCache(c.num_hidden_layers, tokens, kv_heads, head_dim,
-                                 dtype, m.device)
-            log.info("sampler KV cache: %d tokens (%.1f GiB)", self.cache.capacity,
-                     self.cache.capacity * per_token / 2**30)
+            self.cache = KVCache.for_model(self.model, self._kv_tokens, self.max_num_sequences)
+            self.prompts = Prompts(self.cache)
         return self.cache
+
+    def _prompts(self) -> Prompts:
+        self._cache()
+        assert self.prompts is not None
+        return self.prompts
+
+    def _use_adapters(self, joined: list[Request]) -> None:
+        """Lay the adapters of the joined and the running requests side by side."""
+        needed = {r.key_of_adapter: r.adapter
+                  for r in joined + [s.req for s in self.running] if r.adapter is not None}
+        changed = set(needed) != set(self.lora.adapters)
+        if changed and self.lora.rebuild(list(needed.values())) and self.graphs:
+            self.graphs.graphs.clear()  # they captured the old buffers
 
     # --- the loop --------------------------------------------------------------------------
     def step(self, max_steps: int) -> list[tuple[Any, Any]]:
@@ -166,9 +150,11 @@ class RunningBatch:
         with torch.inference_mode():
             if self.waiting:
                 self._flush(done)  # joining changes the rows: the host must be current
-                groups = self._join(max_steps)
-                if groups:
-                    self._prefill(groups, done)
+                joined, prompts = self._prompts().join(
+                    self.waiting, self.running, self.max_num_sequences, max_steps)
+                if joined:
+                    self._use_adapters(joined)
+                    self._prefill(prompts, joined, done)
                     self.steady = None
             if self.running:
                 self._grow(max_steps, done)
@@ -185,127 +171,68 @@ class RunningBatch:
             out.append((r.key, SampleOutput(seqs, r.prompt_out or PromptOut())))
         return out
 
-    @staticmethod
-    def _growth(length: int, region: int, max_steps: int, have: int) -> int:
-        """Blocks a sequence of `length` cached tokens and `have` blocks still needs for a
-        tick of `max_steps` decode steps (and the one extra step after it stops)."""
-        return max(0, blocks_for(min(length + max_steps + 1, region)) - have)
-
-    def _join(self, max_steps: int) -> list[list[Request]]:
-        """Let waiting requests join, in arrival order, while their sequences fit beside the
-        running ones and their blocks beside what the running ones need this tick. Returns
-        them in groups that share one prefill (the same prompt and adapter)."""
-        cache, groups = self._cache(), dict[tuple, list[Request]]()
-        free = cache.free_blocks - sum(self._growth(s.length, s.req.region, max_steps,
-                                                    len(s.blocks)) for s in self.running)
-        seqs = len(self.running)
-        while self.waiting:
-            r = self.waiting[0]
-            n, samples = len(r.spec.prompt), r.spec.num_samples
-            if seqs + samples > self.max_num_sequences:
-                break
-            shared, tail = divmod(n, BLOCK)
-            group = groups.get(r.prefix)
-            need = (0 if group else blocks_for(n)) + (samples - (not group)) * (tail > 0)
-            need += samples * self._growth(n, r.region, max_steps, blocks_for(n))
-            if need > free - seqs:  # (a block of headroom per sequence: one that joins is
-                break  # not preempted at once) waits for running sequences to free blocks
-            self.waiting.popleft()
-            if group is None:  # its prompt's blocks, owned by its first sequence
-                blocks = cache.alloc(blocks_for(n))
-                assert blocks is not None
-                groups[r.prefix] = group = [r]
-                r.seqs = [Seq(r, r.spec.first_index, blocks)]
-            else:
-                group.append(r)
-                r.seqs = []
-            prompt = group[0].seqs[0].blocks[:shared]
-            for j in range(len(r.seqs), samples):
-                own = cache.alloc(1) if tail else []
-                assert own is not None
-                cache.share(prompt)
-                r.seqs.append(Seq(r, r.spec.first_index + j, prompt + own))
-            r.open = len(r.seqs)
-            free -= need
-            seqs += samples
-        joined = [r for g in groups.values() for r in g]
-        if joined:
-            needed = {r.key_of_adapter: r.adapter
-                      for r in joined + [s.req for s in self.running] if r.adapter is not None}
-            changed = set(needed) != set(self.lora.adapters)
-            if changed and self.lora.rebuild(list(needed.values())) and self.graphs:
-                self.graphs.graphs.clear()  # they captured the old buffers
-        return list(groups.values())
-
-    def _prefill(self, groups: list[list[Request]], done: list[Request]) -> None:
-        """One packed pass over each group's prompt, written into its first sequence's
-        blocks; the other sequences share the full blocks and copy the last one."""
+    def _prefill(self, prompts: list[SharedPrompt], joined: list[Request],
+                 done: list[Request]) -> None:
+        """One packed pass over the new prompts, into their blocks; then each joined
+        sequence's copy of its prompt's last block, and its first token."""
         model, cache, device = self.model, self._cache(), self.model.device
-        leads = [g[0].seqs[0] for g in groups]
-        lengths = [len(g[0].spec.prompt) for g in groups]
-        tokens = torch.tensor([t for g in groups for t in g[0].spec.prompt], device=device)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        write = torch.tensor([x for s, n in zip(leads, lengths, strict=True)
-                              for x in slots(s.blocks, 0, n)], device=device)
-        cu = [0]
-        for n in lengths:
-            cu.append(cu[-1] + n)
-        varlen = fastpath.VarlenAttention(cu, device)
+        lengths = [len(p.prefix[0]) for p in prompts]
+        if prompts:
+            tokens = torch.tensor([t for p in prompts for t in p.prefix[0]], device=device)
+            positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+            write = torch.tensor([x for p, n in zip(prompts, lengths, strict=True)
+                                  for x in slots(p.blocks, 0, n)], device=device)
+            cu = [0]
+            for n in lengths:
+                cu.append(cu[-1] + n)
+            varlen = fastpath.VarlenAttention(cu, device)
 
-        def attend(i, q, k, v, scale):
-            cache.k[i].index_copy_(0, write, k)
-            cache.v[i].index_copy_(0, write, v)
-            return varlen(q, k, v.contiguous(), scale)
+            def attend(i, q, k, v, scale):
+                cache.k[i].index_copy_(0, write, k)
+                cache.v[i].index_copy_(0, write, v)
+                return varlen(q, k, v.contiguous(), scale)
 
-        keys = [g[0].key_of_adapter for g in groups]
-        mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)
-        # logits for every prompt position of groups where a request wants prompt
-        # logprobs, else the last
-        full = [any(r.spec.scores_prompt for r in g) for g in groups]
-        pick = torch.tensor([p for s, e, f in zip(cu[:-1], cu[1:], full, strict=True)
-                             for p in (range(s, e) if f else [e - 1])], device=device)
-        logits = forward(model, self.lora, tokens, positions, mask, attend, pick, uniform)
-        src, dst = [], []  # each sequence's own copy of the prompt's last, part-filled block
-        for g, lead, n in zip(groups, leads, lengths, strict=True):
-            tail = n - n % BLOCK
-            for s in (s for r in g for s in r.seqs if s is not lead):
-                src += slots(lead.blocks, tail, n)
-                dst += slots(s.blocks, tail, n)
+            keys = [p.prefix[1] for p in prompts]
+            mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)
+            # every position's logits for prompts a request wants scored, else the last's
+            full = [any(r.spec.scores_prompt for r in joined if r.shared is p) for p in prompts]
+            pick = torch.tensor([x for s, e, f in zip(cu[:-1], cu[1:], full, strict=True)
+                                 for x in (range(s, e) if f else [e - 1])], device=device)
+            logits = forward(model, self.lora, tokens, positions, mask, attend, pick, uniform)
+            k = 0
+            for p, n, f in zip(prompts, lengths, full, strict=True):
+                rows = n if f else 1
+                for r in joined:
+                    if r.shared is p and r.spec.scores_prompt:
+                        r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
+                p.last = logits[k + rows - 1].clone()  # (not a view: the rest can go)
+                k += rows
+        src, dst = [], []  # each sequence's own copy of its prompt's part-filled last block
+        for r in joined:
+            n = len(r.spec.prompt)
+            for s in r.seqs:
+                s.length = n
+                src += slots(r.shared.blocks, n - n % BLOCK, n)
+                dst += slots(s.blocks, n - n % BLOCK, n)
         cache.copy_tokens(src, dst)
-        last, k = [], 0
-        for g, n, f in zip(groups, lengths, full, strict=True):
-            rows = n if f else 1
-            for r in g:
-                if r.spec.scores_prompt:
-                    r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
-                last.append(logits[k + rows - 1])
-                for s in r.seqs:
-                    s.length = n
-            k += rows
-        first = torch.stack(last)  # [R, V]: every sample of a request starts from it
-        requests = [r for g in groups for r in g]
-        seqs = [s for r in requests for s in r.seqs]
-        fan = torch.tensor([i for i, r in enumerate(requests) for _ in r.seqs], device=device)
+        first = torch.stack([r.shared.last for r in joined])  # [R, V]: each sample's start
+        seqs = [s for r in joined for s in r.seqs]
+        fan = torch.tensor([i for i, r in enumerate(joined) for _ in r.seqs], device=device)
         self._choose_and_advance(first[fan], seqs, done)
         self.running.extend(s for s in seqs if s.stop_reason is None)
 
     def _grow(self, max_steps: int, done: list[Request]) -> None:
-        """Give every running sequence the blocks this tick's steps write to, oldest request
-        first; when none are free, preempt the youngest request (its blocks freed, run again
-        from its prompt later: its seeds give the same tokens)."""
+        """Give every running sequence the blocks this tick's steps write to; when none are
+        free, read the last step (its ends free blocks), then preempt the youngest request
+        (its blocks freed; it runs again from its prompt later, and its seeds give it the
+        same tokens)."""
         cache, grown, flushed = self._cache(), [], False
-        for s in sorted(self.running, key=lambda s: s.req.order):
-            while s.stop_reason is None and s.req.open and (want := self._growth(
-                    s.length, s.req.region, max_steps, len(s.blocks))):
-                got = cache.alloc(want)
-                if got is not None:
-                    grown.append((s, len(s.blocks)))
-                    s.blocks += got
-                elif not flushed:  # the last step's ends free blocks
-                    self._flush(done)
-                    flushed = True
-                else:
-                    self._preempt(max((x.req for x in self.running), key=lambda r: r.order))
+        while admission.grow(self.running, cache, max_steps, grown) is not None:
+            if not flushed:
+                self._flush(done)
+                flushed = True
+            else:
+                self._preempt(max((s.req for s in self.running), key=lambda r: r.order))
         if self.steady is not None and not self.steady.stale:
             self.steady.extend([(s, first) for s, first in grown if s.req.open])
 
@@ -315,6 +242,7 @@ class RunningBatch:
         log.info("sampler KV cache full: request %s (%d sample(s)) goes back to the queue",
                  r.key, len(r.seqs))
         self._cache().release([b for s in r.seqs if s.stop_reason is None for b in s.blocks])
+        self.prompts.release(r)
         self.running = [s for s in self.running if s.req is not r]
         r.seqs, r.prompt_out, r.open = [], None, 0
         self.waiting.appendleft(r)  # preempted youngest first: the oldest ends up in front
@@ -375,12 +303,8 @@ class RunningBatch:
 
     def lora_path_for(self, rows: int, several: bool) -> str:
         """Where a fused step of `rows` rows adds LoRA B; `several`: its rows use more than
-        one adapter (or some none). See LORA_GEMV_ROWS."""
-        if self.lora_path is not None:
-            return self.lora_path
-        if rows <= LORA_GEMV_ROWS or (several and rows <= MIXED_GEMV_ROWS):
-            return "gemv"
-        return "dots" if several else "addmm"
+        one adapter (or some none). See forward.LORA_GEMV_ROWS."""
+        return self.lora_path or lora_path(rows, several)
 
     def _choose_and_advance(self, logits: torch.Tensor, seqs: list[Seq],
                             done: list[Request]) -> None:
@@ -409,6 +333,7 @@ class RunningBatch:
         self._cache().release(s.blocks)
         s.req.open -= 1
         if s.req.open == 0:
+            self._prompts().release(s.req)
             done.append(s.req)
 
     def fail_all(self, error: Exception) -> list[tuple[Any, Exception]]:
@@ -416,6 +341,8 @@ class RunningBatch:
         requests = list(self.waiting) + list(dict.fromkeys(s.req for s in self.running))
         for s in self.running:
             self._cache().release(s.blocks)
+        for r in requests:
+            self._prompts().release(r)
         self.waiting.clear()
         self.running = []
         self.steady = None

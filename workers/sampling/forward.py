@@ -36,6 +36,25 @@ GEMV_ROWS = 8
 GEMV_MIN_BYTES = 16 << 20
 GEMV_MAX_K = 4096
 
+# Where the fused step adds LoRA B (`lora_path`, unless RunningBatch.lora_path says;
+# measured on an H100 with `benchmarks.sampler --lora-placement`): inside the kernels a row
+# per program ("gemv": each row reads only its adapter's B) in steps of at most
+# LORA_GEMV_ROWS rows, or of at most MIXED_GEMV_ROWS when the rows use several adapters;
+# larger steps of one adapter with an addmm per projection group ("addmm": B read once);
+# larger mixed ones inside the kernels 16 rows per program ("dots": tensor-core dots over
+# the adapters of each block of rows, which the running batch groups by adapter), where
+# the addmm would read every adapter's B and mask the rows first.
+LORA_GEMV_ROWS = 8
+MIXED_GEMV_ROWS = 32
+
+
+def lora_path(rows: int, several: bool) -> str:
+    """Where a fused step of `rows` rows adds LoRA B; `several`: its rows use more than one
+    adapter (or some none)."""
+    if rows <= LORA_GEMV_ROWS or (several and rows <= MIXED_GEMV_ROWS):
+        return "gemv"
+    return "dots" if several else "addmm"
+
 
 def _group(model: LoraModel, lora: LoraTable, group: str, x: torch.Tensor,
            masks: dict[int, torch.Tensor] | None) -> torch.Tensor:

@@ -4,17 +4,20 @@ offset.
 
 A sequence holds a block table (its blocks in order) and grows a block at a time as it
 decodes, so the cache holds what sequences have written, not what they might write. Blocks
-are reference-counted: the samples of a request, and requests with the same prompt and
-adapter that join together, share the prompt's full blocks (prefilled once); each sample
-copies the prompt's last, partly filled block into one of its own before it writes there.
-When growth finds no free block, the running batch preempts its youngest request
-(decoding.RunningBatch) and runs it again later.
+are reference-counted: the samples of the requests of one prompt and adapter share the
+prompt's full blocks (admission tells when). When growth finds no free block, the running
+batch preempts its youngest request (decoding.RunningBatch) and runs it again later.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from workers.parallel import tp
+
+log = logging.getLogger(__name__)
 BLOCK = 32  # tokens per block
 
 
@@ -23,10 +26,9 @@ def blocks_for(tokens: int) -> int:
 
 
 def most_blocks(prompt: int, samples: int, max_tokens: int) -> int:
-    """The most blocks a request ever holds: its prompt's full blocks once, and each
+    """The most blocks a request ever holds: its prompt's blocks once (admission), and each
     sample's own blocks up to prompt + max_tokens."""
-    shared = prompt // BLOCK
-    return shared + samples * (blocks_for(prompt + max_tokens) - shared)
+    return blocks_for(prompt) + samples * (blocks_for(prompt + max_tokens) - prompt // BLOCK)
 
 
 class KVCache:
@@ -46,6 +48,25 @@ class KVCache:
         self.scratch = self.scratch_block * BLOCK  # the scratch block's first token slot
         self._free = list(range(self.blocks - 1, -1, -1))  # a stack: low blocks first
         self._refs = [0] * self.blocks
+
+    @classmethod
+    def for_model(cls, model, tokens: int, max_sequences: int) -> KVCache:
+        """The cache of a LoraModel's sampler: `tokens`, or (0) auto_kv_tokens' share of
+        free memory, but never more than `max_sequences` at the model's whole context."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        k_proj = next(v for n, v in model.layers.items() if n.endswith("k_proj"))
+        kv_heads = k_proj.out_features // head_dim  # this rank's, under tensor parallelism
+        dtype = next(model.hf.parameters()).dtype
+        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
+            torch.finfo(dtype).bits // 8)
+        most = max_sequences * getattr(c, "max_position_embeddings", 1 << 20)
+        tokens = tokens or tp.agree_min(min(most, auto_kv_tokens(model.device, per_token)),
+                                        model.tp)
+        cache = cls(c.num_hidden_layers, tokens, kv_heads, head_dim, dtype, model.device)
+        log.info("sampler KV cache: %d tokens (%.1f GiB)", cache.capacity,
+                 cache.capacity * per_token / 2**30)
+        return cache
 
     def alloc(self, n: int) -> list[int] | None:
         """`n` fresh blocks (reference count 1), or None (and nothing taken) if fewer are

@@ -30,6 +30,7 @@ class Request:
     key_of_adapter: tuple[int, ...] | None = None  # adapter_key(adapter), computed once
     seqs: list[Seq] = field(default_factory=list)
     prompt_out: Any = None  # sampler.PromptOut, once the prefill ran
+    shared: Any = None  # admission.SharedPrompt: its prompt's blocks, while it runs
     open: int = 0  # sequences still running
 
     @property

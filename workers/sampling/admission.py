@@ -1,0 +1,115 @@
+"""Which waiting requests join the running batch, the KV cache blocks they take, and the
+prompts they share; and the blocks running sequences take as they grow.
+
+A prompt is prefilled once while any request of it runs (`SharedPrompt`): its blocks, and
+the logits of its last position, belong to it, and every sample of every request with the
+same tokens and adapter shares its full blocks and copies its last, part-filled block into a
+block of its own before writing there. A request that joins later (the next of a group of
+calls with one prompt, as the cookbook's RL loop sends them) needs no prefill at all. A
+request that wants prompt logprobs prefills its own unless its prompt is prefilled in the
+same tick (the logits of every position are not kept).
+
+Admission keeps the cache from running dry within a tick: a request joins when its prompt
+and samples fit beside what every running sequence takes this tick, with a block of
+headroom per sequence. Over longer runs sequences can outgrow the cache; `grow` then names
+the sequence it could not serve and the running batch preempts its youngest request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from workers.sampling.kv_cache import BLOCK, KVCache, blocks_for
+from workers.sampling.sequences import Request, Seq
+
+
+@dataclass(eq=False)
+class SharedPrompt:
+    prefix: tuple  # (tokens, adapter key): Request.prefix
+    blocks: list[int]  # its blocks, one reference each held here
+    last: torch.Tensor | None = None  # [V] logits of its last position, once prefilled
+    users: int = 0  # requests that hold it
+
+
+def growth(length: int, region: int, max_steps: int, have: int) -> int:
+    """Blocks a sequence of `length` cached tokens and `have` blocks still needs for a tick
+    of `max_steps` decode steps (and the one extra step after it stops)."""
+    return max(0, blocks_for(min(length + max_steps + 1, region)) - have)
+
+
+class Prompts:
+    """The prefilled prompts of running requests, by prefix."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.live: dict[tuple, SharedPrompt] = {}
+
+    def release(self, r: Request) -> None:
+        """`r` ended or left the batch: its prompt's blocks go once no request holds them."""
+        p, r.shared = r.shared, None
+        if p is None:
+            return
+        p.users -= 1
+        if p.users == 0:
+            self.cache.release(p.blocks)
+            if self.live.get(p.prefix) is p:
+                del self.live[p.prefix]
+
+    def join(self, waiting: deque[Request], running: list[Seq], max_sequences: int,
+             max_steps: int) -> tuple[list[Request], list[SharedPrompt]]:
+        """Take waiting requests, in arrival order, while they fit; give each its prompt
+        and its sequences' blocks. Returns them and the prompts to prefill."""
+        cache = self.cache
+        free = cache.free_blocks - sum(growth(s.length, s.req.region, max_steps,
+                                              len(s.blocks)) for s in running)
+        seqs, joined, fresh = len(running), [], dict[tuple, SharedPrompt]()
+        while waiting:
+            r = waiting[0]
+            n, samples = len(r.spec.prompt), r.spec.num_samples
+            if seqs + samples > max_sequences:
+                break
+            p = fresh.get(r.prefix) or (None if r.spec.scores_prompt
+                                        else self.live.get(r.prefix))
+            full, tail = divmod(n, BLOCK)
+            need = (0 if p else blocks_for(n)) + samples * (tail > 0)
+            need += samples * growth(n, r.region, max_steps, blocks_for(n))
+            if need > free - seqs:  # (the headroom) waits for running sequences to end
+                break
+            waiting.popleft()
+            if p is None:
+                blocks = cache.alloc(blocks_for(n))
+                assert blocks is not None
+                p = fresh[r.prefix] = SharedPrompt(r.prefix, blocks)
+                self.live.setdefault(r.prefix, p)
+            p.users += 1
+            r.shared = p
+            r.seqs = []
+            for j in range(samples):
+                own = cache.alloc(1) if tail else []
+                assert own is not None
+                cache.share(p.blocks[:full])
+                r.seqs.append(Seq(r, r.spec.first_index + j, p.blocks[:full] + own))
+            r.open = samples
+            joined.append(r)
+            free -= need
+            seqs += samples
+        return joined, list(fresh.values())
+
+
+def grow(running: list[Seq], cache: KVCache, max_steps: int,
+         grown: list[tuple[Seq, int]]) -> Seq | None:
+    """Give running sequences, oldest request first, the blocks this tick's steps write to
+    (each appended to `grown` with its first new block's index); returns the first that
+    found none free (None: every one has them)."""
+    for s in sorted(running, key=lambda s: s.req.order):
+        want = growth(s.length, s.req.region, max_steps, len(s.blocks))
+        if want and s.stop_reason is None:
+            got = cache.alloc(want)
+            if got is None:
+                return s
+            grown.append((s, len(s.blocks)))
+            s.blocks += got
+    return None
