@@ -5,6 +5,9 @@ what unshared, unpreempted sampling gives with the same seeds."""
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 import torch
 
@@ -22,20 +25,15 @@ EXACT = LONG[: 2 * BLOCK]  # whole blocks: no tail to copy
 def unshared(model, s):
     """Each sample of `s` alone in a batch of its own (its index and seed kept): nothing to
     share with."""
-    out = []
-    for j in range(s.num_samples):
-        one = spec(s.prompt, s.max_tokens, s.slot, temperature=s.temperature, seed=s.seed,
-                   prompt_logprobs=s.prompt_logprobs)
-        one.first_index = s.first_index + j
-        out.append(run_alone(model, one).sequences[0])
-    return out
+    return [run_alone(model, dataclasses.replace(s, num_samples=1, first_index=s.first_index + j)
+                      ).sequences[0] for j in range(s.num_samples)]
 
 
-def assert_same(got, want):
+def assert_same(got, want, atol=1e-5):
     assert [g.tokens for g in got] == [w.tokens for w in want]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
-                                   atol=1e-5, rtol=0)
+                                   atol=atol, rtol=0)
 
 
 def run(batch, steps=4):
@@ -143,3 +141,35 @@ def test_a_request_that_cannot_fit_the_cache_alone_is_refused_by_name(tiny_model
         batch.admit("x", spec(LONG, 64, num_samples=4), None)
     batch.admit("y", spec(LONG, 64, num_samples=2), None)  # 3 prompt + 2 × 3 blocks: fits
     assert run(batch)["y"].sequences[1].tokens
+
+
+def test_a_crowded_cache_under_mixed_traffic_loses_no_block_and_changes_no_answer(tiny_model):
+    """Calls of three prompts (two long, one short) on two adapters and the base model,
+    arriving over many ticks into a cache too small for them all, some stopping early on a
+    stop token: every call is answered as alone, and every block comes back."""
+    model = with_adapters(tiny_model, 1, 2)
+    rng = random.Random(4)
+    prompts = [LONG, EXACT, [7, 8, 9]]
+    calls = {}
+    for i in range(12):
+        calls[i] = spec(rng.choice(prompts), rng.randint(3, 200), rng.choice([0, 1, 2]),
+                        temperature=1.0, seed=i, num_samples=rng.randint(1, 2),
+                        stop_token_ids=[rng.randint(1, 511) for _ in range(2)])
+    batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=20 * BLOCK)
+    results = {}
+    arrivals = sorted(calls, key=lambda i: rng.random())
+    while arrivals or batch.busy:
+        for _ in range(rng.randint(0, 3)):
+            if arrivals:
+                i = arrivals.pop()
+                batch.admit(i, calls[i], adapter_of(model, calls[i].slot))
+        results.update(batch.step(rng.choice([1, 4, 8])))
+        # every block held is one a running sequence or a running call's prompt reaches
+        running = {s.req for s in batch.running}
+        reached = {b for s in batch.running for b in s.blocks} | {
+            b for r in running for b in r.shared.blocks}
+        assert batch.cache.blocks - batch.cache.free_blocks == len(reached)
+    assert sorted(results) == sorted(calls) and batch.preemptions > 0
+    assert batch.cache.free_tokens == batch.cache.capacity and not batch.prompts.live
+    for i, s in calls.items():  # (logprobs: up to 200 steps in batches of other sizes)
+        assert_same(results[i].sequences, unshared(model, s), atol=5e-5)
