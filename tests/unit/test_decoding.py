@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
@@ -14,7 +15,7 @@ from tests.unit.test_executor import fwdbwd_body, job
 from tests.unit.test_sampler import P1, P2, P3, decode, reference_greedy
 from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec
-from workers.sampling import choose
+from workers.sampling import choose, decoding
 from workers.sampling.decoding import RunningBatch
 from workers.sampling.kv_cache import BLOCK, KVCache, slots
 from workers.sampling.sampler import SampleSpec, adapter_of
@@ -164,6 +165,27 @@ def test_fail_all_answers_every_request_once_and_frees_the_cache(tiny_model):
     assert sorted(k for k, _ in failed) == [0, 1, 2]
     assert all(str(e) == "boom" for _, e in failed) and not batch.busy
     assert batch.cache.free_tokens == batch.cache.capacity
+
+
+def test_a_failed_prefill_answers_the_requests_it_took_from_the_queue(tiny_model,
+                                                                    monkeypatch):
+    """The prefill raises (an out-of-memory, say) after its requests left the queue and
+    before they run: fail_all still answers them, and their blocks come back."""
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    batch.admit(0, spec([1, 2, 3], 20), None)
+    batch.step(2)  # request 0 runs
+    for i in (1, 2):
+        batch.admit(i, spec(list(range(1, 40 + i)), 5, num_samples=2), None)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(decoding, "forward", boom)
+    with pytest.raises(RuntimeError):
+        batch.step(2)
+    failed = batch.fail_all(RuntimeError("out of memory"))
+    assert sorted(k for k, _ in failed) == [0, 1, 2] and not batch.busy
+    assert batch.cache.free_tokens == batch.cache.capacity and not batch.prompts.live
 
 
 def test_a_request_keeps_the_weights_it_was_admitted_with(tiny_model):

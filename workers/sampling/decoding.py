@@ -96,6 +96,7 @@ class RunningBatch:
         self.lora = LoraTable(model)
         self.waiting: deque[Request] = deque()
         self.running: list[Seq] = []
+        self.joining: list[Request] = []  # taken from the queue, being prefilled
         self.steady: Steady | None = None  # the running rows' inputs, kept on the device
         self.rng = random.Random()  # seeds of unseeded requests (the same on every TP rank)
         self.graphs = Graphs(self) if cuda_graphs and model.device.type == "cuda" else None
@@ -153,8 +154,10 @@ class RunningBatch:
                 joined, prompts = self._prompts().join(
                     self.waiting, self.running, self.max_num_sequences, max_steps)
                 if joined:
+                    self.joining = joined  # (neither waiting nor running: fail_all's too)
                     self._use_adapters(joined)
                     self._prefill(prompts, joined, done)
+                    self.joining = []
                     self.steady = None
             if self.running:
                 self._grow(max_steps, done)
@@ -338,13 +341,14 @@ class RunningBatch:
 
     def fail_all(self, error: Exception) -> list[tuple[Any, Exception]]:
         """Drop every request (after an unexpected error) and free the cache."""
-        requests = list(self.waiting) + list(dict.fromkeys(s.req for s in self.running))
-        for s in self.running:
-            self._cache().release(s.blocks)
-        for r in requests:
+        requests = list(dict.fromkeys([*self.waiting, *self.joining,
+                                       *(s.req for s in self.running)]))
+        for r in requests:  # a sequence holds its blocks until it stops
+            self._cache().release([b for s in r.seqs if s.stop_reason is None
+                                   for b in s.blocks])
             self._prompts().release(r)
         self.waiting.clear()
-        self.running = []
+        self.joining, self.running = [], []
         self.steady = None
         return [(r.key, error) for r in requests]
 
