@@ -279,7 +279,7 @@ class RunningBatch:
 
     def _collect(self, st: Steady, pending: tuple, done: list[Request]) -> None:
         """Record a step's tokens; a sequence that stops leaves its row idle (it writes to
-        the scratch token) until the rows are rebuilt."""
+        the scratch block) until the rows are rebuilt."""
         tokens, logprobs, ready = pending
         if ready is not None:
             ready.synchronize()

@@ -88,7 +88,7 @@ class Steady:
     """The running rows' decode inputs, kept on the device between steps: each step's tokens
     are fed back and positions advance there, so an unchanged set of rows costs the host no
     tensor building, and the host reads a step's tokens one step late, while the next step
-    runs. A row whose sequence ended idles (reads and writes the scratch token) until
+    runs. A row whose sequence ended idles (reads and writes the scratch block) until
     requests join or half the rows idle; then the rows are rebuilt from the host's state."""
 
     rows: list[Seq | None]
