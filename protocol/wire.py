@@ -263,11 +263,13 @@ def encode_sample_response(
     topk_prompt: tuple[np.ndarray, np.ndarray] | None = None,
     target: tuple[np.ndarray, dict | None] | None = None,
     alt: tuple[np.ndarray, np.ndarray] | None = None,
+    cache_hit_tokens: int = 0,
 ) -> bytes:
     """`topk_prompt` = (token_ids [n, k], logprobs [n, k]) for each prompt position;
     `target` = (logprobs [n-1, K], the request's CSR layout or None: dense);
-    `alt` = (tokens [n-1, k], logprobs [n-1, k])."""
-    msg = pb.SampleResponse()
+    `alt` = (tokens [n-1, k], logprobs [n-1, k]); `cache_hit_tokens`: prompt tokens whose
+    KV the sampler found already computed."""
+    msg = pb.SampleResponse(prompt_cache_hit_tokens=cache_hit_tokens)
     if target is not None:
         msg.target_prompt_logprobs.CopyFrom(_out_tensor(*target))
     if alt is not None:

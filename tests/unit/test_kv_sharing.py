@@ -10,13 +10,14 @@ import random
 
 import pytest
 import torch
+from tinker.proto.response_conv import deserialize_sample_response
 
 from protocol.jobs import UserError
 from tests.unit.test_decoding import run_alone, spec, with_adapters
 from tests.unit.test_sampler import decode
 from workers.sampling.decoding import RunningBatch
 from workers.sampling.kv_cache import BLOCK, blocks_for
-from workers.sampling.sampler import adapter_of
+from workers.sampling.sampler import adapter_of, outcome
 
 LONG = [(13 * i + 5) % 500 + 1 for i in range(2 * BLOCK + 6)]  # 2 full blocks and a tail
 EXACT = LONG[: 2 * BLOCK]  # whole blocks: no tail to copy
@@ -84,6 +85,10 @@ def test_requests_with_one_prompt_and_adapter_share_one_prefill(tiny_model):
     torch.testing.assert_close(torch.tensor(results[2].prompt.logprobs[1:]),
                                torch.tensor(run_alone(model, specs[2]).prompt.logprobs[1:]),
                                atol=1e-5, rtol=0)
+    # the first call of a prompt computed it; the others found it (the SDK's
+    # prompt_cache_hit_tokens)
+    hits = {key: out.prompt.cache_hit_tokens for key, out in results.items()}
+    assert hits == {0: 0, 1: len(LONG), 2: len(LONG), 3: len(LONG), 4: 0, 5: 0}
     assert results[0].prompt.logprobs is None or results[0].prompt.logprobs == []
 
 
@@ -109,6 +114,9 @@ def test_a_call_that_joins_later_shares_the_running_prompt_without_a_prefill(tin
     assert batch.cache.free_tokens == batch.cache.capacity and not batch.prompts.live
     for key, s in (("a", first), ("b", second), ("c", third)):
         assert_same(results[key].sequences, run_alone(model, s).sequences)
+    assert [results[k].prompt.cache_hit_tokens for k in "abc"] == [0, len(LONG), 0]
+    answer = deserialize_sample_response(outcome(results["b"], 0.0).proto)  # as the SDK reads
+    assert answer.prompt_cache_hit_tokens == len(LONG) and answer.sequences[0].logprobs
     torch.testing.assert_close(torch.tensor(results["c"].prompt.logprobs[1:]),
                                torch.tensor(run_alone(model, third).prompt.logprobs[1:]),
                                atol=1e-5, rtol=0)

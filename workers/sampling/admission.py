@@ -81,6 +81,7 @@ class Prompts:
             if need > free - seqs:  # (the headroom) waits for running sequences to end
                 break
             waiting.popleft()
+            r.cache_hits = n if p else 0
             if p is None:
                 blocks = cache.alloc(blocks_for(n))
                 assert blocks is not None

@@ -171,7 +171,9 @@ class RunningBatch:
             seqs = [SampledSeq(s.tokens, s.logprobs, s.stop_reason or "length",
                                sampled_topk(self.model, r.spec, s.tokens)
                                if r.spec.topk_sample_logprobs else None) for s in r.seqs]
-            out.append((r.key, SampleOutput(seqs, r.prompt_out or PromptOut())))
+            prompt = r.prompt_out or PromptOut()
+            prompt.cache_hit_tokens = r.cache_hits
+            out.append((r.key, SampleOutput(seqs, prompt)))
         return out
 
     def _prefill(self, prompts: list[SharedPrompt], joined: list[Request],

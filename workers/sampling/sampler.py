@@ -77,6 +77,7 @@ class PromptOut:
     topk: tuple[np.ndarray, np.ndarray] | None = None  # ids int32, logprobs fp32 [len, k]
     target: tuple[np.ndarray, dict | None] | None = None  # fp32 [len-1, K], the CSR layout
     alt: tuple[np.ndarray, np.ndarray] | None = None  # tokens int64, logprobs fp32 [len-1, k]
+    cache_hit_tokens: int = 0  # prompt tokens found prefilled (a running call's prompt)
 
 
 @dataclass
@@ -190,5 +191,5 @@ def outcome(result: Any, seconds: float) -> Outcome:
                  for s in result.sequences]
     prompt = result.prompt
     proto = encode_sample_response(sequences, prompt.logprobs, prompt.topk, prompt.target,
-                                   prompt.alt)
+                                   prompt.alt, prompt.cache_hit_tokens)
     return Outcome(proto=proto, compute_seconds=seconds)

@@ -31,6 +31,7 @@ class Request:
     seqs: list[Seq] = field(default_factory=list)
     prompt_out: Any = None  # sampler.PromptOut, once the prefill ran
     shared: Any = None  # admission.SharedPrompt: its prompt's blocks, while it runs
+    cache_hits: int = 0  # prompt tokens it found prefilled by another call
     open: int = 0  # sequences still running
 
     @property
