@@ -169,6 +169,13 @@ class State:
                 "want of KV cache blocks (they start again).")
             preempted.add_metric([], batch.preemptions)
             yield preempted
+            prompts = CounterMetricFamily(
+                "tinkerq_sample_prompt_tokens", "Prompt tokens of the calls that joined the "
+                "running batch: prefilled, or shared (found prefilled by another call of the "
+                "same prompt and adapter).", labels=["source"])
+            for source, n in batch.prompt_tokens.items():
+                prompts.add_metric([source], n)
+            yield prompts
         device = ex.model.device
         if device.type == "cuda":
             mem = GaugeMetricFamily("tinkerq_gpu_memory_bytes", "GPU memory: allocated and "

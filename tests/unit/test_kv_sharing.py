@@ -89,6 +89,7 @@ def test_requests_with_one_prompt_and_adapter_share_one_prefill(tiny_model):
     # prompt_cache_hit_tokens)
     hits = {key: out.prompt.cache_hit_tokens for key, out in results.items()}
     assert hits == {0: 0, 1: len(LONG), 2: len(LONG), 3: len(LONG), 4: 0, 5: 0}
+    assert batch.prompt_tokens == {"prefilled": 3 * len(LONG), "shared": 3 * len(LONG)}
     assert results[0].prompt.logprobs is None or results[0].prompt.logprobs == []
 
 

@@ -61,6 +61,10 @@ def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
         assert "tinkerq_tick_seconds" in families
         kv = {s.labels["state"]: s.value for s in families["tinkerq_kv_cache_tokens"].samples}
         assert kv["capacity"] > 0 and kv["used"] == 0  # the sample finished: all free again
+        prompts = {s.labels["source"]: s.value
+                   for s in families["tinkerq_sample_prompt_tokens"].samples
+                   if s.name.endswith("_total")}
+        assert prompts == {"prefilled": 2, "shared": 0}  # SAMPLE's prompt, once
         assert metrics.serve("127.0.0.1", port, engine, lambda: 0) is False  # port taken
     finally:
         for collector in list(REGISTRY._collector_to_names):

@@ -92,6 +92,7 @@ class RunningBatch:
         self.prompts: Prompts | None = None  # the running requests' prompts, with the cache
         self._arrivals = 0  # requests admitted so far: each one's `order`
         self.preemptions = 0  # requests sent back to the queue for want of cache blocks
+        self.prompt_tokens = {"prefilled": 0, "shared": 0}  # joined calls' prompts, so far
         fuse_base_weights(model)
         self.lora = LoraTable(model)
         self.waiting: deque[Request] = deque()
@@ -154,6 +155,9 @@ class RunningBatch:
                 joined, prompts = self._prompts().join(
                     self.waiting, self.running, self.max_num_sequences, max_steps)
                 if joined:
+                    for r in joined:
+                        source = "shared" if r.cache_hits else "prefilled"
+                        self.prompt_tokens[source] += len(r.spec.prompt)
                     self.joining = joined  # (neither waiting nor running: fail_all's too)
                     self._use_adapters(joined)
                     self._prefill(prompts, joined, done)
