@@ -331,6 +331,22 @@ def test_sampling_features(service):
     assert clone._cloned_sampler_id == 1
 
 
+def test_a_group_of_calls_of_one_prompt_shares_its_prefill(service):
+    """The cookbook's RL groups: 16 calls of one prompt, num_samples=1 each, sent at once.
+    The worker prefills the prompt once while calls of it run; the others say so in
+    prompt_cache_hit_tokens. Seeded, each call gets what it gets when sent alone."""
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    prompt = types.ModelInput.from_ints([(97 * i) % 150000 + 200 for i in range(70)])
+    params = [types.SamplingParams(max_tokens=96, temperature=1.0, seed=i, stop=[])
+              for i in range(16)]
+    futures = [sampler.sample(prompt, 1, p) for p in params]
+    answers = [f.result() for f in futures]
+    hits = [a.prompt_cache_hit_tokens for a in answers]
+    assert set(hits) <= {0, 70} and hits.count(70) >= 8, hits
+    alone = sampler.sample(prompt, 1, params[5]).result()
+    assert alone.sequences[0].tokens == answers[5].sequences[0].tokens
+
+
 def test_hostile_checkpoint_names_and_ttls_are_refused(service):
     """Regressions through the SDK: save_state(".") was accepted and replaced the run's whole
     weights/ folder (its other checkpoints' files with it), and a TTL of 10**12 seconds was
