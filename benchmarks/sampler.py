@@ -69,11 +69,11 @@ def adapter_bytes(model: LoraModel, slot: int) -> int:
 
 def run_unfused(model: LoraModel, batch: RunningBatch, b: int, prompt_len: int) -> float:
     """Decode tok/s of `b` one-adapter requests through the unfused step."""
-    batch.fused = False
+    saved, batch.fused = batch.fused, False
     try:
         return timed(model, batch, b, prompt_len, 1)[1]
     finally:
-        batch.fused = True
+        batch.fused = saved
 
 
 def lora_placement(name: str, model: LoraModel, batch: RunningBatch, prompt_len: int,

@@ -11,22 +11,18 @@ import torch
 from workers.sampling import attention_kernels as ak
 from workers.sampling import gemv_kernel as gk
 from workers.sampling import sample_kernels as sk
-from workers.sampling.kv_cache import BLOCK, blocks_for
+from workers.sampling.kv_cache import BLOCK, blocks_for, slots
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def key_slots(table: list[int], used: int) -> list[int]:
-    return [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(used)]
-
-
 def attention_reference(q, k, v, tables, used, scale):
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     group = q.shape[1] // k.shape[1]
     for n, (t, u) in enumerate(zip(tables, used.tolist(), strict=True)):
-        at = torch.tensor(key_slots(t, u), device=q.device)
+        at = torch.tensor(slots(t, 0, u), device=q.device)
         kk = k[at].double().repeat_interleave(group, dim=1)  # [u, Hq, D]
         vv = v[at].double().repeat_interleave(group, dim=1)
         p = torch.softmax(torch.einsum("hd,thd->ht", q[n].double(), kk) * scale, dim=-1)
@@ -70,7 +66,7 @@ def test_attention_reads_a_cache_past_2_31_elements():
     v = torch.zeros_like(k)
     tables = [[blocks - 1, blocks - 2]]  # the last blocks, out of order
     g = torch.Generator(device=CUDA).manual_seed(3)
-    at = torch.tensor(key_slots(tables[0], 2 * BLOCK), device=CUDA)
+    at = torch.tensor(slots(tables[0], 0, 2 * BLOCK), device=CUDA)
     k[at] = torch.randn(2 * BLOCK, kv_heads, dim, generator=g, device=CUDA).bfloat16()
     v[at] = torch.randn(2 * BLOCK, kv_heads, dim, generator=g, device=CUDA).bfloat16()
     q = torch.randn(1, 16, dim, generator=g, device=CUDA).bfloat16()

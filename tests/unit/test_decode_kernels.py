@@ -12,7 +12,7 @@ from workers.sampling import attention_kernels as ak
 from workers.sampling import decode_kernels as dk
 from workers.sampling import epilogue_kernels as ek
 from workers.sampling import gemv_kernel as gk
-from workers.sampling.kv_cache import BLOCK
+from workers.sampling.kv_cache import BLOCK, slots
 from workers.training import fastpath
 
 
@@ -102,7 +102,7 @@ def test_attention_reads_each_rows_blocks_with_grouped_heads(dtype, n_splits):
     q = torch.randn(4, hq, d, generator=g).to(dtype)
     got = ak.attention(q, kc, vc, table, used, 0.25, n_splits)
     for b in range(4):
-        at = [tables[b][t // BLOCK] * BLOCK + t % BLOCK for t in range(int(used[b]))]
+        at = slots(tables[b], 0, int(used[b]))
         k = kc[at].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
         v = vc[at].float().repeat_interleave(hq // hk, 1).transpose(0, 1)
         ref = F.scaled_dot_product_attention(q[b].float()[:, None], k, v, scale=0.25)[:, 0]

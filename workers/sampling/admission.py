@@ -11,8 +11,8 @@ same tick (the logits of every position are not kept).
 
 Admission keeps the cache from running dry within a tick: a request joins when its prompt
 and samples fit beside what every running sequence takes this tick, with a block of
-headroom per sequence. Over longer runs sequences can outgrow the cache; `grow` then names
-the sequence it could not serve and the running batch preempts its youngest request.
+headroom per sequence. Over longer runs sequences can outgrow the cache; when `grow` finds
+no free block, the running batch preempts its youngest request.
 """
 
 from __future__ import annotations
@@ -103,16 +103,17 @@ class Prompts:
 
 
 def grow(running: list[Seq], cache: KVCache, max_steps: int,
-         grown: list[tuple[Seq, int]]) -> Seq | None:
-    """Give running sequences, oldest request first, the blocks this tick's steps write to
-    (each appended to `grown` with its first new block's index); returns the first that
-    found none free (None: every one has them)."""
-    for s in sorted(running, key=lambda s: s.req.order):
+         grown: list[tuple[Seq, int]]) -> bool:
+    """Give running sequences the blocks this tick's steps write to (each appended to
+    `grown` with its first new block's index); False when one found none free. (Who is
+    served first does not matter: a shortage preempts the youngest request whichever
+    sequence met it, and its blocks go back.)"""
+    for s in running:
         want = growth(s.length, s.req.region, max_steps, len(s.blocks))
         if want and s.stop_reason is None:
             got = cache.alloc(want)
             if got is None:
-                return s
+                return False
             grown.append((s, len(s.blocks)))
             s.blocks += got
-    return None
+    return True

@@ -204,18 +204,19 @@ class RunningBatch:
             keys = [p.prefix[1] for p in prompts]
             mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)
             # every position's logits for prompts a request wants scored, else the last's
-            full = [any(r.spec.scores_prompt for r in joined if r.shared is p) for p in prompts]
+            scored = {r.shared for r in joined if r.spec.scores_prompt}
+            full = [p in scored for p in prompts]
             pick = torch.tensor([x for s, e, f in zip(cu[:-1], cu[1:], full, strict=True)
                                  for x in (range(s, e) if f else [e - 1])], device=device)
             logits = forward(model, self.lora, tokens, positions, mask, attend, pick, uniform)
-            k = 0
+            rows_of, k = {}, 0  # each prompt's logits rows
             for p, n, f in zip(prompts, lengths, full, strict=True):
-                rows = n if f else 1
-                for r in joined:
-                    if r.shared is p and r.spec.scores_prompt:
-                        r.prompt_out = prompt_outputs(r.spec, logits[k : k + rows], r.seed)
-                p.last = logits[k + rows - 1].clone()  # (not a view: the rest can go)
-                k += rows
+                rows_of[p] = logits[k : k + (n if f else 1)]
+                p.last = rows_of[p][-1].clone()  # (not a view: the rest can go)
+                k += len(rows_of[p])
+            for r in joined:
+                if r.spec.scores_prompt:
+                    r.prompt_out = prompt_outputs(r.spec, rows_of[r.shared], r.seed)
         src, dst = [], []  # each sequence's own copy of its prompt's part-filled last block
         for r in joined:
             n = len(r.spec.prompt)
@@ -236,7 +237,7 @@ class RunningBatch:
         (its blocks freed; it runs again from its prompt later, and its seeds give it the
         same tokens)."""
         cache, grown, flushed = self._cache(), [], False
-        while admission.grow(self.running, cache, max_steps, grown) is not None:
+        while not admission.grow(self.running, cache, max_steps, grown):
             if not flushed:
                 self._flush(done)
                 flushed = True
@@ -251,7 +252,7 @@ class RunningBatch:
         log.info("sampler KV cache full: request %s (%d sample(s)) goes back to the queue",
                  r.key, len(r.seqs))
         self._cache().release([b for s in r.seqs if s.stop_reason is None for b in s.blocks])
-        self.prompts.release(r)
+        self._prompts().release(r)
         self.running = [s for s in self.running if s.req is not r]
         r.seqs, r.prompt_out, r.open = [], None, 0
         self.waiting.appendleft(r)  # preempted youngest first: the oldest ends up in front

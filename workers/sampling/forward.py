@@ -22,7 +22,7 @@ from workers.model import LoraModel
 from workers.parallel import tp
 from workers.sampling import attention_kernels, epilogue_kernels, gemv_kernel
 from workers.sampling.graphs import DecodeInputs
-from workers.sampling.kv_cache import BLOCK, KVCache
+from workers.sampling.kv_cache import BLOCK, KVCache, slots
 from workers.sampling.lora_table import LoraTable
 from workers.training import fastpath
 
@@ -166,7 +166,7 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KV
     write = x.write_slots()
     kernel = x.tokens.is_cuda and attention_kernels.usable(model.config)
     if not x.tokens.is_cuda:  # per-row attention: each row's key slots
-        rows = [kv_slots(t, u) for t, u in zip(x.table.tolist(), x.used.tolist(), strict=True)]
+        rows = [slots(t, 0, u) for t, u in zip(x.table.tolist(), x.used.tolist(), strict=True)]
 
     def attend(i, q, k, v, scale):
         cache.k[i].index_copy_(0, write, k)
@@ -188,11 +188,6 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KV
         return torch.cat(out)
 
     return forward(model, lora, x.tokens, x.positions, x.mask, attend, uniform=x.uniform)
-
-
-def kv_slots(table: list[int], used: int) -> list[int]:
-    """The cache slots of a row's first `used` keys, from its block table."""
-    return [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(used)]
 
 
 def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

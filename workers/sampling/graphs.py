@@ -70,10 +70,9 @@ class DecodeInputs:
         keys = [s.req.key_of_adapter for s in seqs]
         cols = batch.lora.row_columns(keys)
         max_len = max(s.req.region for s in seqs)
-        table = torch.full((len(seqs), blocks_for(max_len)), batch.cache.scratch_block,
-                           dtype=torch.int32)
-        for row, s in enumerate(seqs):
-            table[row, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        width, scratch = blocks_for(max_len), batch.cache.scratch_block
+        table = torch.tensor([s.blocks + [scratch] * (width - len(s.blocks)) for s in seqs],
+                             dtype=torch.int32)
         host = torch.tensor([[s.tokens[-1], s.length] for s in seqs]).to(device)
         return cls(
             tokens=host[:, 0], positions=host[:, 1], table=table.to(device),
@@ -92,7 +91,6 @@ class Steady:
     requests join or half the rows idle; then the rows are rebuilt from the host's state."""
 
     rows: list[Seq | None]
-    index: dict[Seq, int]  # row of each sequence
     x: DecodeInputs
     alive: torch.Tensor  # [B] int32, 0 for idle rows
     sampling: Sampling | None
@@ -102,8 +100,7 @@ class Steady:
     @classmethod
     def build(cls, batch: Batch) -> Steady:
         rows = list(batch.running)
-        return cls(list(rows), {s: i for i, s in enumerate(rows)},
-                   DecodeInputs.build(rows, batch),
+        return cls(list(rows), DecodeInputs.build(rows, batch),
                    torch.ones(len(rows), dtype=torch.int32, device=batch.model.device),
                    sampling_of(batch.model, rows))
 
@@ -125,8 +122,8 @@ class Steady:
     def extend(self, grown: list[tuple[Seq, int]]) -> None:
         """Write the blocks sequences took into their rows' tables (one host-to-device
         copy); `grown`: (sequence, its first new block's index)."""
-        entries = [(row, col, s.blocks[col]) for s, first in grown
-                   if (row := self.index.get(s)) is not None and self.rows[row] is s
+        index = {s: row for row, s in enumerate(self.rows) if s is not None}
+        entries = [(index[s], col, s.blocks[col]) for s, first in grown if s in index
                    for col in range(first, len(s.blocks))]
         if entries:
             at = torch.tensor(entries, dtype=torch.int64).to(self.x.table.device).T

@@ -3,6 +3,7 @@ block table into the KV cache (kv_cache) and collects its tokens and logprobs.""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ class Request:
         """The most positions a sequence of it writes: prompt + max_tokens."""
         return len(self.spec.prompt) + self.spec.max_tokens
 
-    @property
+    @functools.cached_property
     def prefix(self) -> tuple:
         """What makes two requests' prompts one prefill: the tokens and the adapter."""
         return tuple(self.spec.prompt), self.key_of_adapter
