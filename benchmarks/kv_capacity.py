@@ -13,6 +13,13 @@ the cache held at any tick, i.e. the cache this workload needs to run at once:
   paged       the paged cache (whole blocks: prompts once, growth as written)
   4B GiB      regions and paged in Qwen3-4B's KV bytes (36 layers, 8 KV heads of 128, bf16)
 
+Then a cache too small for the workload (half its sequences fit whole), completions running
+to max_tokens (as random weights give, and as long reasoning does): admission as built,
+which reserves what sequences are expected to write (learnt from those that ended), beside
+the baseline that reserves only a tick's steps (the expected share held at 0): decode steps
+run (sequences × steps, the thrown-away ones of preempted requests included, against the
+steps the answers hold), preemptions, and the most sequences that ran at once.
+
     python -m benchmarks.kv_capacity
 """
 
@@ -26,7 +33,7 @@ import torch
 from tests.conftest import tiny_qwen3_config
 from workers.model import LoraModel
 from workers.sampling.decoding import RunningBatch
-from workers.sampling.kv_cache import BLOCK
+from workers.sampling.kv_cache import BLOCK, blocks_for
 from workers.sampling.sampler import SampleSpec
 
 QWEN3_4B_TOKEN_BYTES = 2 * 36 * 8 * 128 * 2
@@ -58,12 +65,38 @@ def run(model: LoraModel, groups: int, prompt: int, max_tokens: int, stops: int
     return (*peak, sum(lengths) / len(lengths))
 
 
+def overcommit(model: LoraModel, groups: int, prompt: int, max_tokens: int, learn: bool
+               ) -> tuple[int, int, int, int]:
+    """(decode steps run, steps the answers hold, preemptions, most running) for `groups`
+    × 16 never-stopping calls in a cache that holds half of them whole."""
+    rng = random.Random(0)
+    own = blocks_for(prompt + max_tokens) - prompt // BLOCK  # past the shared prompt blocks
+    half = groups * blocks_for(prompt) + 8 * groups * own
+    batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=16 * groups,
+                         kv_tokens=half * BLOCK, cuda_graphs=False, fused=False)
+    for g in range(groups):
+        tokens = [rng.randrange(1, 512) for _ in range(prompt)]
+        for j in range(16):
+            batch.admit((g, j), SampleSpec(tokens, 1, max_tokens, -1, temperature=1.0,
+                                           seed=16 * g + j, stop_at_eos=False), None)
+    if not learn:
+        batch.prompts.expect.share, batch.prompts.expect.WEIGHT = 0.0, 0.0
+    steps, most = 0, 0
+    while batch.busy:
+        running = len(batch.running)
+        batch.step(8)
+        steps += 8 * max(running, len(batch.running))
+        most = max(most, len(batch.running))
+    return steps, 16 * groups * max_tokens, batch.preemptions, most
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--prompt", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--stops", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--overcommit-tokens", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cpu"), torch.float32,
@@ -84,6 +117,16 @@ def main() -> None:
           f"{'regions':>10}{'unshared':>10}{'paged':>9}{'ratio':>9}{'4B GiB':>9}{'paged':>8}")
     for r in rows:
         print(r)
+    print(f"\n{args.groups}×16 calls of max_tokens {args.overcommit_tokens}, never stopping, "
+          f"in a cache for half of them whole")
+    print(f"{'prompt':>7}{'admission':>32}{'decode steps':>14}{'of which kept':>15}"
+          f"{'preemptions':>13}{'most running':>14}")
+    for prompt in args.prompt:
+        for learn, name in ((False, "a tick's steps (baseline)"), (True, "expected length")):
+            steps, kept, preempted, most = overcommit(model, args.groups, prompt,
+                                                      args.overcommit_tokens, learn)
+            print(f"{prompt:>7}{name:>32}{steps:>14,}{100 * kept / steps:>14.0f}%"
+                  f"{preempted:>13}{most:>14}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The paged KV cache: a prompt's blocks shared by the samples of its request and by
 requests with the same prompt and adapter (joining together or later), blocks taken as
-sequences grow, and the youngest request preempted when none are left. Each gives exactly
-what unshared, unpreempted sampling gives with the same seeds."""
+sequences grow, admission reserving what sequences are expected to write, and the youngest
+request preempted when none are left. Each gives exactly what unshared, unpreempted sampling
+gives with the same seeds."""
 
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ def test_a_full_cache_preempts_the_youngest_request_and_it_gets_the_same_answer(
     batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=14 * BLOCK)
     for key, s in specs.items():
         batch.admit(key, s, adapter_of(model, s.slot))
+    batch.prompts.expect.share = 0.0  # as if every earlier sequence had stopped at once
     results, most = {}, 0
     while batch.busy:
         results.update(batch.step(8))
@@ -165,6 +167,7 @@ def test_a_crowded_cache_under_mixed_traffic_loses_no_block_and_changes_no_answe
                         temperature=1.0, seed=i, num_samples=rng.randint(1, 2),
                         stop_token_ids=[rng.randint(1, 511) for _ in range(2)])
     batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_tokens=20 * BLOCK)
+    batch._prompts().expect.share = 0.0  # admission expects short completions: it overcommits
     results = {}
     arrivals = sorted(calls, key=lambda i: rng.random())
     while arrivals or batch.busy:
@@ -182,3 +185,45 @@ def test_a_crowded_cache_under_mixed_traffic_loses_no_block_and_changes_no_answe
     assert batch.cache.free_tokens == batch.cache.capacity and not batch.prompts.live
     for i, s in calls.items():  # (logprobs: up to 200 steps in batches of other sizes)
         assert_same(results[i].sequences, unshared(model, s), atol=5e-5)
+
+
+def rl_wave(model, batch, waves, prompt_len, max_tokens, stops):
+    """`waves` rounds of 4 calls × 4 samples of one prompt each (RL groups), every round
+    sent once the last is answered; the most sequences that ran at once, per round."""
+    rng, most = random.Random(1), []
+    for w in range(waves):
+        prompt = [rng.randrange(1, 511) for _ in range(prompt_len)]
+        for j in range(4):
+            batch.admit((w, j), spec(prompt, max_tokens, -1, temperature=1.0, seed=4 * w + j,
+                                     num_samples=4, stop_token_ids=stops), None)
+        most.append(0)
+        while batch.busy:
+            batch.step(4)
+            most[-1] = max(most[-1], len(batch.running))
+    return most
+
+
+def test_admission_reserves_whole_sequences_for_traffic_that_runs_to_max_tokens(tiny_model):
+    """Completions that never stop: admission reserves each sequence whole (4 blocks of its
+    own and a block of headroom; it learns nothing else from sequences that write all of
+    max_tokens), so none is preempted and no decode step is thrown away. Told that
+    completions stop at once, it admits all 16 where 8 fit whole, and must preempt."""
+    cache = 2 + 40  # the prompt's 2 blocks once, 40 for the sequences
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=cache * BLOCK)
+    assert rl_wave(tiny_model, batch, 3, 2 * BLOCK, 4 * BLOCK, []) == [8, 8, 8]
+    assert batch.preemptions == 0 and batch.prompts.expect.share == 1.0
+    greedy = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=cache * BLOCK)
+    greedy._prompts().expect.share = 0.0  # a block for the tick's steps, one of headroom
+    assert rl_wave(tiny_model, greedy, 1, 2 * BLOCK, 4 * BLOCK, []) == [16]
+    assert greedy.preemptions > 0
+
+
+def test_admission_packs_more_sequences_once_completions_are_seen_to_stop_early(tiny_model):
+    """Completions that end early on a stop token (about one step in 40): as they end, the
+    expected share of max_tokens falls, and later rounds run more sequences at once than
+    whole reservations (8, as above) allow, every block coming back."""
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=42 * BLOCK)
+    stops = random.Random(2).sample(range(1, 511), 12)
+    most = rl_wave(tiny_model, batch, 4, 2 * BLOCK, 4 * BLOCK, stops)
+    assert max(most[1:]) > 8 and batch.prompts.expect.share < 0.7, most
+    assert batch.cache.free_tokens == batch.cache.capacity

@@ -9,14 +9,18 @@ calls with one prompt, as the cookbook's RL loop sends them) needs no prefill at
 request that wants prompt logprobs prefills its own unless its prompt is prefilled in the
 same tick (the logits of every position are not kept).
 
-Admission keeps the cache from running dry within a tick: a request joins when its prompt
-and samples fit beside what every running sequence takes this tick, with a block of
-headroom per sequence. Over longer runs sequences can outgrow the cache; when `grow` finds
-no free block, the running batch preempts its youngest request.
+Admission keeps blocks for what sequences are expected to write (`Expect`): a request joins
+when its prompt and its samples, each grown to the expected length, fit beside every running
+sequence grown to its own (at least this tick's steps), with a block of headroom per
+sequence. The expected length is learnt from the sequences that ended: traffic that stops
+early packs many sequences into the cache, traffic that runs to max_tokens reserves them
+whole (as contiguous regions would) instead of admitting what it must then preempt. When
+`grow` still finds no free block, the running batch preempts its youngest request.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,10 +40,32 @@ class SharedPrompt:
     users: int = 0  # requests that hold it
 
 
-def growth(length: int, region: int, max_steps: int, have: int) -> int:
+def growth(length: int, region: int, max_steps: int, have: int, expected: int = 0) -> int:
     """Blocks a sequence of `length` cached tokens and `have` blocks still needs for a tick
-    of `max_steps` decode steps (and the one extra step after it stops)."""
-    return max(0, blocks_for(min(length + max_steps + 1, region)) - have)
+    of `max_steps` decode steps (and the one extra step after it stops), or to reach
+    `expected` tokens if that is more; never past its `region` (prompt + max_tokens)."""
+    return max(0, blocks_for(min(max(length + max_steps + 1, expected), region)) - have)
+
+
+class Expect:
+    """The share of max_tokens a sequence is expected to generate: a moving average over
+    the sequences that ended (each weighs WEIGHT), 1.0 until one does. A preemption shows
+    it was too low (the short ones of a wave end first) and moves it halfway to 1."""
+
+    WEIGHT = 1 / 32
+
+    def __init__(self) -> None:
+        self.share = 1.0
+
+    def ended(self, generated: int, max_tokens: int) -> None:
+        self.share += self.WEIGHT * (min(1.0, generated / max(1, max_tokens)) - self.share)
+
+    def preempted(self) -> None:
+        self.share += (1.0 - self.share) / 2
+
+    def length(self, r: Request) -> int:
+        """The cached tokens a sequence of `r` is expected to reach."""
+        return len(r.spec.prompt) + math.ceil(self.share * r.spec.max_tokens)
 
 
 class Prompts:
@@ -48,6 +74,7 @@ class Prompts:
     def __init__(self, cache: KVCache):
         self.cache = cache
         self.live: dict[tuple, SharedPrompt] = {}
+        self.expect = Expect()
 
     def release(self, r: Request) -> None:
         """`r` ended or left the batch: its prompt's blocks go once no request holds them."""
@@ -64,9 +91,9 @@ class Prompts:
              max_steps: int) -> tuple[list[Request], list[SharedPrompt]]:
         """Take waiting requests, in arrival order, while they fit; give each its prompt
         and its sequences' blocks. Returns them and the prompts to prefill."""
-        cache = self.cache
-        free = cache.free_blocks - sum(growth(s.length, s.req.region, max_steps,
-                                              len(s.blocks)) for s in running)
+        cache, expect = self.cache, self.expect
+        free = cache.free_blocks - sum(growth(s.length, s.req.region, max_steps, len(s.blocks),
+                                              expect.length(s.req)) for s in running)
         seqs, joined, fresh = len(running), [], dict[tuple, SharedPrompt]()
         while waiting:
             r = waiting[0]
@@ -77,7 +104,7 @@ class Prompts:
                                         else self.live.get(r.prefix))
             full, tail = divmod(n, BLOCK)
             need = (0 if p else blocks_for(n)) + samples * (tail > 0)
-            need += samples * growth(n, r.region, max_steps, blocks_for(n))
+            need += samples * growth(n, r.region, max_steps, blocks_for(n), expect.length(r))
             if need > free - seqs:  # (the headroom) waits for running sequences to end
                 break
             waiting.popleft()

@@ -258,6 +258,7 @@ class RunningBatch:
         self.waiting.appendleft(r)  # preempted youngest first: the oldest ends up in front
         self.steady = None
         self.preemptions += 1
+        self._prompts().expect.preempted()
 
     def _decode_step(self, done: list[Request]) -> None:
         """Launch one step from the device-side inputs, feed its tokens back on the device,
@@ -341,6 +342,7 @@ class RunningBatch:
 
     def _finish(self, s: Seq, done: list[Request]) -> None:
         self._cache().release(s.blocks)
+        self._prompts().expect.ended(len(s.tokens), s.req.spec.max_tokens)
         s.req.open -= 1
         if s.req.open == 0:
             self._prompts().release(s.req)
