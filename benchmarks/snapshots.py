@@ -17,6 +17,12 @@ runs it (Scheduler.schedule → Executor.run → Scheduler.complete).
              and r replayed steps (r = 0, 4, 8, 16): seconds for all 8, and the replay's
              share. r is at most K, so the K = 8 row bounds recovery at the default.
 
+  --variants  where a write slows the tick (on the GPU the 0.6B tick is CPU-bound: 1.9 s of
+             CPU to 0.9 s of GPU time over 4 steps): the same blocks with writers that put the
+             same bytes out as one buffered write of the pinned buffer, as one O_DIRECT write
+             (the disk's DMA reads the pinned buffer: no copy by a CPU), and the real writer
+             with its thread on the machine's last core and the tick's on the first four
+
 The snapshots go to a temporary folder (the page cache holds them when the restore reads
 them back, as it would after a kill on the same host).
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import tempfile
@@ -90,6 +97,46 @@ class _HostOnly(SnapshotWriter):
 
     def _write(self, model_id: str, seq: int, state: checkpoints.TrainingState) -> None:
         pass
+
+
+class _Raw(SnapshotWriter):
+    """Writes the pinned buffer's bytes (rounded down to 4 KiB) as one file, buffered or
+    with O_DIRECT: what putting the bytes out costs the tick, by way of writing them."""
+
+    direct = False
+
+    def _write(self, model_id: str, seq: int, state: checkpoints.TrainingState) -> None:
+        started = time.perf_counter()
+        if self._pinned is None:  # a CPU run: the state's tensors, end to end, page-aligned
+            flat = torch.cat([t.contiguous().view(-1).view(torch.uint8)
+                              for t in state.tensors.values()])
+            self._pinned = torch.frombuffer(mmap.mmap(-1, flat.numel()), dtype=torch.uint8)
+            self._pinned.copy_(flat)
+        data = memoryview(self._pinned.numpy())
+        size = len(data) // 4096 * 4096
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self.direct else 0)
+        fd = os.open(self.root / f"raw-{model_id}", flags)
+        try:
+            done = 0
+            while done < size:
+                done += os.write(fd, data[done:size])
+        finally:
+            os.close(fd)
+        self.written.count += 1
+        self.written.bytes += size
+        self.written.seconds += time.perf_counter() - started
+
+
+class _RawDirect(_Raw):
+    direct = True
+
+
+class _OtherCore(SnapshotWriter):
+    """The writer, its thread on the machine's last core (the tick's on the first four)."""
+
+    def _run(self) -> None:
+        os.sched_setaffinity(0, {os.cpu_count() - 1})
+        super()._run()
 
 
 def sync() -> None:
@@ -161,7 +208,8 @@ def restore(ex: Executor, root, bench: Bench, base: dict[str, int], steps: int) 
     return time.perf_counter() - start
 
 
-def bench_model(name: str, k: int, blocks: int, device: torch.device) -> None:
+def bench_model(name: str, k: int, blocks: int, device: torch.device,
+                variants: bool = False) -> None:
     folder = tempfile.mkdtemp(prefix="tinkerq-snap-")
     settings = load_settings(env={}, data_dir=folder, sample_kv_tokens=2048,
                              max_lora_adapters=RUNS, max_models=2 * RUNS, random_seed=0)
@@ -176,16 +224,23 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device) -> None:
     for _ in range(2):  # warm-up: compiled kernels, allocator
         bench.step()
     assert ex.snapshots.wait_idle(600)
-    times: dict[str, list[float]] = {"off": [], "copy": [], "host": [], "on": []}
-    written_before, writer = ex.snapshots.written.count, ex.snapshots
+    writer = ex.snapshots
+    written_before = writer.written.count
     stand_ins = {"copy": _Dropped(), "host": _HostOnly(writer.root), "on": writer}
+    if variants:
+        writer.root.mkdir(parents=True, exist_ok=True)
+        stand_ins = {"on": writer, "buffered": _Raw(writer.root),
+                     "direct": _RawDirect(writer.root), "other core": _OtherCore(writer.root)}
+        stand_ins["other core"].first_pending = writer.first_pending
+        os.sched_setaffinity(0, set(range(min(4, os.cpu_count() or 1))))
+    times: dict[str, list[float]] = {"off": [], **{mode: [] for mode in stand_ins}}
     for _ in range(blocks):
         for mode in times:
             bench.scheduler.snapshot_every_steps = 0 if mode == "off" else k
             ex.snapshots = stand_ins.get(mode, writer)
             took = sum(bench.step() for _ in range(BLOCK))
             start = time.perf_counter()  # a write still going on is the block's to pay
-            assert ex.snapshots is stand_ins["copy"] or ex.snapshots.wait_idle(600)
+            assert isinstance(ex.snapshots, _Dropped) or ex.snapshots.wait_idle(600)
             times[mode].append((took + time.perf_counter() - start) / BLOCK)
     ex.snapshots = writer
     assert ex.snapshots.wait_idle(600)
@@ -198,13 +253,21 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device) -> None:
     print("| snapshots | s/step (median block) | train tok/s | vs off |")
     print("|---|---|---|---|")
     print(f"| off | {off:.3f} | {tokens / off:,.0f} | baseline |")
-    for mode, what in (("copy", "the tick's device copies only"),
-                       ("host", "device + pinned host copies, no file"), ("on", "on")):
-        t = statistics.median(times[mode])
+    labels = {"copy": "the tick's device copies only",
+              "host": "device + pinned host copies, no file", "on": "on",
+              "buffered": "the same bytes, one buffered write", "direct": "the same bytes, "
+              "one O_DIRECT write", "other core": "on, the writer's thread on another core"}
+    for mode in stand_ins:
+        what, t = labels[mode], statistics.median(times[mode])
         print(f"| {what}, every {k} optim_steps | {t:.3f} | {tokens / t:,.0f} | "
               f"{100 * (t / off - 1):+.1f}% |")
     print(f"writer: {count} snapshots in the timed blocks, {w.bytes / w.count / 2**20:.0f} MiB "
           f"each, {w.seconds / w.count:.2f} s each to write, {w.replaced} replaced unwritten")
+    for mode in ("buffered", "direct", "other core") if variants else ():
+        v = stand_ins[mode].written
+        print(f"{labels[mode]}: {v.count} writes, {v.seconds / max(1, v.count):.3f} s each")
+    if variants:
+        return
 
     # restore: a snapshot of every run now, then 16 more steps recorded for the replay
     base = {}
@@ -239,9 +302,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=load_settings(env={}).snapshot_every_steps)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", action="store_true",
+                        help="time writers that put the bytes out in other ways (no restore)")
     args = parser.parse_args()
     for name in args.model:
-        bench_model(name, args.k, args.blocks, torch.device(args.device))
+        bench_model(name, args.k, args.blocks, torch.device(args.device), args.variants)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

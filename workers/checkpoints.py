@@ -158,14 +158,15 @@ def gather_training_state(model: LoraModel, slot: int, optimizer: AdamState | No
     return packed
 
 
-def write_training_state(path: Path, state: TrainingState) -> int:
-    """Write a gathered state as a training checkpoint folder; returns the bytes written."""
+def write_training_state(path: Path, state: TrainingState, direct: bool = False) -> int:
+    """Write a gathered state as a training checkpoint folder; returns the bytes written.
+    `direct`: its tensors' bytes go out with O_DIRECT where they can (tensorfile.save)."""
     spec, optimizer = state.spec, state.optimizer
 
     def write(folder: Path) -> None:
-        _write_peft(folder, state.tensors, spec, state.base_model)
+        _write_peft(folder, state.tensors, spec, state.base_model, direct)
         if optimizer is not None:
-            tensorfile.save(optimizer.to_tensors(), folder / OPTIMIZER_FILE)
+            tensorfile.save(optimizer.to_tensors(), folder / OPTIMIZER_FILE, direct=direct)
         meta = {
             "rank": spec.rank,
             "alpha": spec.alpha,
@@ -235,8 +236,8 @@ def _writes(model: LoraModel) -> bool:
 
 
 def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], spec: AdapterSpec,
-                base_model: str) -> None:
-    tensorfile.save(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+                base_model: str, direct: bool = False) -> None:
+    tensorfile.save(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"}, direct=direct)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -4,10 +4,10 @@ The executor copies a run's state on its device in the tick (`put`, after the ba
 the scheduler marked in `Plan.snapshots`); this thread brings the copy to a pinned host
 buffer on a CUDA stream of its own (once the tick's stream has made it), writes it as a
 training checkpoint folder (store/snapshots.py says where; workers/tensorfile.py streams the
-bytes), and prunes the run's older snapshots, keeping the
-newest that the database says is usable (`first_pending`). While a run's snapshot waits to
-be written, a newer one of the same run replaces it: memory holds at most one state per run,
-and a slow disk skips snapshots rather than slowing training.
+bytes, with O_DIRECT where the file system has it), and prunes the run's older snapshots,
+keeping the newest that the database says is usable (`first_pending`). While a run's
+snapshot waits to be written, a newer one of the same run replaces it: memory holds at most
+one state per run, and a slow disk skips snapshots rather than slowing training.
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ class SnapshotWriter:
 
     def _write(self, model_id: str, seq: int, state: TrainingState) -> None:
         started = time.perf_counter()
-        size = write_training_state(snapshots.folder(self.root, model_id, seq), state)
+        # (O_DIRECT: the pinned buffer goes to disk by DMA, not by a CPU copy beside the tick)
+        size = write_training_state(snapshots.folder(self.root, model_id, seq), state,
+                                    direct=True)
         took = time.perf_counter() - started
         with self._cond:
             self.written.count += 1
