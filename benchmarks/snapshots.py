@@ -23,8 +23,9 @@ runs it (Scheduler.schedule → Executor.run → Scheduler.complete).
              (the disk's DMA reads the pinned buffer: no copy by a CPU), and the real writer
              with its thread on the machine's last core and the tick's on the first four
 
-The snapshots go to a temporary folder (the page cache holds them when the restore reads
-them back, as it would after a kill on the same host).
+The snapshots go to a temporary folder. Written with O_DIRECT they are not in the page
+cache, so the restore reads them from the disk, as after a reboot (before, it read them
+from memory, as after a kill on the same host).
 
     python -m benchmarks.snapshots --model 0.6b 4b
 """
