@@ -65,6 +65,9 @@ def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
                    for s in families["tinkerq_sample_prompt_tokens"].samples
                    if s.name.endswith("_total")}
         assert prompts == {"prefilled": 2, "shared": 0}  # SAMPLE's prompt, once
+        [share] = families["tinkerq_sample_expected_share"].samples
+        assert share.value == engine.executor.sampling.prompts.expect.share
+        assert 0 < share.value <= 1
         assert metrics.serve("127.0.0.1", port, engine, lambda: 0) is False  # port taken
     finally:
         for collector in list(REGISTRY._collector_to_names):
