@@ -32,6 +32,7 @@ import torch
 
 from tests.conftest import tiny_qwen3_config
 from workers.model import LoraModel
+from workers.sampling.admission import Expect
 from workers.sampling.decoding import RunningBatch
 from workers.sampling.kv_cache import BLOCK, blocks_for
 from workers.sampling.sampler import SampleSpec
@@ -65,6 +66,21 @@ def run(model: LoraModel, groups: int, prompt: int, max_tokens: int, stops: int
     return (*peak, sum(lengths) / len(lengths))
 
 
+class _TickOnly(Expect):
+    """Admission as it was: the expected share held at 0, whatever ends or is preempted."""
+
+    share = 0.0
+
+    def __init__(self) -> None:
+        pass
+
+    def ended(self, generated: int, max_tokens: int) -> None:
+        pass
+
+    def preempted(self) -> None:
+        pass
+
+
 def overcommit(model: LoraModel, groups: int, prompt: int, max_tokens: int, learn: bool
                ) -> tuple[int, int, int, int]:
     """(decode steps run, steps the answers hold, preemptions, most running) for `groups`
@@ -80,7 +96,7 @@ def overcommit(model: LoraModel, groups: int, prompt: int, max_tokens: int, lear
             batch.admit((g, j), SampleSpec(tokens, 1, max_tokens, -1, temperature=1.0,
                                            seed=16 * g + j, stop_at_eos=False), None)
     if not learn:
-        batch.prompts.expect.share, batch.prompts.expect.WEIGHT = 0.0, 0.0
+        batch.prompts.expect = _TickOnly()
     steps, most = 0, 0
     while batch.busy:
         running = len(batch.running)
