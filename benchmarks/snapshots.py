@@ -18,10 +18,10 @@ runs it (Scheduler.schedule → Executor.run → Scheduler.complete).
              share. r is at most K, so the K = 8 row bounds recovery at the default.
 
   --variants  where a write slows the tick (on the GPU the 0.6B tick is CPU-bound: 1.9 s of
-             CPU to 0.9 s of GPU time over 4 steps): the same blocks with writers that put the
-             same bytes out as one buffered write of the pinned buffer, as one O_DIRECT write
-             (the disk's DMA reads the pinned buffer: no copy by a CPU), and the real writer
-             with its thread on the machine's last core and the tick's on the first four
+             CPU to 0.9 s of GPU time over 4 steps): the writer as built (O_DIRECT: the disk's
+             DMA reads the pinned buffer, no copy by a CPU) beside the same writer with plain
+             writes (a CPU copies the bytes into the page cache), and with plain writes from
+             a thread on the machine's last core (the tick's on the first four)
 
 The snapshots go to a temporary folder. Written with O_DIRECT they are not in the page
 cache, so the restore reads them from the disk, as after a reboot (before, it read them
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
 import tempfile
@@ -98,38 +97,6 @@ class _HostOnly(SnapshotWriter):
 
     def _write(self, model_id: str, seq: int, state: checkpoints.TrainingState) -> None:
         pass
-
-
-class _Raw(SnapshotWriter):
-    """Writes the pinned buffer's bytes (rounded down to 4 KiB) as one file, buffered or
-    with O_DIRECT: what putting the bytes out costs the tick, by way of writing them."""
-
-    direct = False
-
-    def _write(self, model_id: str, seq: int, state: checkpoints.TrainingState) -> None:
-        started = time.perf_counter()
-        if self._pinned is None:  # a CPU run: the state's tensors, end to end, page-aligned
-            flat = torch.cat([t.contiguous().view(-1).view(torch.uint8)
-                              for t in state.tensors.values()])
-            self._pinned = torch.frombuffer(mmap.mmap(-1, flat.numel()), dtype=torch.uint8)
-            self._pinned.copy_(flat)
-        data = memoryview(self._pinned.numpy())
-        size = len(data) // 4096 * 4096
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self.direct else 0)
-        fd = os.open(self.root / f"raw-{model_id}", flags)
-        try:
-            done = 0
-            while done < size:
-                done += os.write(fd, data[done:size])
-        finally:
-            os.close(fd)
-        self.written.count += 1
-        self.written.bytes += size
-        self.written.seconds += time.perf_counter() - started
-
-
-class _RawDirect(_Raw):
-    direct = True
 
 
 class _OtherCore(SnapshotWriter):
@@ -230,9 +197,10 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
     stand_ins = {"copy": _Dropped(), "host": _HostOnly(writer.root), "on": writer}
     if variants:
         writer.root.mkdir(parents=True, exist_ok=True)
-        stand_ins = {"on": writer, "buffered": _Raw(writer.root),
-                     "direct": _RawDirect(writer.root), "other core": _OtherCore(writer.root)}
-        stand_ins["other core"].first_pending = writer.first_pending
+        stand_ins = {"on": writer, "buffered": SnapshotWriter(writer.root, direct=False),
+                     "other core": _OtherCore(writer.root, direct=False)}
+        for other in ("buffered", "other core"):
+            stand_ins[other].first_pending = writer.first_pending
         os.sched_setaffinity(0, set(range(min(4, os.cpu_count() or 1))))
     times: dict[str, list[float]] = {"off": [], **{mode: [] for mode in stand_ins}}
     for _ in range(blocks):
@@ -256,15 +224,15 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
     print(f"| off | {off:.3f} | {tokens / off:,.0f} | baseline |")
     labels = {"copy": "the tick's device copies only",
               "host": "device + pinned host copies, no file", "on": "on",
-              "buffered": "the same bytes, one buffered write", "direct": "the same bytes, "
-              "one O_DIRECT write", "other core": "on, the writer's thread on another core"}
+              "buffered": "on, plain (buffered) writes",
+              "other core": "on, plain writes, the writer's thread on another core"}
     for mode in stand_ins:
         what, t = labels[mode], statistics.median(times[mode])
         print(f"| {what}, every {k} optim_steps | {t:.3f} | {tokens / t:,.0f} | "
               f"{100 * (t / off - 1):+.1f}% |")
     print(f"writer: {count} snapshots in the timed blocks, {w.bytes / w.count / 2**20:.0f} MiB "
           f"each, {w.seconds / w.count:.2f} s each to write, {w.replaced} replaced unwritten")
-    for mode in ("buffered", "direct", "other core") if variants else ():
+    for mode in ("buffered", "other core") if variants else ():
         v = stand_ins[mode].written
         print(f"{labels[mode]}: {v.count} writes, {v.seconds / max(1, v.count):.3f} s each")
     if variants:

@@ -176,12 +176,11 @@ class State:
             for source, n in batch.prompt_tokens.items():
                 prompts.add_metric([source], n)
             yield prompts
-            if batch.prompts is not None:
-                yield GaugeMetricFamily(
-                    "tinkerq_sample_expected_share", "The share of max_tokens that admission "
-                    "expects a sequence to generate, learnt from those that ended (1 until "
-                    "one has): the KV cache blocks it keeps for each running sequence.",
-                    value=batch.prompts.expect.share)
+            yield GaugeMetricFamily(  # (the prompts come with the cache)
+                "tinkerq_sample_expected_share", "The share of max_tokens that admission "
+                "expects a sequence to generate, learnt from those that ended (1 until one "
+                "has): the KV cache blocks it keeps for each running sequence.",
+                value=batch.prompts.expect.share)
         device = ex.model.device
         if device.type == "cuda":
             mem = GaugeMetricFamily("tinkerq_gpu_memory_bytes", "GPU memory: allocated and "

@@ -38,8 +38,12 @@ class Written:
 
 
 class SnapshotWriter:
-    def __init__(self, root: Path, first_pending: Callable[[str], int | None] | None = None):
+    def __init__(self, root: Path, first_pending: Callable[[str], int | None] | None = None,
+                 direct: bool = True):
         self.root = Path(root)
+        # O_DIRECT where it can (tensorfile.save): the pinned buffer goes to disk by DMA, not
+        # by a CPU copy into the page cache beside the tick
+        self.direct = direct
         # the run's first seq_id not settled in the database; None when it cannot be read
         self.first_pending = first_pending
         self.written = Written()
@@ -114,9 +118,8 @@ class SnapshotWriter:
 
     def _write(self, model_id: str, seq: int, state: TrainingState) -> None:
         started = time.perf_counter()
-        # (O_DIRECT: the pinned buffer goes to disk by DMA, not by a CPU copy beside the tick)
         size = write_training_state(snapshots.folder(self.root, model_id, seq), state,
-                                    direct=True)
+                                    direct=self.direct)
         took = time.perf_counter() - started
         with self._cond:
             self.written.count += 1

@@ -82,7 +82,6 @@ def _write_data(f, fd: int | None, groups: list[list[torch.Tensor]], offset: int
         if bulk < data.numel():
             f.seek(offset + bulk)
             data[bulk:].numpy().tofile(f)
-            f.flush()
         offset += data.numel()
     return sent
 
