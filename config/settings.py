@@ -162,6 +162,10 @@ class Settings:
     train_micro_batch_size: int = _opt(
         0, "Tokens per packed micro-batch of a training pass; 0 = sized from free GPU memory."
     )
+    train_share_prefixes: bool = _opt(
+        True, "In a training pass, rows of one model whose first tokens (and targets) agree, "
+        "as the samples of one RL prompt do, run those tokens once (16 or more)."
+    )
     gradient_checkpointing: bool = _opt(
         False, "Recompute each layer's activations in the backward pass (less memory)."
     )

@@ -76,6 +76,7 @@ class Executor:
                                    settings.released_dir)
         self.runs: dict[str, Run] = self.residency.runs  # every run, resident or offloaded
         self.snapshots = SnapshotWriter(settings.snapshot_root)  # rank 0's is the one that writes
+        model.share_prefixes = settings.train_share_prefixes
         self.trainer = Trainer(model, settings.train_micro_batch_size,
                                settings.loss_chunk_tokens, settings.gradient_checkpointing)
         self.sampling = RunningBatch(model, decode, eos_token_ids,

@@ -83,6 +83,7 @@ class LoraModel:
         params = inspect.signature(self.hf.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.fast = fastpath.supported(self.hf)  # packed passes through workers.training.fastpath
+        self.share_prefixes = True  # fast packed passes run a prefix rows share once
         self.tp: tp.TP | None = None  # set by tp.apply_tp
         self.dp: DP | None = None  # this replica, under data parallelism (Executor.build)
         self.rank = 0  # the worker's rank this model lives in: rank 0 alone writes files
@@ -242,7 +243,8 @@ class LoraModel:
         `prepare`, if given, first receives every row's log-probs (no gradient), for losses
         that need a whole row's before any token's (`row_loss` runs after it).
         """
-        pack = packed.make_pack(tokens, targets, slots, self.device)
+        pack = packed.make_pack(tokens, targets, slots, self.device,
+                                share=self.fast and self.share_prefixes)
         trains = [t and s in self.adapters for s, t in zip(slots, trains, strict=True)]
         train_slots = list(dict.fromkeys(s for s, t in zip(slots, trains, strict=True) if t))
         lm_head = self.layers["lm_head"]

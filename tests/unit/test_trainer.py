@@ -221,3 +221,60 @@ def test_top_k_cross_entropy_beside_plain_rows_matches_log_softmax():
     for s in (0, 1, 3):
         for a, p in zip(got[s], model.adapter_parameters(s), strict=True):
             torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _group_rows():
+    """An RL-like batch: 4 samples of one 20-token prompt on slot 0 (one repeats another's
+    first completion token, so it shares 21 positions), the same prompt on slot 1 (shares
+    only with slot 1's other row), and rows too short to share."""
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, 90, (20,), generator=g).tolist()
+    rows, slots = [], []
+    for slot, n in ((0, 4), (1, 2)):
+        for j in range(n):
+            completion = torch.randint(1, 90, (5 + 3 * j,), generator=g).tolist()
+            rows.append(prompt + completion)
+            slots.append(slot)
+    rows[2][20] = rows[0][20]  # sample 2 starts as sample 0 did
+    rows += [[1, 2, 3, 4], prompt[:10] + [5]]
+    slots += [0, 0]
+    return [r[:-1] for r in rows], [r[1:] for r in rows], slots
+
+
+def _weighted(row, offset, lp):  # a different weight at every position of every row
+    w = torch.arange(offset, offset + len(lp), dtype=lp.dtype, device=lp.device) * 0.1 + row
+    return -w * lp
+
+
+def test_rows_sharing_a_prompt_run_it_once_with_the_same_numbers():
+    model = model_with([0, 1])
+    tokens, targets, slots = _group_rows()
+    pack = packed.make_pack(tokens, targets, slots, torch.device("cpu"), share=True)
+    # rows 1-3 share 19 positions with row 0 (row 2: 20), row 5 19 with row 4; none across slots
+    assert pack.shared_tokens == 19 + 20 + 19 + 19
+    assert pack.num_tokens == sum(map(len, tokens)) - pack.shared_tokens
+    results = {}
+    for share in (False, True):
+        model.share_prefixes = share
+        results[share] = model.packed_pass(tokens, targets, slots, [True] * len(slots),
+                                           _weighted, chunk_tokens=7, checkpoint_layers=share)
+    plain, shared = results[False], results[True]
+    for a, b in zip(plain.logprobs + plain.losses, shared.logprobs + shared.losses,
+                    strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for s in (0, 1):  # summed in another order (the shared keys' gradients): fp32 rounding
+        for a, b in zip(plain.grads[s], shared.grads[s], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+def test_a_prefix_is_shared_only_where_tokens_and_targets_agree():
+    prompt = list(range(1, 31))
+    tokens = [prompt + [40, 41], prompt + [50], prompt[:25] + [9] + prompt[26:]]
+    targets = [t[1:] + [0] for t in tokens]
+    targets[1][17] = 77  # row 1's targets part from row 0's at position 17
+    pack = packed.make_pack(tokens, targets, [0, 0, 0], torch.device("cpu"), share=True)
+    assert pack.views[1] == [(0, 17, 0), (32, 46, 17)]  # row 1 keeps positions 17..
+    assert pack.views[2] == [(0, 24, 0), (46, 52, 24)]  # token 25 differs: so does target 24
+    assert pack.positions[32].item() == 17 and pack.kv_index is not None
+    assert packed.make_pack(tokens, targets, [0, 0, 0], torch.device("cpu")).kv_index is None

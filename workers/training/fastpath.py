@@ -118,29 +118,49 @@ def supported(hf: torch.nn.Module) -> bool:
 
 # --- attention ------------------------------------------------------------------------------
 class VarlenAttention:
-    """Causal attention inside each sequence of a packed stream."""
+    """Causal attention inside each sequence of a packed stream. With `kv_index`, row r's
+    keys are the stream positions kv_index[cu_keys[r]:cu_keys[r + 1]] (a shared prefix of
+    another row's, then its own) and its queries the last of them: causal from the bottom
+    right, as flash attention aligns it."""
 
-    def __init__(self, cu_seqlens: list[int], device: torch.device):
-        self.cu = cu_seqlens
+    def __init__(self, cu_seqlens: list[int], device: torch.device,
+                 cu_keys: list[int] | None = None, kv_index: torch.Tensor | None = None):
+        self.cu, self.cu_k = cu_seqlens, cu_keys or cu_seqlens
+        self.kv_index = kv_index
         self.cu_tensor = torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
-        self.max_len = max(e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True))
+        self.cu_k_tensor = (self.cu_tensor if kv_index is None else
+                            torch.tensor(self.cu_k, dtype=torch.int32, device=device))
+        self.max_len = _longest(self.cu)
+        self.max_k = _longest(self.cu_k)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D]."""
+        if self.kv_index is not None:  # differentiable: the shared keys sum their gradients
+            k, v = k.index_select(0, self.kv_index), v.index_select(0, self.kv_index)
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             return torch.ops.aten._flash_attention_forward(
-                q, k, v, self.cu_tensor, self.cu_tensor, self.max_len, self.max_len, 0.0,
+                q, k, v, self.cu_tensor, self.cu_k_tensor, self.max_len, self.max_k, 0.0,
                 True, False, scale=scale,
             )[0]
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D]
-        out = [F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e],
-                                              v[None, :, s:e], is_causal=True, scale=scale)[0]
-               for s, e in zip(self.cu[:-1], self.cu[1:], strict=True)]
+        out = []
+        for s, e, ks, ke in zip(self.cu[:-1], self.cu[1:], self.cu_k[:-1], self.cu_k[1:],
+                                strict=True):
+            extra = (ke - ks) - (e - s)  # keys before the row's first query
+            mask = (None if extra == 0 else
+                    torch.ones(e - s, ke - ks, dtype=torch.bool, device=q.device).tril(extra))
+            out.append(F.scaled_dot_product_attention(
+                q[None, :, s:e], k[None, :, ks:ke], v[None, :, ks:ke], attn_mask=mask,
+                is_causal=mask is None, scale=scale)[0])
         return torch.cat(out, dim=1).transpose(0, 1)
+
+
+def _longest(cu: list[int]) -> int:
+    return max(e - s for s, e in zip(cu[:-1], cu[1:], strict=True))
 
 
 # --- one decoder layer ------------------------------------------------------------------------

@@ -11,6 +11,15 @@ at each sequence; attention is causal inside each sequence and never crosses int
     pack active it runs one scaled-dot-product call per sequence, otherwise it is plain
     SDPA (the sampler's padded, cached batches go through it unchanged).
 
+Shared prefixes (`make_pack(..., share=True)`, the fast path only): a row whose first L
+tokens and targets equal those of an earlier row of the same adapter (the samples of one RL
+prompt) is laid down without them. Its tokens attend to the earlier row's keys for those
+positions (the attention's keys are gathered per row, `Pack.kv_index`), its positions go on
+from L, and its log-probs and losses for them are read off the earlier row's (`Pack.views`),
+so the shared tokens run through the layers and the LM head once. Gradients are those of
+the unshared pass: each row's loss at a shared position is its own function of the one
+log-prob there, and the shared keys collect every row's attention gradient.
+
 The loss side (`fused_head`) never holds the whole [T, vocab] logits: the LM head,
 log-softmax, target gather, loss and that chunk's backward run `chunk_tokens` positions at
 a time.
@@ -39,42 +48,114 @@ _active: list[list[int]] = []  # the cu_seqlens of the pack being run (a stack o
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+MIN_SHARED = 16  # shorter common prefixes are recomputed: gathering keys costs more
+
+
 @dataclass
 class Pack:
     """Sequences laid end to end. `order[i]` = index in the caller's list of packed row i."""
 
     tokens: torch.Tensor  # [T] long
     targets: torch.Tensor  # [T] long
-    positions: torch.Tensor  # [T] long, 0.. per sequence
+    positions: torch.Tensor  # [T] long, 0.. per sequence (L.. for a row that shares L)
     cu_seqlens: list[int]  # [N + 1] sequence boundaries in the stream
     segments: list[tuple[int, int, int]]  # (slot, start, end): one token run per adapter
     segment_ends: torch.Tensor  # [len(segments)] int32 on the device (grouped LoRA matmuls)
     order: list[int]
+    # per packed row, its positions in row order: (stream start, stream end, offset in the row)
+    views: list[list[tuple[int, int, int]]]
+    cu_keys: list[int]  # [N + 1] boundaries of each row's keys (= cu_seqlens: no sharing)
+    kv_index: torch.Tensor | None  # [keys] stream position of each key; None: no sharing
 
     @property
     def num_tokens(self) -> int:
         return self.cu_seqlens[-1]
 
+    @property
+    def shared_tokens(self) -> int:
+        """Row positions not in the stream: read off another row's."""
+        return sum(v[-1][2] for v in self.views)
+
 
 def make_pack(
-    tokens: list[list[int]], targets: list[list[int]], slots: list[int], device: torch.device
+    tokens: list[list[int]], targets: list[list[int]], slots: list[int], device: torch.device,
+    share: bool = False,
 ) -> Pack:
-    order = sorted(range(len(tokens)), key=lambda i: slots[i])  # stable: keeps request order
+    """The stream of the rows, sorted by slot. `share`: a row drops a prefix it has in
+    common with an earlier row of its slot (tokens and targets, at least MIN_SHARED)."""
+    shares = _shared_prefixes(tokens, targets, slots) if share else {}
+    sharers: dict[int, list[int]] = {}
+    for c, (p, _) in shares.items():
+        sharers.setdefault(p, []).append(c)
+    order = []
+    for i in sorted(range(len(tokens)), key=lambda i: slots[i]):  # stable: request order
+        if i not in shares:  # a row that shares comes right after the row it shares with
+            order += [i, *sharers.get(i, [])]
+    skip = [shares[i][1] if i in shares else 0 for i in order]
     cu, segments = [0], []
-    for i in order:
+    for k, i in enumerate(order):
         start = cu[-1]
-        cu.append(start + len(tokens[i]))
+        cu.append(start + len(tokens[i]) - skip[k])
         if segments and segments[-1][0] == slots[i]:
             segments[-1] = (slots[i], segments[-1][1], cu[-1])
         else:
             segments.append((slots[i], start, cu[-1]))
+    packed_index = {i: k for k, i in enumerate(order)}
+    views = []
+    for k, i in enumerate(order):
+        own = (cu[k], cu[k + 1], skip[k])
+        if i in shares:
+            p = cu[packed_index[shares[i][0]]]
+            views.append([(p, p + skip[k], 0), own])
+        else:
+            views.append([own])
+    cu_keys, kv_index = cu, None
+    if shares:
+        ranges = [torch.arange(s, e) for v in views for s, e, _ in v]
+        kv_index = torch.cat(ranges).to(device)
+        cu_keys = [0]
+        for v in views:
+            cu_keys.append(cu_keys[-1] + sum(e - s for s, e, _ in v))
 
     def stream(rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor([t for i in order for t in rows[i]], dtype=torch.long, device=device)
+        return torch.tensor([t for k, i in enumerate(order) for t in rows[i][skip[k]:]],
+                            dtype=torch.long, device=device)
 
-    positions = torch.cat([torch.arange(len(tokens[i])) for i in order]).to(device)
+    positions = torch.cat([torch.arange(skip[k], len(tokens[i]))
+                           for k, i in enumerate(order)]).to(device)
     return Pack(stream(tokens), stream(targets), positions, cu, segments,
-                segment_ends(segments, device), order)
+                segment_ends(segments, device), order, views, cu_keys, kv_index)
+
+
+def _shared_prefixes(tokens, targets, slots) -> dict[int, tuple[int, int]]:
+    """row -> (earlier row of its slot, length of the prefix they share), for the rows that
+    share at least MIN_SHARED positions; a row that shares is never shared with (one level),
+    and keeps at least its last position."""
+    heads: dict[tuple, list[int]] = {}  # (slot, first MIN_SHARED tokens) -> rows shared with
+    shares = {}
+    for i in range(len(tokens)):
+        if len(tokens[i]) <= MIN_SHARED:
+            continue
+        key = (slots[i], tuple(tokens[i][:MIN_SHARED]))
+        best, length = -1, 0
+        for p in heads.get(key, []):
+            n = _common_length(tokens[p], tokens[i], targets[p], targets[i])
+            if n > length:
+                best, length = p, n
+        length = min(length, len(tokens[i]) - 1)
+        if length >= MIN_SHARED:
+            shares[i] = (best, length)
+        else:
+            heads.setdefault(key, []).append(i)
+    return shares
+
+
+def _common_length(a: list, b: list, ya: list, yb: list) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k] and ya[k] == yb[k]:
+        k += 1
+    return k
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -150,7 +231,8 @@ def _fast_hidden_states(body, router: LoraRouter, pack: Pack, checkpoint_layers:
     h = body.embed_tokens(pack.tokens)  # [T, H]
     cos, sin = body.rotary_emb(h[None], pack.positions[None])
     cos, sin = cos[0], sin[0]  # [T, D]
-    attention = fastpath.VarlenAttention(pack.cu_seqlens, h.device)
+    attention = fastpath.VarlenAttention(pack.cu_seqlens, h.device, pack.cu_keys,
+                                         pack.kv_index)
     for layer in body.layers:
         h = _maybe_checkpoint(checkpoint_layers, _run_fast_layer, layer, h, cos, sin, attention,
                               pack, router)
@@ -197,7 +279,6 @@ def fused_head(
     any_train = any(trains)
     grad_h = torch.zeros_like(h) if any_train else None
     head_grads: dict[int, torch.Tensor] = {}
-    cu = pack.cu_seqlens
     for start in range(0, pack.num_tokens, chunk_tokens):
         end = min(start + chunk_tokens, pack.num_tokens)
         segments = [(slot, max(s, start) - start, min(e, end) - start)
@@ -206,17 +287,17 @@ def fused_head(
         total = None
         with torch.set_grad_enabled(any_train):
             lp = chunk_logprobs(lm_head, hc, pack.targets[start:end], segments)
-            for k in range(n_rows):
-                s, e = max(cu[k], start), min(cu[k + 1], end)
-                if s >= e:
-                    continue
-                i = pack.order[k]
-                piece = lp[s - start : e - start]
-                loss = row_loss(i, s - cu[k], piece)
-                lp_parts[k].append(piece.detach())
-                loss_parts[k].append(loss.detach())
-                if trains[i]:
-                    total = loss.sum() if total is None else total + loss.sum()
+            for k, i in enumerate(pack.order):
+                for vs, ve, offset in pack.views[k]:  # a row's views are in stream order
+                    s, e = max(vs, start), min(ve, end)
+                    if s >= e:
+                        continue
+                    piece = lp[s - start : e - start]
+                    loss = row_loss(i, offset + s - vs, piece)
+                    lp_parts[k].append(piece.detach())
+                    loss_parts[k].append(loss.detach())
+                    if trains[i]:
+                        total = loss.sum() if total is None else total + loss.sum()
         if total is not None and total.requires_grad:
             grads = torch.autograd.grad(total, [hc, *head_params], allow_unused=True)
             if grads[0] is not None and grad_h is not None:
@@ -244,10 +325,9 @@ def head_logprobs(lm_head, h: torch.Tensor, pack: Pack, chunk_tokens: int
             for s, e in ((s, min(s + chunk_tokens, pack.num_tokens))
                          for s in range(0, pack.num_tokens, chunk_tokens))
         ]).float()
-    cu = pack.cu_seqlens
     out: list[torch.Tensor] = [torch.empty(0)] * len(pack.order)
     for k, i in enumerate(pack.order):
-        out[i] = lp[cu[k]:cu[k + 1]]
+        out[i] = torch.cat([lp[s:e] for s, e, _ in pack.views[k]])
     return out
 
 

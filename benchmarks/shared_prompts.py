@@ -1,0 +1,122 @@
+"""Training on RL groups: the samples of one prompt run it once (train_share_prefixes) or
+each runs it again.
+
+Qwen3 shapes with random bf16 weights, one LoRA adapter of rank 32. A tick is one
+forward_backward of G groups x 16 samples: a prompt of P tokens and completions of C tokens
+each, with importance_sampling's inputs as the cookbook sends them (zero advantage on the
+prompt), run through the engine's Trainer in micro-batches of 8 sequences (8 x (P + C)
+tokens, as benchmarks/device_rl.sh runs the recipe). Off and on alternate in one process;
+the table gives row tokens a second (every datum's tokens, shared or not), the tokens the
+layers ran and the speed-up. The recipe's shape is P=64, C=1024: at most 15/16 x 63/1088
+= 5.4% of its tokens can be shared; longer prompts share more.
+
+    python -m benchmarks.shared_prompts --model 4b --shapes 64x1024 512x512 1024x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np
+import torch
+
+from benchmarks.engine_train import VOCAB, qwen3_config
+from protocol.wire import FwdBwdRequest, WireDatum
+from workers.model import AdapterSpec, LoraModel
+from workers.training import fastpath, packed
+from workers.training.trainer import Trainer, TrainJob
+
+SAMPLES, RANK, PER_MICRO = 16, 32, 8
+
+
+def group_job(groups: int, prompt: int, completion: int, seed: int = 0) -> TrainJob:
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(groups):
+        head = rng.integers(0, VOCAB, prompt)
+        for _ in range(SAMPLES):
+            seq = np.concatenate([head, rng.integers(0, VOCAB, completion)])
+            n = len(seq) - 1
+            advantages = np.zeros(n, np.float32)
+            advantages[prompt - 1:] = rng.normal()
+            data.append(WireDatum(seq[:-1], {
+                "target_tokens": seq[1:], "advantages": advantages,
+                "logprobs": rng.uniform(-12, -10, n).astype(np.float32)}))
+    return TrainJob(FwdBwdRequest("m", 1, "importance_sampling", {}, False, data), {}, 0)
+
+
+def ran_tokens(job: TrainJob, micro: int) -> int:
+    """Tokens the layers run with sharing on: each micro-batch's pack."""
+    rows = [d.tokens.tolist() for d in job.request.data]
+    targets = [d.inputs["target_tokens"].tolist() for d in job.request.data]
+    total = 0
+    for start in range(0, len(rows), micro):
+        part = slice(start, start + micro)
+        total += packed.make_pack(rows[part], targets[part], [0] * len(rows[part]),
+                                  torch.device("cpu"), share=True).num_tokens
+    return total
+
+
+def timed_pair(model: LoraModel, trainer: Trainer, job: TrainJob, repeats: int) -> dict:
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for k in range(repeats + 1):  # the first round warms both up
+        for share in (False, True):
+            model.share_prefixes = share
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = trainer.run([job])[0]
+            end.record()
+            torch.cuda.synchronize()
+            assert result.error is None, result.error
+            for p in model.adapter_parameters(0):
+                p.grad = None
+            if k:
+                times[share].append(start.elapsed_time(end) / 1e3)
+    return {share: float(np.median(t)) for share, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["4b"])
+    parser.add_argument("--shapes", nargs="+", default=["64x1024", "512x512", "1024x256"],
+                        help="PROMPTxCOMPLETION tokens")
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    fastpath.compile_kernels()
+    lines = []
+    for name in args.model:
+        with torch.device("cuda"):
+            hf = __import__("transformers").AutoModelForCausalLM.from_config(
+                qwen3_config(name), dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = LoraModel(hf, torch.device("cuda"))
+        model.add_adapter(0, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(0))
+        for shape in args.shapes:
+            prompt, completion = map(int, shape.split("x"))
+            job = group_job(args.groups, prompt, completion)
+            trainer = Trainer(model, micro_batch_tokens=PER_MICRO * (prompt + completion))
+            seconds = timed_pair(model, trainer, job, args.repeats)
+            rows = sum(len(d.tokens) for d in job.request.data)
+            ran = ran_tokens(job, PER_MICRO)
+            line = (f"{name:>5} {shape:>9} {len(job.request.data):>5}"
+                    f"{rows / seconds[False]:>11.0f}{rows / seconds[True]:>11.0f}"
+                    f"{rows:>9}{ran:>9}{seconds[False] / seconds[True]:>9.3f}x")
+            print(line, flush=True)
+            lines.append(line)
+        del model, hf
+        torch.cuda.empty_cache()
+    print(f"\nRL groups of {SAMPLES}, importance_sampling, LoRA rank {RANK}, micro-batches "
+          f"of {PER_MICRO} sequences, {torch.cuda.get_device_name()}; tok/s = row tokens / s")
+    print(f"{'model':>5} {'PxC':>9} {'rows':>5}{'off tok/s':>11}{'on tok/s':>11}"
+          f"{'tokens':>9}{'ran (on)':>9}{'speed-up':>10}")
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
