@@ -131,6 +131,29 @@ def test_rows_that_end_mid_tick_idle_and_the_rest_match_running_alone(tiny_model
     assert results[5].sequences[0].stop_reason == "stop"
 
 
+def test_a_row_that_ends_at_a_whole_block_idles_beside_longer_running_rows(tiny_model):
+    """Prompt + max_tokens a whole number of blocks (the RL recipe's 64 + 1024): the row that
+    ends first idles while later rows of the same shape run on, and the next steps must not
+    read its table past the end (its last position is one past its blocks). The H100 run of
+    the recipe failed here with a device-side assert."""
+    specs = {"first": spec(list(range(1, 17)), 2 * BLOCK - 16, temperature=1.0, seed=1),
+             "later": spec(list(range(2, 18)), 2 * BLOCK - 16, temperature=1.0, seed=2,
+                           num_samples=3)}
+    batch = RunningBatch(tiny_model, decode, [511], cuda_graphs=False, kv_tokens=4096)
+    batch.admit("first", specs["first"], None)
+    results = dict(batch.step(8) + batch.step(8))
+    batch.admit("later", specs["later"], None)
+    idled = False
+    while batch.busy:
+        results.update(batch.step(8))
+        idled |= batch.steady is not None and 0 < len(batch.running) < len(batch.steady.rows)
+    assert idled and sorted(results) == ["first", "later"]
+    for key, s in specs.items():
+        for got, want in zip(results[key].sequences, run_alone(tiny_model, s).sequences,
+                             strict=True):
+            assert got.tokens == want.tokens
+
+
 def test_the_model_still_trains_after_sampling_with_an_adapter(tiny_model):
     """Sampling lays LoRA factors beside the base weights (under inference_mode); the base
     weights it moves must stay usable by a training pass afterwards."""

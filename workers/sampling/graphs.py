@@ -115,6 +115,9 @@ class Steady:
     def idle(self, rows: list[int], scratch_block: int) -> None:
         for row in rows:
             self.x.table[row] = scratch_block
+            # its own position may be its region's end, past its table when the region is
+            # whole blocks (the step after its last token ran before the host saw it end)
+            self.x.positions[row] = 0
             self.x.used[row] = 1
             self.alive[row] = 0
         self.stale = 2 * sum(s is not None for s in self.rows) <= len(self.rows)
