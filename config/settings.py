@@ -202,6 +202,11 @@ class Settings:
         600.0, "Snapshot a run at its next optim_step once this many seconds have passed since "
         "its last snapshot, whatever snapshot_every_steps says."
     )
+    snapshot_max_duty: float = _opt(
+        0.015, "Snapshots due by snapshot_every_steps wait while the snapshot writer has been "
+        "busy more than this share of the last minute (each second it writes slows a "
+        "CPU-bound tick by most of a second); snapshot_every_s still forces one. 0 = no limit."
+    )
     resend_after_s: float = _opt(
         10.0, "The worker sends again a call of its queue that has waited this long, that it "
         "does not hold and that is not in the broker's queue (its message was lost: a Redis "
@@ -292,6 +297,8 @@ class Settings:
         if self.snapshot_every_steps < 0 or self.snapshot_every_s <= 0:
             raise SettingsError(f"snapshot_every_steps={self.snapshot_every_steps} must be >= 0 "
                                 f"and snapshot_every_s={self.snapshot_every_s} > 0")
+        if not 0 <= self.snapshot_max_duty < 1:
+            raise SettingsError(f"snapshot_max_duty={self.snapshot_max_duty} must be in [0, 1)")
         if self.resend_after_s <= 0 or self.worker_lost_s <= 0:
             raise SettingsError(f"resend_after_s={self.resend_after_s} and worker_lost_s="
                                 f"{self.worker_lost_s} must be above 0")

@@ -58,6 +58,9 @@ class Engine:
         self.scheduler = Scheduler(settings.seq_gap_timeout_s, settings.max_tokens_per_tick,
                                    settings.release_idle_s, settings.snapshot_every_steps,
                                    settings.snapshot_every_s)
+        if settings.snapshot_max_duty > 0:
+            self.scheduler.snapshot_gate = (
+                lambda: executor.snapshots.duty() < settings.snapshot_max_duty)
         # submitted calls, or the ids of models to retire (see `retire`)
         self._inbox: queue.Queue[tuple[Job, Future[Outcome]] | list[str]] = queue.Queue()
         self._futures: dict[str, list[Future[Outcome]]] = {}

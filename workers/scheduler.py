@@ -10,6 +10,7 @@ it is tested on its own); it owns the queue of pending jobs and each model's seq
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.jobs import BARRIER_KINDS, OPENING_KINDS, RESTORE, SAMPLE_KINDS, Job, Outcome
@@ -60,6 +61,9 @@ class Scheduler:
         self.snapshot_every_s = snapshot_every_s
         self._steps_since_snapshot: dict[str, int] = {}
         self._snapshot_at: dict[str, float] = {}
+        # False holds back the snapshots that snapshot_every_steps makes due (the writer is
+        # over its budget: Engine); snapshot_every_s still forces one
+        self.snapshot_gate: Callable[[], bool] = lambda: True
 
     # --- the queue ----------------------------------------------------------------------
     def add(self, job: Job, num_tokens: int = 0) -> None:
@@ -151,8 +155,9 @@ class Scheduler:
            pending job is in `releases` at once.
         9. Snapshots (snapshot_every_steps > 0): a barrier's model is in `snapshots` when the
            barrier opens it (a creation, or a restore that replayed calls), loads weights,
-           or is the snapshot_every_steps-th optim_step since its last snapshot or the first
-           one snapshot_every_s or more after it; at most one such optim_step per tick (the
+           or is the snapshot_every_steps-th (or a later) optim_step since its last snapshot
+           while `snapshot_gate()` allows, or the first one snapshot_every_s or more after
+           it; at most one such optim_step per tick (the
            others are due again at their next optim_step, which spreads the snapshots of
            runs that step together). A barrier runs alone in its model's tick, so the
            snapshot holds exactly the calls up to its seq_id.
@@ -227,7 +232,9 @@ class Scheduler:
             return False
         steps = self._steps_since_snapshot.get(job.model_id, 0) + 1
         since = now - self._snapshot_at.get(job.model_id, now)
-        return steps >= self.snapshot_every_steps or since >= self.snapshot_every_s
+        if since >= self.snapshot_every_s:
+            return True
+        return steps >= self.snapshot_every_steps and self.snapshot_gate()
 
     def _group(self) -> tuple[dict[str, list[Job]], list[Job]]:
         """Pending jobs split into per-model lists and samples."""

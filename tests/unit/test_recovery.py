@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,8 +16,10 @@ from store import snapshots
 from tests.conftest import tiny_qwen3_config
 from tests.unit.test_engine import create_body, start_engine
 from tests.unit.test_executor import fwdbwd_body, job
-from workers.model import LoraModel
+from workers import checkpoints
+from workers.model import AdapterSpec, LoraModel
 from workers.scheduler import Scheduler
+from workers.snapshots import DUTY_WINDOW_S, SnapshotWriter
 
 ADAM = {"adam_params": {"learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                         "weight_decay": 0.01, "grad_clip_norm": 1.0}}
@@ -73,9 +76,10 @@ def trained(tmp_path_factory):
 
 
 def train_two(tmp_path, device: str = "cpu"):
-    """Two runs trained side by side (their calls share ticks), snapshot every 3 steps."""
+    """Two runs trained side by side (their calls share ticks), snapshot every 3 steps
+    (no duty budget: the cadence is asserted below)."""
     engine = start_engine(fresh_model(device), tmp_path, snapshot_every_steps=3,
-                          max_lora_adapters=4)
+                          snapshot_max_duty=0, max_lora_adapters=4)
     work = {m: calls(m, 7) for m in ("a", "bb")}
     for m in work:
         assert engine.submit(job("create_model", create_body(m), m)).result(30).ok
@@ -148,3 +152,40 @@ def test_snapshots_are_written_at_creation_and_every_k_steps_and_pruned(tmp_path
     snapshots.prune(tmp_path, "m", 12)
     assert snapshots.listing(tmp_path, "m") == [8, 12]
     assert snapshots.prune(tmp_path, "m", 5) == []  # 8 is not usable yet: nothing goes
+
+
+def test_due_snapshots_wait_while_the_writer_is_over_its_budget():
+    """snapshot_every_steps makes a snapshot due; the gate (the writer's duty under its
+    budget) holds it back until it opens, and snapshot_every_s forces one through."""
+    scheduler = Scheduler(300, 10_000, snapshot_every_steps=2, snapshot_every_s=100)
+    gate = [True]
+    scheduler.snapshot_gate = lambda: gate[0]
+    marks = []
+    for seq, kind, now, open_ in [(None, "create_model", 0, False), (1, "optim_step", 1, False),
+                                  (2, "optim_step", 2, False), (3, "optim_step", 3, True),
+                                  (4, "optim_step", 4, False), (5, "optim_step", 5, False),
+                                  (6, "optim_step", 120, False)]:
+        gate[0] = open_
+        scheduler.add(j := job(kind, create_body("m") if seq is None else ADAM, "m", seq))
+        j.enqueued_at = now
+        plan = scheduler.schedule(now)
+        marks.append(plan.snapshots == ["m"])
+        scheduler.complete(plan, {j.request_id: Outcome()}, now)
+    # creation (always); 2nd step due but held; 3rd: the gate opens; 5th held; 6th: 117 s
+    assert marks == [True, False, False, True, False, False, True]
+
+
+def test_the_writers_duty_is_its_busy_share_of_the_last_minute(tmp_path):
+    model = fresh_model()
+    model.add_adapter(0, AdapterSpec(rank=4, alpha=8), torch.Generator().manual_seed(0))
+    writer = SnapshotWriter(tmp_path)
+    assert writer.duty() == 0.0
+    state = checkpoints.gather_training_state(model, 0, None, "tiny")
+    before = time.monotonic()
+    writer.put("m", 2, state)
+    assert writer.wait_idle(60)
+    after = time.monotonic()
+    busy = writer.duty(after)
+    assert 0 < busy * DUTY_WINDOW_S <= after - before  # the write's time, within the window
+    assert writer.written.count == 1
+    assert writer.duty(after + DUTY_WINDOW_S + 1) == 0.0  # a minute later it has gone
