@@ -23,6 +23,10 @@ runs it (Scheduler.schedule → Executor.run → Scheduler.complete).
              writes (a CPU copies the bytes into the page cache), and with plain writes from
              a thread on the machine's last core (the tick's on the first four)
 
+  --budget   the default policy beside the rest: snapshots due every K held back while
+             the writer was busy more than snapshot_max_duty of the last minute (its own
+             writer, blocks 4x as long), with the share of its blocks' time the writer took
+
 The snapshots go to a temporary folder. Written with O_DIRECT they are not in the page
 cache, so the restore reads them from the disk, as after a reboot (before, it read them
 from memory, as after a kill on the same host).
@@ -177,7 +181,7 @@ def restore(ex: Executor, root, bench: Bench, base: dict[str, int], steps: int) 
 
 
 def bench_model(name: str, k: int, blocks: int, device: torch.device,
-                variants: bool = False) -> None:
+                variants: bool = False, budget: bool = False) -> None:
     folder = tempfile.mkdtemp(prefix="tinkerq-snap-")
     settings = load_settings(env={}, data_dir=folder, sample_kv_tokens=2048,
                              max_lora_adapters=RUNS, max_models=2 * RUNS, random_seed=0)
@@ -202,15 +206,24 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
         for other in ("buffered", "other core"):
             stand_ins[other].first_pending = writer.first_pending
         os.sched_setaffinity(0, set(range(min(4, os.cpu_count() or 1))))
+    if budget:  # the default policy: K, held back while the writer is over its duty
+        stand_ins["budget"] = SnapshotWriter(writer.root)
+        stand_ins["budget"].first_pending = writer.first_pending
     times: dict[str, list[float]] = {"off": [], **{mode: [] for mode in stand_ins}}
     for _ in range(blocks):
         for mode in times:
             bench.scheduler.snapshot_every_steps = 0 if mode == "off" else k
             ex.snapshots = stand_ins.get(mode, writer)
-            took = sum(bench.step() for _ in range(BLOCK))
+            gated = mode == "budget"
+            bench.scheduler.snapshot_gate = (  # (its own writer: only its writes count)
+                lambda: stand_ins["budget"].duty() < settings.snapshot_max_duty
+            ) if gated else (lambda: True)
+            took = sum(bench.step() for _ in range(BLOCK * (4 if gated else 1)))
             start = time.perf_counter()  # a write still going on is the block's to pay
             assert isinstance(ex.snapshots, _Dropped) or ex.snapshots.wait_idle(600)
-            times[mode].append((took + time.perf_counter() - start) / BLOCK)
+            times[mode].append((took + time.perf_counter() - start) / (BLOCK * (4 if gated
+                                                                                else 1)))
+    budget_time = BLOCK * 4 * sum(times.get("budget", []))
     ex.snapshots = writer
     assert ex.snapshots.wait_idle(600)
     w = ex.snapshots.written
@@ -225,7 +238,9 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
     labels = {"copy": "the tick's device copies only",
               "host": "device + pinned host copies, no file", "on": "on",
               "buffered": "on, plain (buffered) writes",
-              "other core": "on, plain writes, the writer's thread on another core"}
+              "other core": "on, plain writes, the writer's thread on another core",
+              "budget": f"on, held back above {100 * settings.snapshot_max_duty:.1f}% writer "
+                        f"duty (the default; blocks of {4 * BLOCK} steps)"}
     for mode in stand_ins:
         what, t = labels[mode], statistics.median(times[mode])
         print(f"| {what}, every {k} optim_steps | {t:.3f} | {tokens / t:,.0f} | "
@@ -235,6 +250,12 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
     for mode in ("buffered", "other core") if variants else ():
         v = stand_ins[mode].written
         print(f"{labels[mode]}: {v.count} writes, {v.seconds / max(1, v.count):.3f} s each")
+    if budget:
+        v = stand_ins["budget"].written
+        print(f"{labels['budget']}: {v.count} writes, the writer busy "
+              f"{100 * v.seconds / budget_time:.1f}% of those blocks' time (the budget: "
+              f"{100 * settings.snapshot_max_duty:.1f}% of the last minute, which the "
+              "interleaved blocks without its writes make easier to meet)")
     if variants:
         return
 
@@ -273,9 +294,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", action="store_true",
                         help="time writers that put the bytes out in other ways (no restore)")
+    parser.add_argument("--budget", action="store_true",
+                        help="add the default policy: K held back by the writer's duty budget")
     args = parser.parse_args()
     for name in args.model:
-        bench_model(name, args.k, args.blocks, torch.device(args.device), args.variants)
+        bench_model(name, args.k, args.blocks, torch.device(args.device), args.variants,
+                    args.budget)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
