@@ -10,7 +10,7 @@ FLOP utilisation (4 x matmul parameters x tokens: the base model's forward and t
 activations' backward, LoRA and attention left out, over the card's dense bf16 rate; only
 for the cards in PEAK_TFLOPS). Read at each scrape (`State`): the calls waiting in the
 engine by kind and in the broker, the training runs resident, offloaded and released, the
-running batch's sequences and KV cache, and the GPU's memory.
+snapshot writer's duty, the running batch's sequences and KV cache, and the GPU's memory.
 
 Times are the host's: a phase ends when its results are on the host, which the training and
 decode phases wait for.
@@ -151,6 +151,10 @@ class State:
                          ("released", len(res.released)), ("sampler", len(res.samplers))):
             runs.add_metric([state], n)
         yield runs
+        yield GaugeMetricFamily(
+            "tinkerq_snapshot_writer_duty", "The share of the last minute the snapshot writer "
+            "spent writing runs' states; snapshots that snapshot_every_steps makes due wait "
+            "while it is above snapshot_max_duty.", value=ex.snapshots.duty())
         batch = ex.sampling
         seqs = GaugeMetricFamily("tinkerq_sample_sequences", "Sample sequences decoding "
                                  "(running) and requests waiting to join.", labels=["state"])

@@ -49,6 +49,7 @@ def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
     engine = start_engine(tiny_model, tmp_path)
     assert engine.submit(job("create_model", create_body("a"), "a")).result(10).ok
     assert engine.submit(job("sample", SAMPLE, rid="s1")).result(30).ok  # the KV cache is made
+    assert engine.executor.snapshots.wait_idle(30)  # the creation's snapshot is written
     port = free_port()
     assert metrics.serve("127.0.0.1", port, engine, lambda: 7)
     try:
@@ -68,6 +69,8 @@ def test_a_scrape_reads_the_engine_and_parses(tiny_model, tmp_path):
         [share] = families["tinkerq_sample_expected_share"].samples
         assert share.value == engine.executor.sampling.prompts.expect.share
         assert 0 < share.value <= 1
+        [duty] = families["tinkerq_snapshot_writer_duty"].samples
+        assert 0 < duty.value < 0.5  # the creation's snapshot, a moment of the last minute
         assert metrics.serve("127.0.0.1", port, engine, lambda: 0) is False  # port taken
     finally:
         for collector in list(REGISTRY._collector_to_names):
