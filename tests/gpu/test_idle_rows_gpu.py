@@ -34,7 +34,7 @@ def _run(model, arrivals):
 def test_a_row_ending_at_a_whole_block_beside_running_rows_on_graphs():
     model = LoraModel.from_config(tiny_qwen3_config(), torch.device("cuda"), torch.float32,
                                   seed=0)
-    shape = {"temperature": 1.0}
+    shape = {"temperature": 0.0}  # greedy: a batch's fp32 rounding flips no draw
     arrivals = {"first": (0, spec(list(range(1, 17)), 2 * BLOCK - 16, seed=1, **shape)),
                 "later": (2, spec(list(range(2, 18)), 2 * BLOCK - 16, seed=2, num_samples=3,
                                   **shape))}
@@ -42,4 +42,5 @@ def test_a_row_ending_at_a_whole_block_beside_running_rows_on_graphs():
     for key, (_, s) in arrivals.items():
         alone = _run(model, {key: (0, s)})[key]
         for got, want in zip(together[key].sequences, alone.sequences, strict=True):
-            assert got.tokens == want.tokens, key
+            assert len(got.tokens) == s.max_tokens and got.tokens == want.tokens, key
+    assert torch.ones(1, device="cuda").add(1).item() == 2  # no assert left the device lost
