@@ -7,8 +7,9 @@ each, with importance_sampling's inputs as the cookbook sends them (zero advanta
 prompt), run through the engine's Trainer in micro-batches of 8 sequences (8 x (P + C)
 tokens, as benchmarks/device_rl.sh runs the recipe). Off and on alternate in one process;
 the table gives row tokens a second (every datum's tokens, shared or not), the tokens the
-layers ran and the speed-up. The recipe's shape is P=64, C=1024: at most 15/16 x 63/1088
-= 5.4% of its tokens can be shared; longer prompts share more.
+layers ran and the speed-up. The recipe's shape is P=64, C=1024: in a micro-batch of 8
+samples of one prompt, 7 share 63 of their 1,088 positions (5.1% of the tokens); longer
+prompts share more.
 
     python -m benchmarks.shared_prompts --model 4b --shapes 64x1024 512x512 1024x256
 """
