@@ -24,13 +24,14 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 
-from benchmarks.engine_train import VOCAB, qwen3_config
+from benchmarks.engine_train import RANK, VOCAB
+from benchmarks.sampler import build_model
 from protocol.wire import FwdBwdRequest, WireDatum
-from workers.model import AdapterSpec, LoraModel
+from workers.model import LoraModel
 from workers.training import fastpath, packed
-from workers.training.trainer import Trainer, TrainJob
+from workers.training.trainer import Trainer, TrainJob, _Row, micro_batches
 
-SAMPLES, RANK, PER_MICRO = 16, 32, 8
+SAMPLES, PER_MICRO = 16, 8
 
 
 def group_job(groups: int, prompt: int, completion: int, seed: int = 0) -> TrainJob:
@@ -49,15 +50,15 @@ def group_job(groups: int, prompt: int, completion: int, seed: int = 0) -> Train
     return TrainJob(FwdBwdRequest("m", 1, "importance_sampling", {}, False, data), {}, 0)
 
 
-def ran_tokens(job: TrainJob, micro: int) -> int:
-    """Tokens the layers run with sharing on: each micro-batch's pack."""
-    rows = [d.tokens.tolist() for d in job.request.data]
-    targets = [d.inputs["target_tokens"].tolist() for d in job.request.data]
+def ran_tokens(job: TrainJob, budget: int) -> int:
+    """Tokens the layers run with sharing on: the pack of each micro-batch the trainer cuts."""
+    rows = [_Row(0, d, 0, True) for d in job.request.data]
     total = 0
-    for start in range(0, len(rows), micro):
-        part = slice(start, start + micro)
-        total += packed.make_pack(rows[part], targets[part], [0] * len(rows[part]),
-                                  torch.device("cpu"), share=True).num_tokens
+    for micro in micro_batches(rows, budget, 1):
+        data = [rows[i].datum for i in micro]
+        total += packed.make_pack([d.tokens.tolist() for d in data],
+                                  [d.inputs["target_tokens"].tolist() for d in data],
+                                  [0] * len(data), torch.device("cpu"), share=True).num_tokens
     return total
 
 
@@ -92,24 +93,21 @@ def main() -> None:
     fastpath.compile_kernels()
     lines = []
     for name in args.model:
-        with torch.device("cuda"):
-            hf = __import__("transformers").AutoModelForCausalLM.from_config(
-                qwen3_config(name), dtype=torch.bfloat16, attn_implementation="sdpa")
-        model = LoraModel(hf, torch.device("cuda"))
-        model.add_adapter(0, AdapterSpec(RANK, 32.0), torch.Generator().manual_seed(0))
+        model = build_model(name, "cuda", 1)  # slot 0: a rank-RANK adapter
         for shape in args.shapes:
             prompt, completion = map(int, shape.split("x"))
             job = group_job(args.groups, prompt, completion)
-            trainer = Trainer(model, micro_batch_tokens=PER_MICRO * (prompt + completion))
+            budget = PER_MICRO * (prompt + completion)
+            trainer = Trainer(model, micro_batch_tokens=budget)
             seconds = timed_pair(model, trainer, job, args.repeats)
             rows = sum(len(d.tokens) for d in job.request.data)
-            ran = ran_tokens(job, PER_MICRO)
+            ran = ran_tokens(job, budget)
             line = (f"{name:>5} {shape:>9} {len(job.request.data):>5}"
                     f"{rows / seconds[False]:>11.0f}{rows / seconds[True]:>11.0f}"
                     f"{rows:>9}{ran:>9}{seconds[False] / seconds[True]:>9.3f}x")
             print(line, flush=True)
             lines.append(line)
-        del model, hf
+        del model
         torch.cuda.empty_cache()
     print(f"\nRL groups of {SAMPLES}, importance_sampling, LoRA rank {RANK}, micro-batches "
           f"of {PER_MICRO} sequences, {torch.cuda.get_device_name()}; tok/s = row tokens / s")

@@ -218,12 +218,12 @@ def bench_model(name: str, k: int, blocks: int, device: torch.device,
             bench.scheduler.snapshot_gate = (  # (its own writer: only its writes count)
                 lambda: stand_ins["budget"].duty() < settings.snapshot_max_duty
             ) if gated else (lambda: True)
-            took = sum(bench.step() for _ in range(BLOCK * (4 if gated else 1)))
+            steps = 4 * BLOCK if gated else BLOCK
+            took = sum(bench.step() for _ in range(steps))
             start = time.perf_counter()  # a write still going on is the block's to pay
             assert isinstance(ex.snapshots, _Dropped) or ex.snapshots.wait_idle(600)
-            times[mode].append((took + time.perf_counter() - start) / (BLOCK * (4 if gated
-                                                                                else 1)))
-    budget_time = BLOCK * 4 * sum(times.get("budget", []))
+            times[mode].append((took + time.perf_counter() - start) / steps)
+    budget_time = 4 * BLOCK * sum(times.get("budget", []))
     ex.snapshots = writer
     assert ex.snapshots.wait_idle(600)
     w = ex.snapshots.written
