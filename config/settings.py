@@ -146,6 +146,12 @@ class Settings:
         "they grow, and the samples of a prompt share its blocks); 0 = 30% of the GPU memory "
         "free when it starts."
     )
+    sample_kv_dtype: str = _opt(
+        "model", "What the sampler's KV cache stores keys and values in: model = the base "
+        "weights' dtype; fp8 = float8 e4m3 (1 byte: twice the tokens of bf16 in the same "
+        "memory and half the attention's reads; each key and value rounded to 3 mantissa "
+        "bits, which moves sampled logprobs a little: benchmarks/kv_fp8.py measures it)."
+    )
     sample_steps_per_tick: int = _opt(
         32, "Decode steps the running batch takes per engine tick, between training passes."
     )
@@ -327,6 +333,9 @@ class Settings:
             raise SettingsError(f"api_keys={self.api_keys!r} must be one of open, keys")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise SettingsError(f"dtype={self.dtype!r} must be one of auto, bf16, fp32")
+        if self.sample_kv_dtype not in ("model", "fp8"):
+            raise SettingsError(f"sample_kv_dtype={self.sample_kv_dtype!r} must be one of "
+                                "model, fp8")
         if self.max_sample_tokens >= self.max_seq_len:
             raise SettingsError(
                 f"max_sample_tokens={self.max_sample_tokens} must be below "

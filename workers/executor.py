@@ -42,6 +42,7 @@ from workers.parallel.replicas import Replicas
 from workers.residency import Residency, Run
 from workers.sampling import sampler
 from workers.sampling.decoding import RunningBatch
+from workers.sampling.kv_cache import KV_DTYPES
 from workers.scheduler import Plan
 from workers.snapshots import SnapshotWriter
 from workers.training.optimizer import AdamState, adamw_step
@@ -82,7 +83,8 @@ class Executor:
         self.sampling = RunningBatch(model, decode, eos_token_ids,
                                      settings.sample_max_num_sequences,
                                      settings.sample_kv_tokens, settings.sample_cuda_graphs,
-                                     fused=None if settings.sample_fused_step else False)
+                                     fused=None if settings.sample_fused_step else False,
+                                     kv_dtype=KV_DTYPES[settings.sample_kv_dtype])
         self._sample_started: dict[str, float] = {}  # request id -> admission time
         self.leader: Any = None  # parallel.runtime.Leader on rank 0 over several ranks
         # the replicas' shares of the work, under data parallelism

@@ -57,8 +57,8 @@ if triton is not None:
             block = tl.load(table_ptr + n * TW + t // PAGE, mask=tm, other=0)  # each key's
             slot = block.to(tl.int64) * PAGE + t % PAGE  # offsets pass 2**31 elements
             rows = slot[:, None] * HK * D + hk * D + d[None, :]
-            k = tl.load(k_ptr + rows, mask=tm[:, None], other=0.0)
-            v = tl.load(v_ptr + rows, mask=tm[:, None], other=0.0)
+            k = tl.load(k_ptr + rows, mask=tm[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+            v = tl.load(v_ptr + rows, mask=tm[:, None], other=0.0).to(q_ptr.dtype.element_ty)
             if F32DOT:  # fp32 dots in IEEE precision: Triton's default for fp32 is TF32
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -128,10 +128,11 @@ def usable(config) -> bool:
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               table: torch.Tensor, used: torch.Tensor, scale: float, n_splits: int,
               config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """q [N, Hq, D] against each row's first `used` keys in the caches [slots, Hk, D] ->
-    [N, Hq, D]; `table` [N, W] int32: each row's blocks of BLOCK slots, in order. (Every row
-    is the newest token of its sequence: it sees all of its keys.) `config`:
-    (keys per inner step, warps, pipeline stages), else the defaults."""
+    """q [N, Hq, D] against each row's first `used` keys in the caches [slots, Hk, D] (in
+    q's dtype or float8, read into q's) -> [N, Hq, D]; `table` [N, W] int32: each row's
+    blocks of BLOCK slots, in order. (Every row is the newest token of its sequence: it sees
+    all of its keys.) `config`: (keys per inner step, warps, pipeline stages), else the
+    defaults."""
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads

@@ -72,7 +72,8 @@ log = logging.getLogger(__name__)
 class RunningBatch:
     def __init__(self, model: LoraModel, decode: Callable[[list[int]], str],
                  eos_token_ids: list[int], max_num_sequences: int = 256, kv_tokens: int = 0,
-                 cuda_graphs: bool = True, fused: bool | None = None):
+                 cuda_graphs: bool = True, fused: bool | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         # decode steps through decode_kernels and their sampling (without top-k / top-p)
         # through sample_kernels (default: on CUDA, when Triton is there)
@@ -88,6 +89,7 @@ class RunningBatch:
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
         self._kv_tokens = kv_tokens
+        self._kv_dtype = kv_dtype  # None: the model's
         self.cache: KVCache | None = None
         self.prompts: Prompts | None = None  # the running requests' prompts, with the cache
         self._arrivals = 0  # requests admitted so far: each one's `order`
@@ -127,7 +129,8 @@ class RunningBatch:
 
     def _cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = KVCache.for_model(self.model, self._kv_tokens, self.max_num_sequences)
+            self.cache = KVCache.for_model(self.model, self._kv_tokens, self.max_num_sequences,
+                                           self._kv_dtype)
             self.prompts = Prompts(self.cache)
         return self.cache
 
@@ -196,10 +199,9 @@ class RunningBatch:
                 cu.append(cu[-1] + n)
             varlen = fastpath.VarlenAttention(cu, device)
 
-            def attend(i, q, k, v, scale):
-                cache.k[i].index_copy_(0, write, k)
-                cache.v[i].index_copy_(0, write, v)
-                return varlen(q, k, v.contiguous(), scale)
+            def attend(i, q, k, v, scale):  # (over the keys as decode steps read them)
+                cache.write(i, write, k, v)
+                return varlen(q, cache.as_stored(k), cache.as_stored(v).contiguous(), scale)
 
             keys = [p.prefix[1] for p in prompts]
             mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)

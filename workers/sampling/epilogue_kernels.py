@@ -92,8 +92,9 @@ if triton is not None:
         slot = tl.load(write_ptr + ns * write_stride, mask=nm, other=0).to(tl.int64)
         if h >= HQ + HK:  # v: stored as it is
             base = v_ptr + slot[:, None] * HK * D + (h - HQ - HK) * D
-            tl.store(base + half[None, :], x1.to(dt), mask=live)
-            tl.store(base + D // 2 + half[None, :], x2.to(dt), mask=live)
+            kv = v_ptr.dtype.element_ty  # (the model's dtype, or float8: rounded from it)
+            tl.store(base + half[None, :], x1.to(dt).to(kv), mask=live)
+            tl.store(base + D // 2 + half[None, :], x2.to(dt).to(kv), mask=live)
         else:
             if NORM:
                 if h < HQ:
@@ -114,12 +115,15 @@ if triton is not None:
             sin2 = tl.load(sin_ptr + cs + D // 2, mask=live, other=0.0).to(tl.float32)
             r1 = x1 * cos1 - x2 * sin1  # x·cos + rotate_half(x)·sin
             r2 = x2 * cos2 + x1 * sin2
-            if h < HQ:  # noqa: SIM108 (a Triton branch on a program id)
+            if h < HQ:
                 base = q_ptr + ns[:, None] * HQ * D + h * D
+                tl.store(base + half[None, :], r1.to(dt), mask=live)
+                tl.store(base + D // 2 + half[None, :], r2.to(dt), mask=live)
             else:
+                kt = k_ptr.dtype.element_ty
                 base = k_ptr + slot[:, None] * HK * D + (h - HQ) * D
-            tl.store(base + half[None, :], r1.to(dt), mask=live)
-            tl.store(base + D // 2 + half[None, :], r2.to(dt), mask=live)
+                tl.store(base + half[None, :], r1.to(dt).to(kt), mask=live)
+                tl.store(base + D // 2 + half[None, :], r2.to(dt).to(kt), mask=live)
 
     @triton.jit
     def _add_norm_kernel(y_ptr, y_stride, h_ptr, w_ptr, x_ptr, eps, H: tl.constexpr,
@@ -230,21 +234,32 @@ def qkv_epilogue(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor,
                  v_cache: torch.Tensor, write: torch.Tensor, heads: int, rows: int = 1,
                  config: tuple[int, int] | None = None) -> torch.Tensor:
     """y [N, (Hq + 2 Hk)·D (+ 3 W)] from the fused q/k/v matmul -> q [N, Hq, D]; K and V
-    go to the caches [slots, Hk, D] at rows `write` [N]. `rows` per program: 1, or 16 and
-    up (LoRA B by tensor-core dots); `config`: (warps, pipeline stages)."""
+    go to the caches [slots, Hk, D] at rows `write` [N] (rounded to the caches' dtype).
+    `rows` per program: 1, or 16 and up (LoRA B by tensor-core dots); `config`: (warps,
+    pipeline stages)."""
     n = y.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
     out = (heads + 2 * kv_heads) * dim
-    q = torch.empty(n, heads, dim, dtype=k_cache.dtype, device=y.device)
+    q = torch.empty(n, heads, dim, dtype=y.dtype, device=y.device)
     width = B.shape[1] // 3 if B is not None else 0
     norm = q_norm is not None and k_norm is not None
     warps, stages = config or (4, 3)
+    caches = k_cache, v_cache
+    if INTERPRET and k_cache.element_size() == 1:
+        # Triton's interpreter rounds to float8 wrongly (some values land a binade low):
+        # the kernel writes the model's dtype, torch rounds and stores
+        k_cache, v_cache = (torch.empty(n, kv_heads, dim, dtype=y.dtype) for _ in caches)
+        write, rounded_at = torch.arange(n), write
     _qkv_kernel[(math.ceil(n / rows), heads + 2 * kv_heads)](
         y, y.stride(0), B if B is not None else y, B.stride(0) if B is not None else 0, cols,
         q_norm if norm else y, k_norm if norm else y, eps, cos, sin, cos.stride(0), q,
         k_cache, v_cache, write, write.stride(0), n, HQ=heads, HK=kv_heads, D=dim, OUT=out,
         WIDTH=width, LORA=B is not None, NORM=norm, BWC=BW, **_dots(rows, y.dtype),
         num_warps=warps, num_stages=stages)
+    if caches[0] is not k_cache:
+        for cache, new in zip(caches, (k_cache, v_cache), strict=True):
+            as_bytes = new.to(cache.dtype).view(torch.uint8)
+            cache.view(torch.uint8).index_copy_(0, rounded_at, as_bytes)
     return q
 
 

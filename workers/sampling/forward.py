@@ -169,8 +169,7 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KV
         rows = [slots(t, 0, u) for t, u in zip(x.table.tolist(), x.used.tolist(), strict=True)]
 
     def attend(i, q, k, v, scale):
-        cache.k[i].index_copy_(0, write, k)
-        cache.v[i].index_copy_(0, write, v)
+        cache.write(i, write, k, v)
         if kernel:
             splits = attention_kernels.splits(q.shape[0], k.shape[1], x.max_len, q.device)
             return attention_kernels.attention(q, cache.k[i], cache.v[i], x.table, x.used,
@@ -179,7 +178,7 @@ def decode_unfused(model: LoraModel, lora: LoraTable, x: DecodeInputs, cache: KV
             return _padded_attention(q, cache.k[i], cache.v[i], x, scale)
         out = []
         for b, at in enumerate(rows):
-            kk, vv = cache.k[i][at], cache.v[i][at]
+            kk, vv = cache.k[i][at].to(q.dtype), cache.v[i][at].to(q.dtype)
             groups = q.shape[1] // kk.shape[1]
             kk, vv = kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1)
             out.append(F.scaled_dot_product_attention(
@@ -197,8 +196,8 @@ def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     t = torch.arange(x.max_len, device=q.device)
     at = x.table[:, t // BLOCK].long() * BLOCK + t % BLOCK  # [N, L]
     groups = q.shape[1] // k_cache.shape[1]
-    k = k_cache[at].repeat_interleave(groups, 2).transpose(1, 2)  # [N, H, L, D]
-    v = v_cache[at].repeat_interleave(groups, 2).transpose(1, 2)
+    k = k_cache[at].to(q.dtype).repeat_interleave(groups, 2).transpose(1, 2)  # [N, H, L, D]
+    v = v_cache[at].to(q.dtype).repeat_interleave(groups, 2).transpose(1, 2)
     mask = (t[None, :] < x.used[:, None])[:, None, None, :]  # [N, 1, 1, L]
     return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
                                           scale=scale)[:, :, 0]

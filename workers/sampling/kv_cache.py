@@ -2,6 +2,9 @@
 BLOCK tokens (+ a scratch block), [tokens, kv heads, head dim]; token slot = block · BLOCK +
 offset.
 
+Keys and values are stored in the model's dtype, or in float8 e4m3 (`sample_kv_dtype=fp8`):
+one byte each, written rounded to nearest and read back into the model's dtype.
+
 A sequence holds a block table (its blocks in order) and grows a block at a time as it
 decodes, so the cache holds what sequences have written, not what they might write. Blocks
 are reference-counted: the samples of the requests of one prompt and adapter share the
@@ -19,6 +22,7 @@ from workers.parallel import tp
 
 log = logging.getLogger(__name__)
 BLOCK = 32  # tokens per block
+KV_DTYPES = {"model": None, "fp8": torch.float8_e4m3fn}  # sample_kv_dtype's choices
 
 
 def blocks_for(tokens: int) -> int:
@@ -50,22 +54,24 @@ class KVCache:
         self._refs = [0] * self.blocks
 
     @classmethod
-    def for_model(cls, model, tokens: int, max_sequences: int) -> KVCache:
+    def for_model(cls, model, tokens: int, max_sequences: int,
+                  dtype: torch.dtype | None = None) -> KVCache:
         """The cache of a LoraModel's sampler: `tokens`, or (0) auto_kv_tokens' share of
-        free memory, but never more than `max_sequences` at the model's whole context."""
+        free memory, but never more than `max_sequences` at the model's whole context; in
+        `dtype` (default: the model's)."""
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         k_proj = next(v for n, v in model.layers.items() if n.endswith("k_proj"))
         kv_heads = k_proj.out_features // head_dim  # this rank's, under tensor parallelism
-        dtype = next(model.hf.parameters()).dtype
+        dtype = dtype or next(model.hf.parameters()).dtype
         per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (
             torch.finfo(dtype).bits // 8)
         most = max_sequences * getattr(c, "max_position_embeddings", 1 << 20)
         tokens = tokens or tp.agree_min(min(most, auto_kv_tokens(model.device, per_token)),
                                         model.tp)
         cache = cls(c.num_hidden_layers, tokens, kv_heads, head_dim, dtype, model.device)
-        log.info("sampler KV cache: %d tokens (%.1f GiB)", cache.capacity,
-                 cache.capacity * per_token / 2**30)
+        log.info("sampler KV cache: %d tokens (%.1f GiB, %s)", cache.capacity,
+                 cache.capacity * per_token / 2**30, str(dtype).removeprefix("torch."))
         return cache
 
     def alloc(self, n: int) -> list[int] | None:
@@ -88,15 +94,24 @@ class KVCache:
             if self._refs[b] == 0:
                 self._free.append(b)
 
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V [n, Hk, D] of one layer into token slots `slots` [n]."""
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            _bytes(cache).index_copy_(0, slots, _bytes(new.to(cache.dtype)))
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys or values as a decode step reads them back from this cache."""
+        dtype = self.k[0].dtype
+        return x if x.dtype == dtype else x.to(dtype).to(x.dtype)
+
     def copy_tokens(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of token slots `src` to `dst` in every layer."""
         if not src:
             return
         device = self.k[0].device
         s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
-        for k, v in zip(self.k, self.v, strict=True):
-            k.index_copy_(0, d, k[s])
-            v.index_copy_(0, d, v[s])
+        for t in (*self.k, *self.v):
+            _bytes(t).index_copy_(0, d, _bytes(t)[s])
 
     @property
     def free_blocks(self) -> int:
@@ -105,6 +120,11 @@ class KVCache:
     @property
     def free_tokens(self) -> int:
         return len(self._free) * BLOCK
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """`t` as raw bytes where index_copy_ takes no float8 (the CPU's, at least)."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def slots(table: list[int], start: int, stop: int) -> list[int]:
