@@ -10,7 +10,8 @@ projections). All in one process, one table:
   decode tok/s  tokens of the decode steps / their time (prefill excluded)
   floor tok/s   batch / (bytes a decode step must read / copy bandwidth measured here):
                 bytes = projection + LM-head weights + the adapters' LoRA factors + the
-                batch's K/V at the mean context (prompt + 128)
+                batch's K/V at the mean context (prompt + 128), in the cache's dtype
+                (--kv-dtype: bf16, or fp8 at a byte a value)
   16/prompt     decode tok/s of the same number of sequences, 16 to a prompt (one request
                 of num_samples=16 each, as an RL group): the prompt prefilled once and its
                 KV cache blocks shared; 1 adapter and the first prompt length only
@@ -37,6 +38,7 @@ from workers.model import AdapterSpec, LoraModel
 from workers.sampling import choose, sample_kernels
 from workers.sampling.choose import compile_sampling
 from workers.sampling.decoding import RunningBatch
+from workers.sampling.kv_cache import KV_DTYPES
 from workers.sampling.sampler import SampleSpec, adapter_of
 from workers.training import fastpath
 
@@ -59,8 +61,8 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() * n / (time.perf_counter() - start)
 
 
-def kv_bytes_per_token(cfg) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+def kv_bytes_per_token(cfg, value_bytes: int = 2) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * value_bytes
 
 
 def adapter_bytes(model: LoraModel, slot: int) -> int:
@@ -144,7 +146,7 @@ def run_hf(model: LoraModel, batch_size: int, prompt_len: int, device) -> float:
     return batch_size * NEW_TOKENS / (time.perf_counter() - start)
 
 
-def check(model: LoraModel, batch: RunningBatch) -> str:
+def check(model: LoraModel, batch: RunningBatch, kv_dtype: torch.dtype | None = None) -> str:
     """Greedy tokens with CUDA graphs = without = the unfused step; sampled logprobs =
     training-forward ones. 18 sequences of 3 adapters and the base model, long enough that
     the decode steps split their keys (the Triton attention's combine step)."""
@@ -152,7 +154,8 @@ def check(model: LoraModel, batch: RunningBatch) -> str:
     shapes = [(20 + 13 * j % 97, (0, 1, -1)[j % 3]) for j in range(18)]
     specs = [SampleSpec(rng.integers(0, VOCAB, n).tolist(), 1, 16, slot, temperature=0.0,
                         stop_at_eos=False) for n, slot in shapes]
-    eager = RunningBatch(model, lambda ids: "", [], kv_tokens=4096, cuda_graphs=False)
+    eager = RunningBatch(model, lambda ids: "", [], kv_tokens=4096, cuda_graphs=False,
+                         kv_dtype=kv_dtype)
     outs = []
     for b, fused in ((batch, True), (eager, True), (eager, False)):
         b.fused = fused
@@ -210,8 +213,8 @@ def build_model(name: str, device, adapters: int) -> LoraModel:
 
 
 def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
-          device, hf_batches: list[int], profile: list[int], placement: list[int]
-          ) -> tuple[list[str], list[str]]:
+          device, hf_batches: list[int], profile: list[int], placement: list[int],
+          kv_dtype: str = "model") -> tuple[list[str], list[str]]:
     """Rows of the main table and of the LoRA-placement table for one model."""
     cfg = qwen3_config(name)
     model = build_model(name, device, 8)
@@ -220,8 +223,9 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
     most = max(batches + placement)
     kv_tokens = most * (max(prompts) + NEW_TOKENS) + 4096
     batch = RunningBatch(model, lambda ids: "", [], max_num_sequences=most,
-                         kv_tokens=kv_tokens, cuda_graphs=True)
-    rows = [f"{name:>5} {check(model, batch)}"]
+                         kv_tokens=kv_tokens, cuda_graphs=True, kv_dtype=KV_DTYPES[kv_dtype])
+    value_bytes = 1 if kv_dtype == "fp8" else 2  # (the model is bf16)
+    rows = [f"{name:>5} {check(model, batch, KV_DTYPES[kv_dtype])}"]
     print(rows[0], flush=True)
     for b in profile:
         from torch.profiler import ProfilerActivity
@@ -242,7 +246,7 @@ def bench(name: str, batches: list[int], prompts: list[int], bandwidth: float,
                 rate, decode_rate = timed(model, batch, b, prompt_len, adapters)
                 context = prompt_len + NEW_TOKENS // 2
                 step_bytes = (weights + min(adapters, b) * per_adapter
-                              + b * context * kv_bytes_per_token(cfg))
+                              + b * context * kv_bytes_per_token(cfg, value_bytes))
                 floor = b * bandwidth / step_bytes
                 hf_col, group_col, unfused_col = "", "", ""
                 if adapters == 1 and prompt_len == prompts[0]:
@@ -275,6 +279,9 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[1, 32, 128])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="print the top ops of 32 decode steps at these batch sizes")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="model",
+                        help="the KV cache's dtype (sample_kv_dtype); the floor counts its "
+                        "bytes")
     parser.add_argument("--lora-placement", type=int, nargs="*", default=[],
                         metavar="BATCH", help="also time each place the fused step can "
                         "add LoRA B at these batch sizes (first prompt length)")
@@ -286,12 +293,13 @@ def main() -> None:
     rows, placed = [], []
     for name in args.model:
         main_rows, placement_rows = bench(name, args.batch, args.prompt, bandwidth, device,
-                                          args.hf_batch, args.profile, args.lora_placement)
+                                          args.hf_batch, args.profile, args.lora_placement,
+                                          args.kv_dtype)
         rows += main_rows
         placed += placement_rows
     print(f"\nsampling, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s,"
           f" {NEW_TOKENS} new tokens, temperature 1, LoRA rank {RANK}, CUDA graphs,"
-          f" fused decode step (Triton)")
+          f" fused decode step (Triton), KV cache {args.kv_dtype}")
     print(f"{'model':>5}{'prompt':>7}{'adapters':>9}{'batch':>7}{'tok/s':>10}{'decode tok/s':>13}"
           f"{'floor tok/s':>12}{'of floor':>10}{'16/prompt':>10}{'unfused':>9}{'hf generate':>12}")
     for r in rows:
