@@ -7,14 +7,18 @@ import dataclasses
 
 import pytest
 import torch
+from tinker.proto.response_conv import deserialize_sample_response
 
 from config import SettingsError, load_settings
 from tests.unit.test_decoding import spec, with_adapters
+from tests.unit.test_executor import job
 from tests.unit.test_kv_sharing import LONG, assert_same, run
 from tests.unit.test_sampler import decode
+from workers.executor import Executor
 from workers.sampling.decoding import RunningBatch
 from workers.sampling.kv_cache import KV_DTYPES, KVCache
 from workers.sampling.sampler import adapter_of
+from workers.scheduler import Plan
 
 FP8 = KV_DTYPES["fp8"]
 
@@ -82,3 +86,16 @@ def test_fp8_shared_prompts_and_preemption_give_the_unshared_answers(tiny_model)
     for key, seed in (("a", 3), ("b", 4)):
         want, _ = sample(model, dataclasses.replace(pair, seed=seed))
         assert_same(crowded[key].sequences, want.sequences)
+
+
+def test_the_worker_setting_gives_the_sampler_a_float8_cache(tiny_model, tmp_path):
+    settings = load_settings(env={}, data_dir=str(tmp_path), sample_kv_dtype="fp8")
+    ex = Executor(tiny_model, settings, decode=lambda ids: "", eos_token_ids=[511])
+    body = {"prompt": LONG, "num_samples": 2, "max_tokens": 5, "temperature": 1.0, "top_k": -1,
+            "top_p": 1.0, "seed": 4, "stop_strings": [], "stop_token_ids": [],
+            "stop_at_eos": False, "prompt_logprobs": False, "topk_prompt_logprobs": 0}
+    answer = ex.run(Plan(samples=[job("sample", body, rid="s")]))["s"]
+    assert ex.sampling.cache.k[0].dtype == FP8
+    got = deserialize_sample_response(answer.proto).sequences
+    want, _ = sample(tiny_model, spec(LONG, 5, temperature=1.0, seed=4, num_samples=2))
+    assert [g.tokens for g in got] == [w.tokens for w in want.sequences]
