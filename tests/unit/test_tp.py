@@ -22,6 +22,7 @@ from workers.lora import BASE_SLOT
 from workers.model import AdapterSpec, LoraModel
 from workers.parallel import tp
 from workers.sampling.decoding import RunningBatch
+from workers.sampling.kv_cache import KV_DTYPES
 from workers.sampling.sampler import SampleSpec, adapter_of
 from workers.training.optimizer import adamw_step
 
@@ -65,9 +66,9 @@ def slice_of(layer, factor: str, full: torch.Tensor) -> torch.Tensor:
     return tp.shard_factor(layer, factor, full)
 
 
-def greedy(m: LoraModel, fused: bool = False) -> list[list[int]]:
+def greedy(m: LoraModel, fused: bool = False, kv_dtype=None) -> list[list[int]]:
     batch = RunningBatch(m, lambda ids: "", [], cuda_graphs=False, kv_tokens=2048,
-                         fused=fused)
+                         fused=fused, kv_dtype=kv_dtype)
     for i, (row, slot) in enumerate(ROWS):
         batch.admit(i, SampleSpec(row, 1, 6, slot, temperature=0.0, stop_at_eos=False),
                     adapter_of(m, slot))
@@ -145,6 +146,8 @@ def check_rank(rank: int, size: int, port: int) -> None:
             torch.testing.assert_close(y, x, **close)
         assert greedy(part) == greedy(whole)
         assert greedy(part, fused=True) == greedy(whole)  # (Triton's interpreter, conftest)
+        fp8 = KV_DTYPES["fp8"]  # each rank's float8 cache holds its own heads' keys
+        assert greedy(part, kv_dtype=fp8) == greedy(whole, kv_dtype=fp8)
     finally:
         dist.destroy_process_group()
 
