@@ -16,7 +16,7 @@ from tests.unit.test_kv_sharing import LONG, assert_same, run
 from tests.unit.test_sampler import decode
 from workers.executor import Executor
 from workers.sampling.decoding import RunningBatch
-from workers.sampling.kv_cache import KV_DTYPES, KVCache
+from workers.sampling.kv_cache import BLOCK, KV_DTYPES, KVCache
 from workers.sampling.sampler import adapter_of
 from workers.scheduler import Plan
 
@@ -67,9 +67,9 @@ def test_a_decoded_token_has_the_logprob_a_prefill_gives_it(tiny_model, fused):
 
 
 def test_fp8_shared_prompts_and_preemption_give_the_unshared_answers(tiny_model):
-    """The samples of a prompt share its float8 blocks (the part-filled one copied), and a
-    preempted request starts again from its prompt: the same tokens and logprobs as each
-    sample alone in a float8 cache."""
+    """The samples of a prompt share its float8 blocks (the part-filled one copied), and in
+    a cache too small for what joined, the youngest requests go back to the queue and start
+    again: the same tokens and logprobs as each alone in a float8 cache."""
     model = with_adapters(tiny_model, 1)
     s = spec(LONG, 10, 1, temperature=1.0, seed=3, num_samples=6)
     shared, _ = sample(model, s)
@@ -77,15 +77,17 @@ def test_fp8_shared_prompts_and_preemption_give_the_unshared_answers(tiny_model)
              .sequences[0] for j in range(s.num_samples)]
     assert_same(shared.sequences, alone)
 
+    specs = {i: spec([3 + i, 9, 27, 81], 3 * BLOCK, 1, temperature=1.0, seed=i, num_samples=2)
+             for i in range(6)}
     batch = RunningBatch(model, decode, [511], cuda_graphs=False, kv_dtype=FP8,
-                         kv_tokens=9 * 32)  # room for one request of 2 samples at a time
-    pair = dataclasses.replace(s, num_samples=2)
-    for key, seed in (("a", 3), ("b", 4)):
-        batch.admit(key, dataclasses.replace(pair, seed=seed), adapter_of(model, 1))
-    crowded = run(batch, steps=3)
-    for key, seed in (("a", 3), ("b", 4)):
-        want, _ = sample(model, dataclasses.replace(pair, seed=seed))
-        assert_same(crowded[key].sequences, want.sequences)
+                         kv_tokens=14 * BLOCK)
+    for key, one in specs.items():
+        batch.admit(key, one, adapter_of(model, 1))
+    batch.prompts.expect.share = 0.0  # as if earlier sequences had stopped at once: all join
+    crowded = run(batch, steps=8)
+    assert batch.preemptions > 0
+    for key, one in specs.items():
+        assert_same(crowded[key].sequences, sample(model, one)[0].sequences)
 
 
 def test_the_worker_setting_gives_the_sampler_a_float8_cache(tiny_model, tmp_path):
