@@ -7,7 +7,8 @@ of 1 to 256 rows, every row at the mean context of the sampler benchmark (prompt
 256 new tokens: 256 and 640 keys), blocks scattered over the cache. Calls rotate over 4
 layers' caches (more than the L2 holds) inside a CUDA graph, as in a decode step. Per shape:
 the configuration `attention_kernels` picks now, the fastest one, their µs per call and the
-K/V bytes read per second as a share of the copy bandwidth.
+K/V bytes read per second as a share of the copy bandwidth. `--kv-dtype fp8` sweeps a
+float8 cache (sample_kv_dtype=fp8), its bytes counted at one a value.
 
     python -m benchmarks.decode_attention
 """
@@ -46,14 +47,14 @@ def time_calls(fn, rounds: int = 5, layers: int = LAYERS) -> float:
     return start.elapsed_time(end) / 1e3 / rounds / CALLS
 
 
-def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[tuple]
-          ) -> str:
+def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[tuple],
+          kv_dtype: torch.dtype = torch.bfloat16) -> str:
     heads, kv = HEADS[model]
     g = torch.Generator(device="cuda").manual_seed(0)
     per_row = blocks_for(context)
     slots = (rows * per_row + 1) * BLOCK
-    caches = [(torch.randn(slots, kv, DIM, device="cuda", generator=g, dtype=torch.bfloat16),
-               torch.randn(slots, kv, DIM, device="cuda", generator=g, dtype=torch.bfloat16))
+    caches = [tuple(torch.randn(slots, kv, DIM, device="cuda", generator=g,
+                                dtype=torch.bfloat16).to(kv_dtype) for _ in "kv")
               for _ in range(LAYERS)]
     order = torch.randperm(rows * per_row, generator=torch.Generator().manual_seed(1))
     table = order.view(rows, per_row).to(torch.int32).cuda()
@@ -74,7 +75,7 @@ def sweep(model: str, rows: int, context: int, bandwidth: float, configs: list[t
         times[key] = time_calls(lambda i, key=key: ak.attention(
             q, *caches[i], table, used, scale, key[3], key[:3]))
     best = min(times, key=times.get)
-    kv_bytes = 2 * rows * context * kv * DIM * 2
+    kv_bytes = 2 * rows * context * kv * DIM * caches[0][0].element_size()
 
     def rate(t: float) -> str:
         return f"{t * 1e6:>8.1f}{100 * kv_bytes / t / bandwidth:>6.0f}%"
@@ -88,16 +89,20 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["0.6b", "4b"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256])
     parser.add_argument("--context", type=int, nargs="+", default=[256, 640])
+    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16",
+                        help="the cache's dtype (fp8: sample_kv_dtype=fp8, a byte a value)")
     args = parser.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
     bandwidth = copy_bandwidth("cuda")
     configs = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 0.5)))
     rows = []
     for model, b, ctx in itertools.product(args.model, args.batch, args.context):
-        rows.append(sweep(model, b, ctx, bandwidth, configs))
+        rows.append(sweep(model, b, ctx, bandwidth, configs, kv_dtype))
         print(rows[-1], flush=True)
         torch.cuda.empty_cache()
     print(f"\ndecode attention, {torch.cuda.get_device_name()}, copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s; config = (keys per step, warps, stages, splits); "
+          f"{bandwidth / 1e12:.2f} TB/s, {args.kv_dtype} K/V; config = (keys per step, "
+          "warps, stages, splits); "
           f"% = K/V bytes per second over the copy bandwidth")
     print(f"{'model':>5}{'rows':>6}{'context':>8}  {'default':>17}{'µs':>8}{'bw':>7}  "
           f"{'best':>17}{'µs':>8}{'bw':>7}")
