@@ -16,7 +16,7 @@ from tests.unit.test_kv_sharing import LONG, assert_same, run
 from tests.unit.test_sampler import decode
 from workers.executor import Executor
 from workers.sampling.decoding import RunningBatch
-from workers.sampling.kv_cache import BLOCK, KV_DTYPES, KVCache
+from workers.sampling.kv_cache import BLOCK, KV_DTYPES, KVCache, kv_dtype_problem
 from workers.sampling.sampler import adapter_of
 from workers.scheduler import Plan
 
@@ -101,3 +101,12 @@ def test_the_worker_setting_gives_the_sampler_a_float8_cache(tiny_model, tmp_pat
     got = deserialize_sample_response(answer.proto).sequences
     want, _ = sample(tiny_model, spec(LONG, 5, temperature=1.0, seed=4, num_samples=2))
     assert [g.tokens for g in got] == [w.tokens for w in want.sequences]
+
+
+def test_a_gpu_without_float8_conversions_is_refused_by_name():
+    cuda = torch.device("cuda:0")
+    why = kv_dtype_problem(FP8, cuda, capability=(8, 0))  # an A100
+    assert why is not None and "compute capability 8.9" in why and "is 8.0" in why
+    assert kv_dtype_problem(FP8, cuda, capability=(9, 0)) is None  # Hopper
+    assert kv_dtype_problem(None, cuda, capability=(8, 0)) is None  # the model's dtype
+    assert kv_dtype_problem(FP8, torch.device("cpu")) is None

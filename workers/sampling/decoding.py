@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from config import SettingsError
 from protocol.jobs import UserError
 from workers.model import LoraModel
 from workers.sampling import admission, decode_kernels
@@ -51,7 +52,7 @@ from workers.sampling.admission import Prompts, SharedPrompt
 from workers.sampling.choose import next_tokens, sampling_of
 from workers.sampling.forward import decode_fused, decode_unfused, forward, lora_path
 from workers.sampling.graphs import DecodeInputs, Graphs, Steady, to_host
-from workers.sampling.kv_cache import BLOCK, KVCache, most_blocks, slots
+from workers.sampling.kv_cache import BLOCK, KVCache, kv_dtype_problem, most_blocks, slots
 from workers.sampling.lora_table import Adapter, LoraTable, adapter_key, fuse_base_weights
 from workers.sampling.sampler import (
     PromptOut,
@@ -89,6 +90,8 @@ class RunningBatch:
         self.eos = set(eos_token_ids)
         self.max_num_sequences = max_num_sequences
         self._kv_tokens = kv_tokens
+        if why := kv_dtype_problem(kv_dtype, model.device):
+            raise SettingsError(why)  # at the worker's start, not at its first sample
         self._kv_dtype = kv_dtype  # None: the model's
         self.cache: KVCache | None = None
         self.prompts: Prompts | None = None  # the running requests' prompts, with the cache

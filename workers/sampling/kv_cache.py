@@ -132,6 +132,19 @@ def slots(table: list[int], start: int, stop: int) -> list[int]:
     return [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)]
 
 
+def kv_dtype_problem(dtype: torch.dtype | None, device: torch.device,
+                     capability: tuple[int, int] | None = None) -> str | None:
+    """Why `device` cannot hold a cache of `dtype` (None: the model's), or None if it can.
+    Float8 conversions on CUDA need compute capability 8.9 (Ada, Hopper) or newer."""
+    if dtype is None or dtype.itemsize != 1 or device.type != "cuda":
+        return None
+    capability = capability or torch.cuda.get_device_capability(device)
+    if tuple(capability) >= (8, 9):
+        return None
+    return (f"sample_kv_dtype=fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper "
+            f"or later); {device} is {capability[0]}.{capability[1]}: use sample_kv_dtype=model")
+
+
 def auto_kv_tokens(device: torch.device, per_token: int) -> int:
     """The cache's tokens when the sampler sets none (`per_token`: a token's bytes)."""
     if device.type != "cuda":  # at most 64k tokens and 2 GiB of host memory
