@@ -150,7 +150,8 @@ class Settings:
         "model", "What the sampler's KV cache stores keys and values in: model = the base "
         "weights' dtype; fp8 = float8 e4m3 (1 byte: twice the tokens of bf16 in the same "
         "memory and half the attention's reads; each key and value rounded to 3 mantissa "
-        "bits, which moves sampled logprobs a little: benchmarks/kv_fp8.py measures it)."
+        "bits, which moves sampled logprobs a little: benchmarks/kv_fp8.py measures it; on "
+        "CUDA it needs compute capability 8.9 or newer)."
     )
     sample_steps_per_tick: int = _opt(
         32, "Decode steps the running batch takes per engine tick, between training passes."
