@@ -24,10 +24,10 @@ import gc
 import numpy as np
 import torch
 
-from benchmarks.engine_train import VOCAB
-from benchmarks.sampler import build_model, run_engine
+from benchmarks.engine_train import VOCAB, qwen3_config
+from benchmarks.sampler import build_model, kv_bytes_per_token, run_engine
 from workers.sampling.decoding import RunningBatch
-from workers.sampling.kv_cache import KV_DTYPES, KVCache
+from workers.sampling.kv_cache import KV_DTYPES
 from workers.sampling.sampler import SampleSpec, adapter_of
 from workers.training import fastpath
 
@@ -56,9 +56,7 @@ def bench(name: str, batches: list[int], prompt: int, new: int, group: int) -> l
     model = build_model(name, "cuda", 1)
     rows = []
     for label, dtype in (("bf16", None), ("fp8", KV_DTYPES["fp8"])):
-        probe = KVCache.for_model(model, 32, 1, dtype)
-        per_token = sum(t.nbytes for t in (*probe.k, *probe.v)) / probe.k[0].shape[0]
-        del probe
+        per_token = kv_bytes_per_token(qwen3_config(name), 1 if dtype else 2)
         free, _ = torch.cuda.mem_get_info()
         fits = [b for b in batches if b * (prompt + new) * per_token < free - 6 * 2**30]
         gib = {b: b * (prompt + new) * per_token / 2**30 for b in batches}

@@ -203,8 +203,8 @@ class RunningBatch:
             varlen = fastpath.VarlenAttention(cu, device)
 
             def attend(i, q, k, v, scale):  # (over the keys as decode steps read them)
-                cache.write(i, write, k, v)
-                return varlen(q, cache.as_stored(k), cache.as_stored(v).contiguous(), scale)
+                k, v = (t.to(q.dtype) for t in cache.write(i, write, k, v))
+                return varlen(q, k, v.contiguous(), scale)
 
             keys = [p.prefix[1] for p in prompts]
             mask, uniform = self.lora.row_mask(keys, lengths), self.lora.uniform(keys)

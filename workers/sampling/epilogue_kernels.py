@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from workers.sampling import kv_cache
 from workers.sampling.decode_kernels import INTERPRET, pow2
 
 try:
@@ -258,8 +259,7 @@ def qkv_epilogue(y: torch.Tensor, B: torch.Tensor | None, cols: torch.Tensor,
         num_warps=warps, num_stages=stages)
     if caches[0] is not k_cache:
         for cache, new in zip(caches, (k_cache, v_cache), strict=True):
-            as_bytes = new.to(cache.dtype).view(torch.uint8)
-            cache.view(torch.uint8).index_copy_(0, rounded_at, as_bytes)
+            kv_cache.store(cache, rounded_at, new)
     return q
 
 

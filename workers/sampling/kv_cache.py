@@ -94,15 +94,11 @@ class KVCache:
             if self._refs[b] == 0:
                 self._free.append(b)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K and V [n, Hk, D] of one layer into token slots `slots` [n]."""
-        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
-            _bytes(cache).index_copy_(0, slots, _bytes(new.to(cache.dtype)))
-
-    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys or values as a decode step reads them back from this cache."""
-        dtype = self.k[0].dtype
-        return x if x.dtype == dtype else x.to(dtype).to(x.dtype)
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [n, Hk, D] of one layer into token slots `slots` [n]; returns them as
+        stored (rounded to the cache's dtype)."""
+        return store(self.k[layer], slots, k), store(self.v[layer], slots, v)
 
     def copy_tokens(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of token slots `src` to `dst` in every layer."""
@@ -120,6 +116,14 @@ class KVCache:
     @property
     def free_tokens(self) -> int:
         return len(self._free) * BLOCK
+
+
+def store(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`new` [n, ...] rounded to `cache`'s dtype into its rows `slots`; returns the rounded
+    rows (`new` itself when the dtypes agree)."""
+    rounded = new.to(cache.dtype)
+    _bytes(cache).index_copy_(0, slots, _bytes(rounded))
+    return rounded
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
